@@ -1,0 +1,746 @@
+"""The one typed, frozen configuration object, and how it is loaded and validated.
+
+Every default lives here. Loading never stops at the first problem: all of them are
+collected, each naming the file, the line and the key, and raised together as one
+:class:`ConfigError`. Only ``cli.py`` turns that into an exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/sidelink/sidelink.yaml"
+CONFIG_ENV = "SIDELINK_CONFIG"
+ROUTES_ENV = "SIDELINK_ROUTES"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+BALANCERS = ("p2c", "round_robin")
+PROTOCOLS = ("http", "tcp")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+_QUICK_ROUTE = re.compile(
+    r"^(?:(?P<host>\[[^\]]+\]|[^:=\[\]]+):)?(?P<listen>\d+)="
+    r"(?P<service>[^:/=]+)(?::(?P<port>[^/=]+))?(?:/(?P<protocol>[a-z]+))?$"
+)
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, one line each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_idle: int = 64
+    idle_timeout: float = 60.0
+    max_lifetime: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    """The keys of ``defaults:``, which every route may override."""
+
+    connect_timeout: float = 1.0
+    request_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    head_timeout: float = 10.0
+    retries: int = 2
+    balance: str = "p2c"
+    host: str = "auto"
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    listen_host: str
+    listen_port: int
+    service: str
+    port: int | str
+    protocol: str = "tcp"
+    expose: bool = False
+    settings: RouteSettings = field(default_factory=RouteSettings)
+
+    @property
+    def listen(self) -> str:
+        return join_host_port(self.listen_host, self.listen_port)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "0.0.0.0"
+    port: int = 9901
+
+    @property
+    def listen(self) -> str:
+        return join_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConfig:
+    nameservers: tuple[tuple[str, int], ...] = ()
+    search: tuple[str, ...] | None = None
+    ndots: int | None = None
+    timeout: float = 2.0
+    min_ttl: float = 1.0
+    max_ttl: float = 60.0
+    stale_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "text"
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    drain_delay: float = 5.0
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    defaults: RouteSettings = field(default_factory=RouteSettings)
+    routes: tuple[RouteConfig, ...] = ()
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised config, in the file's own shape (what ``sidelink check`` prints)."""
+        return {
+            "admin": {"listen": self.admin.listen},
+            "resolver": {
+                "nameservers": [join_host_port(h, p) for h, p in self.resolver.nameservers],
+                "search": None if self.resolver.search is None else list(self.resolver.search),
+                "ndots": self.resolver.ndots,
+                **_durations(self.resolver, "timeout", "min_ttl", "max_ttl", "stale_ttl"),
+            },
+            "logging": dataclasses.asdict(self.logging),
+            "shutdown": _durations(self.shutdown, "drain_delay", "drain_timeout"),
+            "defaults": _settings_dict(self.defaults),
+            "routes": [
+                {
+                    "name": r.name,
+                    "listen": r.listen,
+                    "service": r.service,
+                    "port": r.port,
+                    "protocol": r.protocol,
+                    "expose": r.expose,
+                    **_settings_dict(r.settings),
+                }
+                for r in self.routes
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What the command line says over the file."""
+
+    admin: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Where a config comes from, kept so that a reload reads the same places again."""
+
+    path: str | None
+    quick_routes: tuple[str, ...] = ()
+    quick_origin: str = "--route"
+    overrides: Overrides = Overrides()
+
+    @classmethod
+    def discover(
+        cls,
+        path: str | None,
+        quick_routes: Sequence[str] = (),
+        overrides: Overrides = Overrides(),
+        environ: Mapping[str, str] = os.environ,
+    ) -> ConfigSource:
+        """Apply the documented precedence: -c, $SIDELINK_CONFIG, the default path."""
+        if path is None:
+            path = environ.get(CONFIG_ENV) or None
+        if path is None and Path(DEFAULT_CONFIG_PATH).exists():
+            path = DEFAULT_CONFIG_PATH
+        origin = "--route"
+        routes = tuple(quick_routes)
+        if not routes and environ.get(ROUTES_ENV, "").strip():
+            routes = tuple(s for s in environ[ROUTES_ENV].split(",") if s.strip())
+            origin = "$" + ROUTES_ENV
+        return cls(path, routes, origin, overrides)
+
+    def load(self) -> Config:
+        text = None
+        if self.path is not None:
+            try:
+                text = Path(self.path).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError([f"{self.path}: cannot read: {e.strerror or e}"]) from e
+        return parse(text, self.path or "<none>", self.quick_routes, self.quick_origin, self.overrides)
+
+
+def parse(
+    text: str | None,
+    filename: str = "<string>",
+    quick_routes: Sequence[str] = (),
+    quick_origin: str = "--route",
+    overrides: Overrides = Overrides(),
+) -> Config:
+    """Build a Config from YAML text plus quick routes; raise ConfigError listing every problem."""
+    reader = _Reader(Path(filename).name if filename.startswith("/") else filename)
+    root: yaml.Node | None = None
+    if text is not None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            line = mark.line + 1 if mark is not None else 1
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError([f"{reader.filename}:{line}: invalid YAML: {problem}"]) from e
+    config = reader.config(root)
+    routes = list(config.routes)
+    for i, spec in enumerate(quick_routes):
+        route = reader.quick_route(spec, f"{quick_origin}[{i}]", config.defaults)
+        if route is not None:
+            routes.append(route)
+    config = _apply_overrides(reader, config, overrides)
+    config = dataclasses.replace(
+        config, routes=tuple(_name_routes(routes)), source=None if text is None else filename
+    )
+    reader.check_listeners(config)
+    if reader.problems:
+        raise ConfigError(sorted(reader.problems, key=_line_of))
+    return config
+
+
+def parse_duration(value: object) -> float:
+    """``250ms``, ``1.5s``, ``5m``, ``1h`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration like 250ms, 1.5s, 5m, 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    raise ValueError("must be a duration like 250ms, 1.5s, 5m, 1h")
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    if seconds >= 1:
+        return f"{seconds:g}s"
+    return f"{seconds * 1000:g}ms"
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``1.2.3.4:53``, ``[::1]:53``, ``1.2.3.4`` (with a default port); raises ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError("unbalanced [")
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and port_text is None:
+            raise ValueError("expected :PORT after ]")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None
+    ipaddress.ip_address(host)
+    if port_text is None:
+        if default_port is None:
+            raise ValueError("a port is required")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port_text}")
+    return host, int(port_text)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def valid_service(name: str) -> bool:
+    """A DNS name (``svc``, ``svc.ns``, ``svc.ns.svc.cluster.local.``) or an IP literal."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    labels = name.lower().removesuffix(".").split(".")
+    return len(name) <= 253 and all(_DNS_LABEL.match(label) for label in labels)
+
+
+# --- the reader ------------------------------------------------------------------------
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class _Reader:
+    """Walks the YAML node tree, so every value keeps its line number for messages."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.problems: list[str] = []
+        # Where each accepted route came from, in order, for problems found across routes.
+        self.route_origins: list[str] = []
+        self._constructor = yaml.SafeLoader("")
+
+    def problem(self, node: yaml.Node | None, path: str, message: str) -> None:
+        where = self.filename if node is None else f"{self.filename}:{node.start_mark.line + 1}"
+        self.problems.append(f"{where}: {path}: {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        return self._constructor.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node | None, path: str, keys: Sequence[str]) -> dict[str, yaml.Node]:
+        """The keys of a mapping node; unknown or repeated keys are problems."""
+        if node is None or _is_null(node):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, path, "must be a mapping")
+            return {}
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = str(self.value(key_node))
+            where = f"{path}.{key}" if path else key
+            if key not in keys:
+                self.problem(key_node, where, f"unknown key (expected one of: {', '.join(keys)})")
+            elif key in out:
+                self.problem(key_node, where, "duplicate key")
+            else:
+                out[key] = value_node
+        return out
+
+    def get(
+        self,
+        nodes: Mapping[str, yaml.Node],
+        key: str,
+        path: str,
+        default: T,
+        convert: Callable[[Any], T],
+    ) -> T:
+        node = nodes.get(key)
+        if node is None:
+            return default
+        where = f"{path}.{key}" if path else key
+        try:
+            return convert(self.value(node))
+        except (ValueError, TypeError) as e:
+            self.problem(node, where, f"{e}, got {_show(self.value(node))}")
+            return default
+
+    # the sections
+
+    def config(self, root: yaml.Node | None) -> Config:
+        top = self.mapping(
+            root, "", ("admin", "resolver", "logging", "shutdown", "defaults", "routes")
+        )
+        d = Config()
+        defaults = self.settings(top.get("defaults"), "defaults", d.defaults)
+        return Config(
+            admin=self.admin(top.get("admin")),
+            resolver=self.resolver(top.get("resolver")),
+            logging=self.logging(top.get("logging")),
+            shutdown=self.shutdown(top.get("shutdown")),
+            defaults=defaults,
+            routes=tuple(self.routes(top.get("routes"), defaults)),
+        )
+
+    def admin(self, node: yaml.Node | None) -> AdminConfig:
+        nodes = self.mapping(node, "admin", ("listen",))
+        d = AdminConfig()
+        host, port = self.get(nodes, "listen", "admin", (d.host, d.port), _listen_address)
+        return AdminConfig(host, port)
+
+    def resolver(self, node: yaml.Node | None) -> ResolverConfig:
+        keys = ("nameservers", "search", "ndots", "timeout", "min_ttl", "max_ttl", "stale_ttl")
+        nodes = self.mapping(node, "resolver", keys)
+        d = ResolverConfig()
+        p = "resolver"
+        config = ResolverConfig(
+            nameservers=self.get(nodes, "nameservers", p, d.nameservers, _nameservers),
+            search=self.get(nodes, "search", p, d.search, _search_list),
+            ndots=self.get(nodes, "ndots", p, d.ndots, _optional(_int_range(0, 15))),
+            timeout=self.get(nodes, "timeout", p, d.timeout, _positive_duration),
+            min_ttl=self.get(nodes, "min_ttl", p, d.min_ttl, parse_duration),
+            max_ttl=self.get(nodes, "max_ttl", p, d.max_ttl, _positive_duration),
+            stale_ttl=self.get(nodes, "stale_ttl", p, d.stale_ttl, parse_duration),
+        )
+        if config.min_ttl > config.max_ttl:
+            self.problem(nodes.get("min_ttl"), "resolver.min_ttl", "must not exceed max_ttl")
+        return config
+
+    def logging(self, node: yaml.Node | None) -> LoggingConfig:
+        nodes = self.mapping(node, "logging", ("level", "format", "access_log"))
+        d = LoggingConfig()
+        return LoggingConfig(
+            level=self.get(nodes, "level", "logging", d.level, _choice(LOG_LEVELS)),
+            format=self.get(nodes, "format", "logging", d.format, _choice(LOG_FORMATS)),
+            access_log=self.get(nodes, "access_log", "logging", d.access_log, _boolean),
+        )
+
+    def shutdown(self, node: yaml.Node | None) -> ShutdownConfig:
+        nodes = self.mapping(node, "shutdown", ("drain_delay", "drain_timeout"))
+        d = ShutdownConfig()
+        return ShutdownConfig(
+            drain_delay=self.get(nodes, "drain_delay", "shutdown", d.drain_delay, parse_duration),
+            drain_timeout=self.get(
+                nodes, "drain_timeout", "shutdown", d.drain_timeout, parse_duration
+            ),
+        )
+
+    def settings(
+        self, node: yaml.Node | None, path: str, base: RouteSettings, extra: Sequence[str] = ()
+    ) -> RouteSettings:
+        nodes = self.mapping(node, path, (*_SETTING_KEYS, *extra))
+        return self.settings_from(nodes, path, base)
+
+    def settings_from(
+        self, nodes: Mapping[str, yaml.Node], path: str, base: RouteSettings
+    ) -> RouteSettings:
+        p = path
+        pool_path = f"{path}.pool" if path else "pool"
+        pool_nodes = self.mapping(
+            nodes.get("pool"), pool_path, ("max_idle", "idle_timeout", "max_lifetime")
+        )
+        bp = base.pool
+        pool = PoolConfig(
+            max_idle=self.get(pool_nodes, "max_idle", pool_path, bp.max_idle, _int_range(0, 100_000)),
+            idle_timeout=self.get(
+                pool_nodes, "idle_timeout", pool_path, bp.idle_timeout, _positive_duration
+            ),
+            max_lifetime=self.get(
+                pool_nodes, "max_lifetime", pool_path, bp.max_lifetime, _positive_duration
+            ),
+        )
+        g = self.get
+        return RouteSettings(
+            connect_timeout=g(nodes, "connect_timeout", p, base.connect_timeout, _positive_duration),
+            request_timeout=g(nodes, "request_timeout", p, base.request_timeout, _positive_duration),
+            idle_timeout=g(nodes, "idle_timeout", p, base.idle_timeout, _positive_duration),
+            head_timeout=g(nodes, "head_timeout", p, base.head_timeout, _positive_duration),
+            retries=g(nodes, "retries", p, base.retries, _int_range(0, 10)),
+            balance=g(nodes, "balance", p, base.balance, _choice(BALANCERS)),
+            host=g(nodes, "host", p, base.host, _host_setting),
+            pool=pool,
+        )
+
+    def routes(self, node: yaml.Node | None, defaults: RouteSettings) -> Iterator[RouteConfig]:
+        if node is None or _is_null(node):
+            return
+        if not isinstance(node, yaml.SequenceNode):
+            self.problem(node, "routes", "must be a list")
+            return
+        for i, item in enumerate(node.value):
+            route = self.route(item, f"routes[{i}]", defaults)
+            if route is not None:
+                yield route
+
+    def route(self, node: yaml.Node, path: str, defaults: RouteSettings) -> RouteConfig | None:
+        keys = ("name", "listen", "service", "port", "protocol", "expose", *_SETTING_KEYS)
+        nodes = self.mapping(node, path, keys)
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for required in ("listen", "service"):
+            if required not in nodes:
+                self.problem(node, f"{path}.{required}", "is required")
+        host, port = self.get(nodes, "listen", path, ("127.0.0.1", 0), _listen_address)
+        route = RouteConfig(
+            name=self.get(nodes, "name", path, "", _name),
+            listen_host=host,
+            listen_port=port,
+            service=self.get(nodes, "service", path, "", _service),
+            port=self.get(nodes, "port", path, 80, _upstream_port),
+            protocol=self.get(nodes, "protocol", path, "tcp", _choice(PROTOCOLS)),
+            expose=self.get(nodes, "expose", path, False, _boolean),
+            settings=self.settings_from(nodes, path, defaults),
+        )
+        self.check_exposure(route, nodes.get("listen"), f"{path}.listen")
+        if "listen" not in nodes or "service" not in nodes:
+            return None
+        self.route_origins.append(f"{self.filename}:{node.start_mark.line + 1}: {path}")
+        return route
+
+    def quick_route(self, spec: str, where: str, defaults: RouteSettings) -> RouteConfig | None:
+        m = _QUICK_ROUTE.match(spec.strip())
+        if m is None:
+            self.problems.append(
+                f"{where}: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], got {spec!r}"
+            )
+            return None
+        host = (m["host"] or "127.0.0.1").strip("[]")
+        problems = []
+        try:
+            listen_port = _int_range(0, 65535)(int(m["listen"]))
+            ipaddress.ip_address(host)
+        except ValueError as e:
+            problems.append(f"listen: {e}")
+        service = m["service"]
+        if not valid_service(service):
+            problems.append(f"service: not a DNS name or IP address: {service!r}")
+        port: int | str = 80
+        try:
+            port = _upstream_port(m["port"]) if m["port"] else 80
+        except ValueError as e:
+            problems.append(f"port: {e}")
+        protocol = m["protocol"] or "tcp"
+        if protocol not in PROTOCOLS:
+            problems.append(f"protocol: must be tcp or http, got {protocol!r}")
+        if problems:
+            self.problems.extend(f"{where}: {p} (in {spec!r})" for p in problems)
+            return None
+        self.route_origins.append(where)
+        # Naming a non-loopback host in a quick route is the explicit opt-in to expose it.
+        return RouteConfig(
+            name="",
+            listen_host=host,
+            listen_port=listen_port,
+            service=service,
+            port=port,
+            protocol=protocol,
+            expose=m["host"] is not None and not is_loopback(host),
+            settings=defaults,
+        )
+
+    def check_exposure(self, route: RouteConfig, node: yaml.Node | None, path: str) -> None:
+        if not route.expose and not is_loopback(route.listen_host):
+            self.problem(
+                node,
+                path,
+                f"{route.listen} is not a loopback address; set expose: true to listen on it",
+            )
+
+    def check_listeners(self, config: Config) -> None:
+        seen: dict[int, list[tuple[str, str]]] = {}
+        claims = [("admin.listen", config.admin.host, config.admin.port)]
+        claims += [
+            (f"{origin}.listen", r.listen_host, r.listen_port)
+            for origin, r in zip(self.route_origins, config.routes, strict=True)
+        ]
+        for who, host, port in claims:
+            if port == 0:
+                continue
+            for other, other_host in seen.get(port, []):
+                if host == other_host or _wildcard(host) or _wildcard(other_host):
+                    address = join_host_port(host, port)
+                    self.problems.append(f"{who}: {address} is already used by {other}")
+            seen.setdefault(port, []).append((who.rpartition(": ")[2], host))
+        names: dict[str, str] = {}
+        for origin, r in zip(self.route_origins, config.routes, strict=True):
+            if r.name in names:
+                self.problems.append(
+                    f"{origin}.name: {r.name!r} is already the name of {names[r.name]}"
+                )
+            names.setdefault(r.name, origin.rpartition(": ")[2])
+
+
+_SETTING_KEYS = (
+    "connect_timeout",
+    "request_timeout",
+    "idle_timeout",
+    "head_timeout",
+    "retries",
+    "balance",
+    "host",
+    "pool",
+)
+
+
+def _apply_overrides(reader: _Reader, config: Config, overrides: Overrides) -> Config:
+    if overrides.admin is not None:
+        try:
+            host, port = _listen_address(overrides.admin)
+            config = dataclasses.replace(config, admin=AdminConfig(host, port))
+        except ValueError as e:
+            reader.problems.append(f"--admin: {e}, got {overrides.admin!r}")
+    log = config.logging
+    if overrides.log_level is not None:
+        log = dataclasses.replace(log, level=overrides.log_level)
+    if overrides.log_format is not None:
+        log = dataclasses.replace(log, format=overrides.log_format)
+    return dataclasses.replace(config, logging=log)
+
+
+def _name_routes(routes: list[RouteConfig]) -> Iterator[RouteConfig]:
+    """Unnamed routes are named after their service, or service:listen_port when shared."""
+    services = [r.service for r in routes if not r.name]
+    for r in routes:
+        if r.name:
+            yield r
+        elif services.count(r.service) > 1:
+            yield dataclasses.replace(r, name=f"{r.service}:{r.listen_port}")
+        else:
+            yield dataclasses.replace(r, name=r.service)
+
+
+def _durations(obj: object, *names: str) -> dict[str, str]:
+    return {name: format_duration(getattr(obj, name)) for name in names}
+
+
+def _settings_dict(s: RouteSettings) -> dict[str, Any]:
+    out: dict[str, Any] = _durations(
+        s, "connect_timeout", "request_timeout", "idle_timeout", "head_timeout"
+    )
+    out.update(retries=s.retries, balance=s.balance, host=s.host)
+    out["pool"] = {"max_idle": s.pool.max_idle, **_durations(s.pool, "idle_timeout", "max_lifetime")}
+    return out
+
+
+def _line_of(problem: str) -> int:
+    """Sort key: problems in file order, then those without a line (quick routes)."""
+    m = re.match(r"^[^:]*:(\d+): ", problem)
+    return int(m.group(1)) if m else 1 << 30
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+# --- converters: each takes the YAML value and returns the typed one or raises ValueError ---
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _int_range(lo: int, hi: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer {lo}..{hi}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be {lo}..{hi}")
+        return value
+
+    return convert
+
+
+def _optional(convert: Callable[[object], T]) -> Callable[[object], T | None]:
+    return lambda value: None if value is None else convert(value)
+
+
+def _choice(options: Sequence[str]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {' | '.join(options)}")
+        return str(value)
+
+    return convert
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _service(value: object) -> str:
+    if not isinstance(value, str) or not valid_service(value):
+        raise ValueError("must be a DNS name (svc, svc.ns, svc.ns.svc.cluster.local) or an IP")
+    return value
+
+
+def _upstream_port(value: object) -> int | str:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= 65535:
+            raise ValueError("must be 1..65535 or a port name")
+        return value
+    if isinstance(value, str) and _PORT_NAME.match(value):
+        return value
+    raise ValueError("must be 1..65535 or a port name")
+
+
+def _listen_address(value: object) -> tuple[str, int]:
+    """A bare port (bound on 127.0.0.1) or HOST:PORT with an IP host."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "127.0.0.1", _int_range(0, 65535)(value)
+    if isinstance(value, str):
+        if value.isdigit():
+            return "127.0.0.1", _int_range(0, 65535)(int(value))
+        text = value.replace("localhost:", "127.0.0.1:", 1)
+        try:
+            return split_host_port(text)
+        except ValueError as e:
+            raise ValueError(f"must be PORT or IP:PORT ({e})") from None
+    raise ValueError("must be PORT or IP:PORT")
+
+
+def _nameservers(value: object) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list):
+        raise ValueError('must be a list of "IP" or "IP:PORT"')
+    out = []
+    for item in value:
+        try:
+            out.append(split_host_port(str(item), 53))
+        except ValueError as e:
+            raise ValueError(f'must be a list of "IP" or "IP:PORT" ({item!r}: {e})') from None
+    return tuple(out)
+
+
+def _search_list(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(s, str) and valid_service(s) for s in value
+    ):
+        raise ValueError("must be a list of domain names, or null")
+    return tuple(value)
+
+
+def _host_setting(value: object) -> str:
+    if not isinstance(value, str) or not value or any(c in value for c in " \t\r\n"):
+        raise ValueError("must be auto, preserve, or a host name")
+    return value
