@@ -199,7 +199,9 @@ class ConfigSource:
                 text = Path(self.path).read_text(encoding="utf-8")
             except OSError as e:
                 raise ConfigError([f"{self.path}: cannot read: {e.strerror or e}"]) from e
-        return parse(text, self.path or "<none>", self.quick_routes, self.quick_origin, self.overrides)
+        return parse(
+            text, self.path or "<none>", self.quick_routes, self.quick_origin, self.overrides
+        )
 
 
 def parse(
@@ -307,6 +309,7 @@ def valid_service(name: str) -> bool:
 # --- the reader ------------------------------------------------------------------------
 
 T = TypeVar("T")
+_DEFAULT_PORT: int | str = 80
 _MISSING: Any = object()
 
 
@@ -327,7 +330,9 @@ class _Reader:
     def value(self, node: yaml.Node) -> Any:
         return self._constructor.construct_object(node, deep=True)
 
-    def mapping(self, node: yaml.Node | None, path: str, keys: Sequence[str]) -> dict[str, yaml.Node]:
+    def mapping(
+        self, node: yaml.Node | None, path: str, keys: Sequence[str]
+    ) -> dict[str, yaml.Node]:
         """The keys of a mapping node; unknown or repeated keys are problems."""
         if node is None or _is_null(node):
             return {}
@@ -440,7 +445,9 @@ class _Reader:
         )
         bp = base.pool
         pool = PoolConfig(
-            max_idle=self.get(pool_nodes, "max_idle", pool_path, bp.max_idle, _int_range(0, 100_000)),
+            max_idle=self.get(
+                pool_nodes, "max_idle", pool_path, bp.max_idle, _int_range(0, 100_000)
+            ),
             idle_timeout=self.get(
                 pool_nodes, "idle_timeout", pool_path, bp.idle_timeout, _positive_duration
             ),
@@ -450,8 +457,12 @@ class _Reader:
         )
         g = self.get
         return RouteSettings(
-            connect_timeout=g(nodes, "connect_timeout", p, base.connect_timeout, _positive_duration),
-            request_timeout=g(nodes, "request_timeout", p, base.request_timeout, _positive_duration),
+            connect_timeout=g(
+                nodes, "connect_timeout", p, base.connect_timeout, _positive_duration
+            ),
+            request_timeout=g(
+                nodes, "request_timeout", p, base.request_timeout, _positive_duration
+            ),
             idle_timeout=g(nodes, "idle_timeout", p, base.idle_timeout, _positive_duration),
             head_timeout=g(nodes, "head_timeout", p, base.head_timeout, _positive_duration),
             retries=g(nodes, "retries", p, base.retries, _int_range(0, 10)),
@@ -485,7 +496,7 @@ class _Reader:
             listen_host=host,
             listen_port=port,
             service=self.get(nodes, "service", path, "", _service),
-            port=self.get(nodes, "port", path, 80, _upstream_port),
+            port=self.get(nodes, "port", path, _DEFAULT_PORT, _upstream_port),
             protocol=self.get(nodes, "protocol", path, "tcp", _choice(PROTOCOLS)),
             expose=self.get(nodes, "expose", path, False, _boolean),
             settings=self.settings_from(nodes, path, defaults),
@@ -617,7 +628,10 @@ def _settings_dict(s: RouteSettings) -> dict[str, Any]:
         s, "connect_timeout", "request_timeout", "idle_timeout", "head_timeout"
     )
     out.update(retries=s.retries, balance=s.balance, host=s.host)
-    out["pool"] = {"max_idle": s.pool.max_idle, **_durations(s.pool, "idle_timeout", "max_lifetime")}
+    out["pool"] = {
+        "max_idle": s.pool.max_idle,
+        **_durations(s.pool, "idle_timeout", "max_lifetime"),
+    }
     return out
 
 

@@ -1,0 +1,261 @@
+"""Every metric sidelink exports, defined once, here.
+
+The forwarders update plain integers on per-route and per-service stats objects
+(an attribute add costs far less than a locked prometheus-client child), and one
+collector turns them into metric families when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    exposition,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.openmetrics import exposition as openmetrics
+
+from proxy import __version__
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+UPSTREAM_ERROR_REASONS = (
+    "connect_refused",
+    "connect_timeout",
+    "reset",
+    "timeout",
+    "no_endpoints",
+    "protocol",
+)
+DNS_RESULTS = ("ok", "nxdomain", "error", "timeout")
+
+
+class Histogram:
+    """A single-threaded histogram: one bisect and two adds per observation."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
+
+class RouteStats:
+    """The live figures of one route; forwarders hold a reference and add to it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests: dict[tuple[str, str], int] = {}
+        self.request_duration = Histogram()
+        self.connect_duration = Histogram()
+        self.opened_downstream = 0
+        self.opened_upstream = 0
+        self.active_downstream = 0
+        self.active_upstream = 0
+        self.bytes_to_upstream = 0
+        self.bytes_to_downstream = 0
+        self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
+        self.retries = 0
+        self.pool_idle = 0
+        self.ejections = 0
+
+    def count_request(self, method: str, code: int) -> None:
+        key = (method, str(code))
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+class ServiceStats:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lookups = dict.fromkeys(DNS_RESULTS, 0)
+        self.endpoints = 0
+        self.changes = 0
+
+
+class Metrics:
+    """Owns a registry (one per server, so tests can run several in one process)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RouteStats] = {}
+        self.services: dict[str, ServiceStats] = {}
+        self.config_reloads = {"ok": 0, "error": 0}
+        self.registry = CollectorRegistry(auto_describe=False)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self.registry.register(_Collector(self))
+
+    def route(self, name: str) -> RouteStats:
+        stats = self.routes.get(name)
+        if stats is None:
+            stats = self.routes[name] = RouteStats(name)
+        return stats
+
+    def service(self, name: str) -> ServiceStats:
+        stats = self.services.get(name)
+        if stats is None:
+            stats = self.services[name] = ServiceStats(name)
+        return stats
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition body and its content type, OpenMetrics when the client asks."""
+        if accept and "application/openmetrics-text" in accept:
+            body: bytes = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
+            return body, openmetrics.CONTENT_TYPE_LATEST
+        return exposition.generate_latest(self.registry), exposition.CONTENT_TYPE_LATEST
+
+
+class _Collector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        routes = list(self.metrics.routes.values())
+        services = list(self.metrics.services.values())
+
+        def per_route(
+            family: CounterMetricFamily | GaugeMetricFamily,
+            value: Callable[[RouteStats], float],
+        ) -> CounterMetricFamily | GaugeMetricFamily:
+            for r in routes:
+                family.add_metric([r.name], value(r))
+            return family
+
+        requests = CounterMetricFamily(
+            "sidelink_requests",
+            "HTTP requests answered downstream, by status sent (proxy-made errors included)",
+            labels=["route", "method", "code"],
+        )
+        for r in routes:
+            for (method, code), n in r.requests.items():
+                requests.add_metric([r.name, method, code], n)
+        yield requests
+
+        for name, doc, attr in (
+            (
+                "sidelink_request_duration_seconds",
+                "Request head read downstream to response head received (or error sent)",
+                "request_duration",
+            ),
+            (
+                "sidelink_upstream_connect_duration_seconds",
+                "Time to establish an upstream connection",
+                "connect_duration",
+            ),
+        ):
+            hist = HistogramMetricFamily(name, doc, labels=["route"])
+            for r in routes:
+                h: Histogram = getattr(r, attr)
+                hist.add_metric([r.name], h.buckets(), h.total)
+            yield hist
+
+        opened = CounterMetricFamily(
+            "sidelink_connections_opened",
+            "Connections opened, downstream (accepted) and upstream (made)",
+            labels=["route", "side"],
+        )
+        active = GaugeMetricFamily(
+            "sidelink_connections_active", "Connections open now", labels=["route", "side"]
+        )
+        transferred = CounterMetricFamily(
+            "sidelink_bytes", "Bytes forwarded", labels=["route", "direction"]
+        )
+        errors = CounterMetricFamily(
+            "sidelink_upstream_errors", "Upstream failures by reason", labels=["route", "reason"]
+        )
+        for r in routes:
+            opened.add_metric([r.name, "downstream"], r.opened_downstream)
+            opened.add_metric([r.name, "upstream"], r.opened_upstream)
+            active.add_metric([r.name, "downstream"], r.active_downstream)
+            active.add_metric([r.name, "upstream"], r.active_upstream)
+            transferred.add_metric([r.name, "to_upstream"], r.bytes_to_upstream)
+            transferred.add_metric([r.name, "to_downstream"], r.bytes_to_downstream)
+            for reason, n in r.errors.items():
+                errors.add_metric([r.name, reason], n)
+        yield from (opened, active, transferred, errors)
+
+        yield per_route(
+            CounterMetricFamily(
+                "sidelink_retries", "Requests or connects retried", labels=["route"]
+            ),
+            lambda r: r.retries,
+        )
+        yield per_route(
+            GaugeMetricFamily(
+                "sidelink_pool_idle_connections",
+                "Idle pooled upstream connections",
+                labels=["route"],
+            ),
+            lambda r: r.pool_idle,
+        )
+        yield per_route(
+            CounterMetricFamily(
+                "sidelink_endpoint_ejections", "Endpoints ejected after failures", labels=["route"]
+            ),
+            lambda r: r.ejections,
+        )
+
+        lookups = CounterMetricFamily(
+            "sidelink_dns_lookups", "DNS lookups by result", labels=["service", "result"]
+        )
+        endpoints = GaugeMetricFamily(
+            "sidelink_dns_endpoints", "Endpoints the service resolves to now", labels=["service"]
+        )
+        changes = CounterMetricFamily(
+            "sidelink_dns_changes", "Changes of a service's endpoint set", labels=["service"]
+        )
+        for s in services:
+            for result, n in s.lookups.items():
+                lookups.add_metric([s.name, result], n)
+            endpoints.add_metric([s.name], s.endpoints)
+            changes.add_metric([s.name], s.changes)
+        yield from (lookups, endpoints, changes)
+
+        reloads = CounterMetricFamily(
+            "sidelink_config_reloads", "Config reloads by result", labels=["result"]
+        )
+        for result, n in self.metrics.config_reloads.items():
+            reloads.add_metric([result], n)
+        yield reloads
+
+        info = GaugeMetricFamily("sidelink_build_info", "Build information", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info

@@ -1,0 +1,416 @@
+"""Service discovery through DNS, kept off the request path.
+
+A :class:`Watch` follows one (service, port) pair: it expands a short name through
+the search list once, then queries the name that answered directly; it refreshes
+ahead of the (clamped) TTL in the background, serves the last good answer for
+``stale_ttl`` while DNS fails, re-resolves early (at most once a second) when the
+forwarders report a dead endpoint, and falls back to the ``<SVC>_SERVICE_HOST``
+variables Kubernetes injects while DNS has never answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from proxy.config import ResolverConfig, join_host_port
+from proxy.metrics import Metrics, ServiceStats
+
+log = logging.getLogger("sidelink.resolver")
+
+Address = tuple[str, int]
+
+# Refresh when this fraction of the TTL has passed, so the next answer is in hand
+# before the current one expires.
+REFRESH_AT = 0.75
+# A dead endpoint may trigger a re-resolution at most this often per name.
+EARLY_REFRESH_INTERVAL = 1.0
+# Retry delays after a failed lookup: doubling from the first to the cap.
+RETRY_BACKOFF_FIRST = 0.25
+RETRY_BACKOFF_MAX = 5.0
+MAX_SRV_TARGETS = 64
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+class DnsError(Exception):
+    """A lookup that gave no usable answer; ``result`` is its metric label."""
+
+    def __init__(self, result: str, message: str, names_tried: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.result = result
+        self.names_tried = names_tried
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    service: str
+    names_tried: tuple[str, ...]
+    answered_name: str | None
+    endpoints: tuple[Address, ...]
+    ttl: float  # clamped into [min_ttl, max_ttl]
+    record_ttl: int  # as the server sent it
+    source: str  # dns | env | static
+
+    @property
+    def headless(self) -> bool:
+        """A ClusterIP Service answers with exactly one address; a headless one with one per pod."""
+        return self.source == "dns" and len({a for a, _ in self.endpoints}) != 1
+
+
+class Resolver:
+    """The configured DNS client: nameservers, search list and ndots, and the watches."""
+
+    def __init__(
+        self,
+        config: ResolverConfig,
+        metrics: Metrics | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.environ = environ
+        system = _system_resolver()
+        if config.nameservers:
+            servers = list(config.nameservers)
+        else:
+            servers = [(str(ns), 53) for ns in (system.nameservers if system else [])]
+        self.nameservers = tuple(servers)
+        if config.search is not None:
+            self.search = tuple(dns.name.from_text(s) for s in config.search)
+        else:
+            self.search = tuple(system.search) if system else ()
+        ndots = config.ndots
+        if ndots is None:
+            ndots = system.ndots if system is not None and system.ndots is not None else 1
+        self.ndots = ndots
+        self._dns = dns.asyncresolver.Resolver(configure=False)
+        self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
+        self._dns.timeout = config.timeout
+        self._dns.lifetime = config.timeout
+        self._dns.cache = None
+        self.namespace = _own_namespace(environ, self.search)
+        self._watches: dict[tuple[str, int | str], Watch] = {}
+
+    def __repr__(self) -> str:
+        servers = ", ".join(join_host_port(h, p) for h, p in self.nameservers)
+        search = " ".join(s.to_text() for s in self.search)
+        return f"<Resolver nameservers=[{servers}] search=[{search}] ndots={self.ndots}>"
+
+    def candidates(self, service: str) -> list[str]:
+        """The absolute names to try, in order, as a stub resolver would (resolv.conf(5))."""
+        name = dns.name.from_text(service)
+        if service.endswith("."):
+            return [name.to_text()]
+        relative = dns.name.from_text(service, origin=None)
+        expanded = [relative.concatenate(domain).to_text() for domain in self.search]
+        if len(relative.labels) - 1 >= self.ndots:
+            return [name.to_text(), *expanded]
+        return [*expanded, name.to_text()]
+
+    async def lookup(
+        self, service: str, port: int | str, answered_name: str | None = None
+    ) -> Resolution:
+        """Resolve once. Raises DnsError; counts the result in the service's metrics."""
+        if _is_ip(service):
+            if isinstance(port, str):
+                raise DnsError("error", f"a port name ({port}) needs a DNS name, not an IP")
+            return Resolution(service, (), None, ((service, port),), 0.0, 0, "static")
+        stats = self.metrics.service(service)
+        try:
+            resolution = await self._lookup(service, port, answered_name)
+        except DnsError as e:
+            stats.lookups[e.result] += 1
+            raise
+        stats.lookups["ok"] += 1
+        return resolution
+
+    def watch(self, service: str, port: int | str) -> Watch:
+        """The shared watch for (service, port), started on first use."""
+        key = (service, port)
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = self._watches[key] = Watch(self, service, port)
+            watch.start()
+        watch.users += 1
+        return watch
+
+    def release(self, watch: Watch) -> None:
+        watch.users -= 1
+        if watch.users <= 0:
+            self._watches.pop((watch.service, watch.port), None)
+            watch.stop()
+
+    def env_endpoints(self, service: str, port: int | str) -> tuple[Address, ...]:
+        """What Kubernetes' ``<SVC>_SERVICE_HOST``/``_PORT`` variables say, if they are ours.
+
+        Kubernetes only injects them for Services of the pod's own namespace, so a name
+        that spells out another namespace never matches.
+        """
+        labels = service.lower().rstrip(".").split(".")
+        if len(labels) > 1 and labels[1] != self.namespace:
+            return ()
+        if len(labels) > 2 and labels[2] != "svc":
+            return ()
+        prefix = labels[0].upper().replace("-", "_")
+        host = self.environ.get(f"{prefix}_SERVICE_HOST", "")
+        if not _is_ip(host):
+            return ()
+        if isinstance(port, int):
+            return ((host, port),)
+        named = self.environ.get(f"{prefix}_SERVICE_PORT_{port.upper().replace('-', '_')}", "")
+        return ((host, int(named)),) if named.isdigit() else ()
+
+    def clamp(self, ttl: float) -> float:
+        return min(max(ttl, self.config.min_ttl), self.config.max_ttl)
+
+    async def _lookup(self, service: str, port: int | str, answered_name: str | None) -> Resolution:
+        names = [answered_name] if answered_name else self.candidates(service)
+        tried: list[str] = []
+        nxdomain = 0
+        for name in names:
+            tried.append(name)
+            try:
+                if isinstance(port, str):
+                    found = await self._srv(f"_{port}._tcp.{name}")
+                else:
+                    found = await self._addresses(name, port)
+            except dns.resolver.NXDOMAIN:
+                nxdomain += 1
+                continue
+            except dns.exception.Timeout as e:
+                raise DnsError("timeout", f"{name}: timed out ({e})", tuple(tried)) from e
+            except (dns.exception.DNSException, OSError) as e:
+                raise DnsError("error", f"{name}: {_describe(e)}", tuple(tried)) from e
+            if found is None:
+                continue
+            endpoints, ttl = found
+            return Resolution(
+                service, tuple(tried), name, endpoints, self.clamp(ttl), int(ttl), "dns"
+            )
+        what = "NXDOMAIN" if nxdomain == len(tried) else "no addresses"
+        raise DnsError("nxdomain", f"{', '.join(tried)}: {what}", tuple(tried))
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        return await self._dns.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+
+    async def _addresses(self, name: str, port: int) -> tuple[tuple[Address, ...], float] | None:
+        """A records, else AAAA; None when the name exists but has neither."""
+        for rdtype in ("A", "AAAA"):
+            answer = await self._query(name, rdtype)
+            if answer.rrset:
+                addresses = sorted({rd.address for rd in answer.rrset})
+                return tuple((a, port) for a in addresses), answer.chaining_result.minimum_ttl
+        return None
+
+    async def _srv(self, name: str) -> tuple[tuple[Address, ...], float] | None:
+        answer = await self._query(name, "SRV")
+        if not answer.rrset:
+            return None
+        ttl = float(answer.chaining_result.minimum_ttl)
+        # Kubernetes gives every record the same priority; the lowest one present wins.
+        best = min(rd.priority for rd in answer.rrset)
+        targets = sorted({(rd.target, rd.port) for rd in answer.rrset if rd.priority == best})
+        glue: dict[dns.name.Name, list[str]] = {}
+        for rrset in answer.response.additional:
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                glue.setdefault(rrset.name, []).extend(rd.address for rd in rrset)
+                ttl = min(ttl, rrset.ttl)
+        endpoints: set[Address] = set()
+        for target, port in targets[:MAX_SRV_TARGETS]:
+            addresses = glue.get(target)
+            if addresses is None:
+                found = await self._addresses(target.to_text(), port)
+                if found is None:
+                    continue
+                endpoints.update(found[0])
+                ttl = min(ttl, found[1])
+            else:
+                endpoints.update((a, port) for a in addresses)
+        return (tuple(sorted(endpoints)), ttl) if endpoints else None
+
+
+class Watch:
+    """The live answer for one (service, port), kept fresh by a background task."""
+
+    def __init__(self, resolver: Resolver, service: str, port: int | str) -> None:
+        self.resolver = resolver
+        self.service = service
+        self.port = port
+        self.users = 0
+        self.endpoints: tuple[Address, ...] = ()
+        self.source = "dns"
+        self.answered_name: str | None = None
+        self.last_resolved: float | None = None  # wall clock, for /routes
+        self.last_error: str | None = None
+        self.ttl = 0.0
+        self._expires = 0.0  # monotonic: end of the current answer's TTL
+        self._last_attempt = -EARLY_REFRESH_INTERVAL
+        self._stats: ServiceStats = resolver.metrics.service(service)
+        self._listeners: list[Callable[[tuple[Address, ...]], None]] = []
+        self._resolved = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Watch {self.service}:{self.port} source={self.source} "
+            f"endpoints={len(self.endpoints)} answered={self.answered_name}>"
+        )
+
+    @property
+    def resolved(self) -> bool:
+        """True once any source has given addresses (the route may then be ready)."""
+        return self._resolved.is_set()
+
+    @property
+    def ttl_remaining(self) -> float | None:
+        if self.source != "dns" or self.last_resolved is None:
+            return None
+        return max(0.0, self._expires - time.monotonic())
+
+    def subscribe(self, listener: Callable[[tuple[Address, ...]], None]) -> None:
+        self._listeners.append(listener)
+        listener(self.endpoints)
+
+    def unsubscribe(self, listener: Callable[[tuple[Address, ...]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    async def wait_resolved(self, timeout: float) -> bool:
+        if not self._resolved.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resolved.wait(), timeout)
+        return self._resolved.is_set()
+
+    def nudge(self) -> None:
+        """An endpoint failed: re-resolve soon (the loop enforces the rate limit)."""
+        if self._task is not None:
+            self._wake.set()
+
+    def start(self) -> None:
+        if _is_ip(self.service) and isinstance(self.port, int):
+            self.source = "static"
+            self._set(((self.service, self.port),))
+            return
+        env = self.resolver.env_endpoints(self.service, self.port)
+        if env:
+            self.source = "env"
+            self._set(env)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = RETRY_BACKOFF_FIRST
+        stale_ttl = self.resolver.config.stale_ttl
+        while True:
+            self._last_attempt = time.monotonic()
+            try:
+                resolution = await self.resolver.lookup(self.service, self.port, self.answered_name)
+            except DnsError as e:
+                self.last_error = str(e)
+                log.warning("dns lookup for %s failed: %s", self.service, e)
+                if e.result == "nxdomain":
+                    # The name that answered is gone: expand the search list again next time.
+                    self.answered_name = None
+                delay = backoff
+                backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
+                if self.source == "dns" and self.endpoints:
+                    stale_left = self._expires + stale_ttl - time.monotonic()
+                    if stale_left <= 0:
+                        log.warning("dropping stale endpoints of %s", self.service)
+                        self._set(())
+                    else:
+                        delay = min(delay, stale_left)
+            except Exception:
+                log.exception("unexpected error resolving %s", self.service)
+                delay = RETRY_BACKOFF_MAX
+            else:
+                backoff = RETRY_BACKOFF_FIRST
+                self.source = "dns"
+                self.answered_name = resolution.answered_name
+                self.last_resolved = time.time()
+                self.last_error = None
+                self.ttl = resolution.ttl
+                self._expires = time.monotonic() + resolution.ttl
+                self._set(resolution.endpoints)
+                delay = resolution.ttl * REFRESH_AT
+            await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep until the delay ends or a nudge comes, but never re-query within the limit."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+        self._wake.clear()
+        wait = self._last_attempt + EARLY_REFRESH_INTERVAL - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._wake.clear()
+
+    def _set(self, endpoints: tuple[Address, ...]) -> None:
+        if endpoints:
+            self._resolved.set()
+        self._stats.endpoints = len(endpoints)
+        if endpoints == self.endpoints:
+            return
+        if self.endpoints:
+            self._stats.changes += 1
+        log.info(
+            "%s now resolves to %s",
+            self.service,
+            ", ".join(join_host_port(*a) for a in endpoints) or "nothing",
+        )
+        self.endpoints = endpoints
+        for listener in list(self._listeners):
+            listener(endpoints)
+
+
+def _system_resolver() -> dns.resolver.Resolver | None:
+    try:
+        return dns.resolver.Resolver(configure=True)
+    except (dns.resolver.NoResolverConfiguration, OSError):
+        return None
+
+
+def _own_namespace(environ: Mapping[str, str], search: Iterable[dns.name.Name]) -> str | None:
+    """The pod's namespace: $POD_NAMESPACE, the service account's file, or the search list."""
+    if environ.get("POD_NAMESPACE"):
+        return environ["POD_NAMESPACE"]
+    with contextlib.suppress(OSError):
+        return Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip() or None
+    for domain in search:
+        labels = [label.decode() for label in domain.labels if label]
+        if len(labels) >= 3 and labels[1] == "svc":
+            return labels[0]
+    return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, dns.resolver.NoNameservers):
+        return "every nameserver failed (SERVFAIL, REFUSED or unreachable)"
+    return str(e) or type(e).__name__

@@ -1,0 +1,175 @@
+"""One route at run time: its listener, endpoint set, DNS watch, stats and connections.
+
+Both forwarders reach upstream through :meth:`Route.connect`, which owns the
+shared rules: wait for the first resolution, pick an endpoint, connect within
+``connect_timeout``, eject and re-resolve on failure, retry on another endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from proxy.config import RouteConfig
+from proxy.endpoints import Endpoint, EndpointSet
+from proxy.errors import NoEndpoints, UpstreamError, connect_error
+from proxy.metrics import Metrics
+from proxy.resolver import Resolver
+
+log = logging.getLogger("sidelink.route")
+access_log = logging.getLogger("sidelink.access")
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+class Connection(Protocol):
+    """What the lifecycle needs from a downstream connection of either protocol."""
+
+    def shutdown(self) -> None:
+        """Finish the work in flight, then close."""
+
+    def abort(self) -> None:
+        """Close now."""
+
+
+class Route:
+    def __init__(
+        self,
+        config: RouteConfig,
+        resolver: Resolver,
+        metrics: Metrics,
+        access_log: bool = False,
+    ) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.access_log = access_log
+        self.stats = metrics.route(config.name)
+        self.endpoints = EndpointSet(config.name, config.settings.balance, self.stats)
+        self.resolver = resolver
+        self.watch = resolver.watch(config.service, config.port)
+        self.watch.subscribe(self.endpoints.update)
+        self.connections: set[Connection] = set()
+        self.listener: asyncio.Server | None = None
+        self.bound: tuple[str, int] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Route {self.config.name} {self.config.listen} -> {self.config.service}:"
+            f"{self.config.port}/{self.config.protocol} connections={len(self.connections)}>"
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.listener is not None and self.watch.resolved
+
+    def not_ready_reason(self) -> str | None:
+        if self.listener is None:
+            return f"route {self.config.name}: listener {self.config.listen} not bound"
+        if not self.watch.resolved:
+            why = self.watch.last_error or "no answer yet"
+            return f"route {self.config.name}: {self.config.service} not resolved ({why})"
+        return None
+
+    async def listen(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        loop = asyncio.get_running_loop()
+        self.listener = await loop.create_server(
+            factory,
+            self.config.listen_host,
+            self.config.listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        sockname = self.listener.sockets[0].getsockname()
+        self.bound = (sockname[0], sockname[1])
+
+    def stop_listening(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+
+    def close(self) -> None:
+        """Forget DNS; the route's connections are the lifecycle's to finish."""
+        self.stop_listening()
+        self.watch.unsubscribe(self.endpoints.update)
+        self.resolver.release(self.watch)
+
+    async def connect(
+        self, factory: Callable[[], P], exclude: list[Endpoint] | None = None
+    ) -> tuple[Endpoint, asyncio.Transport, P]:
+        """Connect to an endpoint, retrying on others; the caller must release the endpoint.
+
+        Raises the UpstreamError of the last failure, already counted in the metrics.
+        """
+        settings = self.settings
+        stats = self.stats
+        if not self.watch.resolved and not await self.watch.wait_resolved(settings.connect_timeout):
+            stats.errors["no_endpoints"] += 1
+            raise NoEndpoints(f"{self.config.service} has not resolved")
+        tried = exclude if exclude is not None else []
+        loop = asyncio.get_running_loop()
+        error: UpstreamError | None = None
+        for attempt in range(settings.retries + 1):
+            ep = self.endpoints.pick(tried)
+            if ep is None:
+                break
+            if attempt:
+                stats.retries += 1
+            self.endpoints.acquire(ep)
+            started = time.perf_counter()
+            try:
+                transport, protocol = await asyncio.wait_for(
+                    loop.create_connection(factory, ep.host, ep.port),
+                    settings.connect_timeout,
+                )
+            except BaseException as e:
+                self.endpoints.release(ep)
+                if not isinstance(e, OSError | TimeoutError):
+                    raise
+                error = connect_error(e)
+                stats.errors[error.reason] += 1
+                self.endpoints.failed(ep)
+                self.watch.nudge()
+                tried.append(ep)
+                log.info(
+                    "route %s: connect to %s:%d failed: %s",
+                    self.config.name,
+                    ep.host,
+                    ep.port,
+                    error,
+                )
+                continue
+            stats.connect_duration.observe(time.perf_counter() - started)
+            stats.opened_upstream += 1
+            self.endpoints.succeeded(ep)
+            return ep, transport, protocol
+        if error is None or len(tried) >= len(self.endpoints):
+            stats.errors["no_endpoints"] += 1
+            if error is None:
+                raise NoEndpoints(f"{self.config.service} has no endpoints")
+        raise error
+
+    def to_dict(self) -> dict[str, object]:
+        watch = self.watch
+        ttl = watch.ttl_remaining
+        return {
+            "name": self.config.name,
+            "listen": self.config.listen,
+            "protocol": self.config.protocol,
+            "service": self.config.service,
+            "port": self.config.port,
+            "answered_name": watch.answered_name,
+            "ttl_remaining": None if ttl is None else round(ttl, 3),
+            "last_resolved": _iso(watch.last_resolved),
+            "last_error": watch.last_error,
+            "source": watch.source,
+            "ready": self.ready,
+            "endpoints": [ep.to_dict() for ep in self.endpoints.all()],
+        }
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

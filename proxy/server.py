@@ -1,0 +1,267 @@
+"""One object that owns the routes, their listeners, the admin server and the lifecycle.
+
+Shutdown runs in order: readiness off -> keep serving for ``drain_delay`` -> stop
+accepting -> idle connections close, busy ones finish -> wait up to
+``drain_timeout`` -> abort the rest. :meth:`Server.shutdown` is the trigger, so
+tests fire it directly and ``cli.py`` wires it to SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from proxy import admin
+from proxy.config import Config, ConfigError, ConfigSource, RouteConfig
+from proxy.logs import configure_logging
+from proxy.metrics import Metrics
+from proxy.resolver import Resolver
+from proxy.route import Route
+from proxy.tcp import TcpDownstream
+
+# The downstream protocol of each route protocol.
+FORWARDERS: dict[str, Callable[[Route], asyncio.Protocol]] = {"tcp": TcpDownstream}
+
+log = logging.getLogger("sidelink.server")
+
+# How often the config file is checked for a change on disk (a ConfigMap update
+# swaps a symlink, which inotify on the file itself would miss).
+CONFIG_POLL_INTERVAL = 1.0
+
+
+class StartupError(Exception):
+    """Something outside the config stopped the server from starting (a port in use)."""
+
+
+class Acceptor:
+    """A listener's protocol factory; a reload may point it at a new Route in place."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+    def __call__(self) -> asyncio.Protocol:
+        return FORWARDERS[self.route.config.protocol](self.route)
+
+
+class Server:
+    def __init__(
+        self,
+        config: Config,
+        source: ConfigSource | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.environ = environ
+        self.metrics = Metrics()
+        self.resolver = Resolver(config.resolver, self.metrics, environ)
+        self.routes: dict[str, Route] = {}
+        self.acceptors: dict[str, Acceptor] = {}
+        self.retired: list[Route] = []  # replaced by a reload, finishing their connections
+        self.draining = False
+        self.admin_address: tuple[str, int] | None = None
+        self._admin: admin.AdminServer | None = None
+        self._shutdown_requested = asyncio.Event()
+        self._force = asyncio.Event()
+        self._done = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Server routes={len(self.routes)} draining={self.draining}>"
+
+    # --- start -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every listener now (traffic waits for DNS inside the forwarders)."""
+        try:
+            for rc in self.config.routes:
+                await self._add_route(rc)
+            self._admin = admin.AdminServer(self)
+            self.admin_address = await self._admin.start(
+                self.config.admin.host, self.config.admin.port
+            )
+        except OSError as e:
+            await self._close_everything()
+            raise StartupError(str(e)) from e
+        if self.source is not None and self.source.path is not None:
+            self._watch_task = asyncio.get_running_loop().create_task(
+                self._watch_config(self.source.path)
+            )
+        log.info(
+            "sidelink serving %d route(s)%s",
+            len(self.routes),
+            f", admin on {self.admin_address[0]}:{self.admin_address[1]}"
+            if self.admin_address
+            else "",
+        )
+
+    async def _add_route(self, rc: RouteConfig, reuse: Route | None = None) -> None:
+        route = Route(rc, self.resolver, self.metrics, self.config.logging.access_log)
+        acceptor = self.acceptors.get(rc.name) if reuse is not None else None
+        if reuse is not None and acceptor is not None and reuse.listener is not None:
+            # Same address and protocol: keep the socket, point new connections here.
+            route.listener, route.bound = reuse.listener, reuse.bound
+            reuse.listener = None
+            acceptor.route = route
+        else:
+            acceptor = Acceptor(route)
+            try:
+                await route.listen(acceptor)
+            except OSError as e:
+                route.close()
+                raise OSError(
+                    e.errno, f"route {rc.name}: cannot listen on {rc.listen}: {e.strerror}"
+                ) from e
+        self.routes[rc.name] = route
+        self.acceptors[rc.name] = acceptor
+
+    # --- state for admin ------------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """Why the server is not ready; empty when it is."""
+        reasons = ["draining: shutting down"] if self.draining else []
+        reasons += [r for route in self.routes.values() if (r := route.not_ready_reason())]
+        return reasons
+
+    def in_flight(self) -> int:
+        return sum(len(r.connections) for r in self._all_routes())
+
+    def _all_routes(self) -> list[Route]:
+        return [*self.routes.values(), *self.retired]
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """The SIGTERM trigger: the first call drains, a second one ends everything now."""
+        if self._shutdown_requested.is_set():
+            log.warning("second shutdown signal: exiting now")
+            self._force.set()
+            return
+        log.info(
+            "shutting down: not ready; serving %.1fs more, then draining up to %.1fs",
+            self.config.shutdown.drain_delay,
+            self.config.shutdown.drain_timeout,
+        )
+        self.draining = True
+        self._shutdown_requested.set()
+
+    async def serve_until_shutdown(self) -> None:
+        """Run (after start) until a shutdown has completed."""
+        await self._shutdown_requested.wait()
+        drain = asyncio.ensure_future(self._drain())
+        force = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait({drain, force}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, force):
+            task.cancel()
+        await self._close_everything()
+
+    async def _drain(self) -> None:
+        settings = self.config.shutdown
+        await asyncio.sleep(settings.drain_delay)
+        for route in self.routes.values():
+            route.stop_listening()
+        for route in self._all_routes():
+            for conn in list(route.connections):
+                conn.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.drain_timeout
+        while self.in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight():
+            log.warning("drain timeout: closing %d connection(s) still open", self.in_flight())
+
+    async def _close_everything(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        for route in self._all_routes():
+            route.close()
+            for conn in list(route.connections):
+                conn.abort()
+        if self._admin is not None:
+            await self._admin.stop()
+        self._done.set()
+
+    # --- reload --------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Read the config source again and apply it; False (and logged) when invalid."""
+        if self.source is None:
+            return False
+        async with self._reload_lock:
+            try:
+                config = self.source.load()
+            except ConfigError as e:
+                self.metrics.config_reloads["error"] += 1
+                log.error("config reload rejected, keeping the running config:\n%s", e)
+                return False
+            try:
+                await self._apply(config)
+            except OSError as e:
+                self.metrics.config_reloads["error"] += 1
+                log.error("config reload failed: %s", e)
+                return False
+            self.metrics.config_reloads["ok"] += 1
+            log.info("config reloaded: %d route(s)", len(self.routes))
+            return True
+
+    async def _apply(self, config: Config) -> None:
+        old = self.config
+        if config.admin != old.admin:
+            log.warning("admin.listen changes take effect on restart")
+        if config.logging != old.logging:
+            configure_logging(config.logging.level, config.logging.format)
+        if config.resolver != old.resolver:
+            # A new resolver means new watches for every route.
+            self.resolver = Resolver(config.resolver, self.metrics, self.environ)
+        self.config = dataclasses.replace(config, admin=old.admin)
+        wanted = {rc.name: rc for rc in config.routes}
+        for name, route in list(self.routes.items()):
+            rc = wanted.get(name)
+            if rc is not None and rc == route.config and route.resolver is self.resolver:
+                continue
+            del self.routes[name]
+            if rc is not None and _same_socket(rc, route.config):
+                await self._add_route(rc, reuse=route)
+            else:
+                route.stop_listening()
+                self.acceptors.pop(name, None)
+            self._retire(route)
+        for name, rc in wanted.items():
+            if name not in self.routes:
+                await self._add_route(rc)
+
+    def _retire(self, route: Route) -> None:
+        route.close()
+        for conn in list(route.connections):
+            conn.shutdown()
+        if route.connections:
+            self.retired.append(route)
+        self.retired = [r for r in self.retired if r.connections]
+
+    async def _watch_config(self, path: str) -> None:
+        last = _file_signature(path)
+        while True:
+            await asyncio.sleep(CONFIG_POLL_INTERVAL)
+            current = _file_signature(path)
+            if current != last:
+                last = current
+                log.info("config file %s changed on disk", path)
+                await self.reload()
+
+
+def _same_socket(a: RouteConfig, b: RouteConfig) -> bool:
+    return (a.listen_host, a.listen_port, a.protocol) == (b.listen_host, b.listen_port, b.protocol)
+
+
+def _file_signature(path: str) -> tuple[str, int, int, int] | None:
+    with contextlib.suppress(OSError):
+        real = os.path.realpath(path)
+        st = Path(real).stat()
+        return real, st.st_ino, st.st_mtime_ns, st.st_size
+    return None

@@ -1,0 +1,225 @@
+"""L4 forwarding: each downstream connection gets its own upstream connection.
+
+Bytes go from one side's ``data_received`` straight to the other side's
+``transport.write``. Half-close is passed through (EOF from one side becomes
+``write_eof`` on the other, and the pair closes once both directions are done),
+and a full write buffer on either side pauses reading on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+from proxy.endpoints import Endpoint
+from proxy.errors import UpstreamError
+from proxy.flow import FlowControl
+from proxy.route import Route, access_log
+
+log = logging.getLogger("sidelink.tcp")
+
+
+class TcpDownstream(asyncio.Protocol):
+    """The accepted side; owns the pair and its lifetime."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.stats = route.stats
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.upstream: TcpUpstream | None = None
+        self.endpoint: Endpoint | None = None
+        self.peer = ""
+        self.started = 0.0
+        self.last_active = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.pending: list[bytes] = []
+        self.eof_down = False
+        self.eof_up = False
+        self.closed = False
+        self.outcome = "ok"
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<TcpDownstream {self.route.config.name} {self.peer} -> {self.endpoint}>"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        # Read nothing until upstream is connected: the kernel buffers meanwhile. (uvloop
+        # may still deliver a first chunk; data_received keeps that in `pending`.)
+        self.flow.pause_reading()
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.stats.opened_downstream += 1
+        self.stats.active_downstream += 1
+        self.route.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self.started = self.last_active = loop.time()
+        self._connect_task = loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        route = self.route
+        try:
+            ep, transport, upstream = await route.connect(lambda: TcpUpstream(self))
+        except UpstreamError as e:
+            self.outcome = e.reason
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.closed:
+            # The client left while we were connecting.
+            route.endpoints.release(ep)
+            transport.close()
+            return
+        self.endpoint = ep
+        self.upstream = upstream
+        if self.pending:
+            transport.write(b"".join(self.pending))
+            self.pending.clear()
+        assert self.flow is not None
+        self.flow.resume_reading()
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            route.settings.idle_timeout, self._check_idle
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.stats.bytes_to_upstream += len(data)
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(data)
+            self.last_active = upstream.loop.time()
+        else:
+            self.pending.append(data)
+            assert self.flow is not None
+            self.flow.read_paused = False  # re-assert: the transport ignored the first pause
+            self.flow.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof_down = True
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None or self.eof_up:
+            self.close()
+            return False
+        if upstream.transport.can_write_eof():
+            upstream.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.flow is not None:
+            self.upstream.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.flow is not None:
+            self.upstream.flow.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.outcome == "ok":
+            self.outcome = "downstream_reset"
+        self.close()
+
+    def upstream_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.stats.bytes_to_downstream += len(data)
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def upstream_eof(self) -> bool:
+        self.eof_up = True
+        if self.eof_down or self.transport is None:
+            self.close()
+            return False
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        return True
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.outcome == "ok":
+            self.outcome = "reset"
+            self.stats.errors["reset"] += 1
+        self.close()
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self.last_active
+        timeout = self.route.settings.idle_timeout
+        if idle >= timeout:
+            self.outcome = "idle_timeout"
+            self.close()
+        else:
+            self._idle_timer = loop.call_later(timeout - idle, self._check_idle)
+
+    # Connection (lifecycle) interface
+
+    def shutdown(self) -> None:
+        """A tcp connection is in flight until one side closes it: nothing to cut short."""
+
+    def abort(self) -> None:
+        self.outcome = "aborted"
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        if self.endpoint is not None:
+            self.route.endpoints.release(self.endpoint)
+        self.stats.active_downstream -= 1
+        self.route.connections.discard(self)
+        if self.route.access_log:
+            access_log.info(
+                "tcp route=%s peer=%s upstream=%s bytes_in=%d bytes_out=%d duration=%.3f %s",
+                self.route.config.name,
+                self.peer,
+                f"{self.endpoint.host}:{self.endpoint.port}" if self.endpoint else "-",
+                self.bytes_in,
+                self.bytes_out,
+                asyncio.get_running_loop().time() - self.started,
+                self.outcome,
+            )
+
+
+class TcpUpstream(asyncio.Protocol):
+    """The connected side: hands everything to its downstream."""
+
+    def __init__(self, downstream: TcpDownstream) -> None:
+        self.downstream = downstream
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        self.downstream.stats.active_upstream += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.downstream.last_active = self.loop.time()
+        self.downstream.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return self.downstream.upstream_eof()
+
+    def pause_writing(self) -> None:
+        if self.downstream.flow is not None:
+            self.downstream.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.downstream.flow is not None:
+            self.downstream.flow.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.downstream.stats.active_upstream -= 1
+        self.downstream.upstream_lost(exc)
