@@ -8,6 +8,7 @@ collected, each naming the file, the line and the key, and raised together as on
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import ipaddress
 import os
 import re
@@ -29,6 +30,7 @@ PROTOCOLS = ("http", "tcp")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_MAX_DURATION = 100 * 365 * 86400.0
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _QUICK_ROUTE = re.compile(
@@ -199,6 +201,8 @@ class ConfigSource:
                 text = Path(self.path).read_text(encoding="utf-8")
             except OSError as e:
                 raise ConfigError([f"{self.path}: cannot read: {e.strerror or e}"]) from e
+            except UnicodeDecodeError as e:
+                raise ConfigError([f"{self.path}: cannot read: not UTF-8 text ({e.reason})"]) from e
         return parse(
             text, self.path or "<none>", self.quick_routes, self.quick_origin, self.overrides
         )
@@ -245,19 +249,39 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    raise ValueError("must be a duration like 250ms, 1.5s, 5m, 1h")
+        seconds: float | int = value
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError("must be a duration like 250ms, 1.5s, 5m, 1h")
+    # .inf, .nan and numbers past a float's range would poison every timer they reach.
+    # (``not <=`` also catches nan; comparing a huge int with a float cannot overflow.)
+    if not seconds <= _MAX_DURATION:
+        raise ValueError("must be a finite duration (at most 100 years)")
+    return float(seconds)
 
 
 def format_duration(seconds: float) -> str:
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= size and (seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
-    if seconds >= 1:
-        return f"{seconds:g}s"
-    return f"{seconds * 1000:g}ms"
+    """The shortest readable form that parse_duration reads back to exactly ``seconds``."""
+    if seconds == 0:
+        return "0s"
+    candidates = [
+        f"{int(seconds / size)}{unit}"
+        for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0))
+        if seconds >= size and (seconds / size).is_integer()
+    ]
+    if seconds < 1:
+        candidates.append(f"{_plain(seconds * 1000)}ms")
+    for text in candidates:
+        if parse_duration(text) == seconds:
+            return text
+    return f"{_plain(seconds)}s"
+
+
+def _plain(number: float) -> str:
+    """A float's shortest round-tripping digits, never in exponent notation (1e-05)."""
+    text = format(decimal.Decimal(repr(float(number))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -320,15 +344,26 @@ class _Reader:
         self.filename = filename
         self.problems: list[str] = []
         # Where each accepted route came from, in order, for problems found across routes.
-        self.route_origins: list[str] = []
+        self.route_origins: list[_Origin] = []
         self._constructor = yaml.SafeLoader("")
+
+    def at(self, node: yaml.Node | None) -> str:
+        """The ``file:line: `` prefix of a problem about ``node``."""
+        return "" if node is None else f"{self.filename}:{node.start_mark.line + 1}: "
 
     def problem(self, node: yaml.Node | None, path: str, message: str) -> None:
         where = self.filename if node is None else f"{self.filename}:{node.start_mark.line + 1}"
         self.problems.append(f"{where}: {path}: {message}")
 
     def value(self, node: yaml.Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
+        """The Python value of a node; ValueError for one YAML cannot build (``!!int abc``)."""
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError) as e:
+            # A failed construction leaves the node marked as in progress: start afresh.
+            self._constructor = yaml.SafeLoader("")
+            problem = e.problem if isinstance(e, yaml.MarkedYAMLError) else str(e)
+            raise ValueError(f"invalid YAML value: {problem}") from None
 
     def mapping(
         self, node: yaml.Node | None, path: str, keys: Sequence[str]
@@ -337,11 +372,22 @@ class _Reader:
         if node is None or _is_null(node):
             return {}
         if not isinstance(node, yaml.MappingNode):
-            self.problem(node, path, "must be a mapping")
+            self.problem(node, path or "(top level)", "must be a mapping")
             return {}
         out: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
-            key = str(self.value(key_node))
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.problem(
+                    key_node,
+                    f"{path}.<<" if path else "<<",
+                    "YAML merge keys are not supported (shared route settings go in defaults:)",
+                )
+                continue
+            try:
+                key = str(self.value(key_node))
+            except ValueError as e:
+                self.problem(key_node, path or "(top level)", str(e))
+                continue
             where = f"{path}.{key}" if path else key
             if key not in keys:
                 self.problem(key_node, where, f"unknown key (expected one of: {', '.join(keys)})")
@@ -364,9 +410,14 @@ class _Reader:
             return default
         where = f"{path}.{key}" if path else key
         try:
-            return convert(self.value(node))
+            raw = self.value(node)
+        except ValueError as e:
+            self.problem(node, where, str(e))
+            return default
+        try:
+            return convert(raw)
         except (ValueError, TypeError) as e:
-            self.problem(node, where, f"{e}, got {_show(self.value(node))}")
+            self.problem(node, where, f"{e}, got {_show(raw)}")
             return default
 
     # the sections
@@ -407,7 +458,14 @@ class _Reader:
             stale_ttl=self.get(nodes, "stale_ttl", p, d.stale_ttl, parse_duration),
         )
         if config.min_ttl > config.max_ttl:
-            self.problem(nodes.get("min_ttl"), "resolver.min_ttl", "must not exceed max_ttl")
+            if "min_ttl" in nodes:
+                self.problem(nodes["min_ttl"], "resolver.min_ttl", "must not exceed max_ttl")
+            else:  # only max_ttl is written, below the default min_ttl: blame the line there is
+                self.problem(
+                    nodes.get("max_ttl"),
+                    "resolver.max_ttl",
+                    f"must not be less than min_ttl ({format_duration(config.min_ttl)})",
+                )
         return config
 
     def logging(self, node: yaml.Node | None) -> LoggingConfig:
@@ -504,7 +562,9 @@ class _Reader:
         self.check_exposure(route, nodes.get("listen"), f"{path}.listen")
         if "listen" not in nodes or "service" not in nodes:
             return None
-        self.route_origins.append(f"{self.filename}:{node.start_mark.line + 1}: {path}")
+        self.route_origins.append(
+            _Origin(path, self.at(nodes["listen"]), self.at(nodes.get("name", node)))
+        )
         return route
 
     def quick_route(self, spec: str, where: str, defaults: RouteSettings) -> RouteConfig | None:
@@ -515,6 +575,7 @@ class _Reader:
             )
             return None
         host = (m["host"] or "127.0.0.1").strip("[]")
+        host = "127.0.0.1" if host == "localhost" else host  # as a file's listen: accepts
         problems = []
         try:
             listen_port = _int_range(0, 65535)(int(m["listen"]))
@@ -535,7 +596,7 @@ class _Reader:
         if problems:
             self.problems.extend(f"{where}: {p} (in {spec!r})" for p in problems)
             return None
-        self.route_origins.append(where)
+        self.route_origins.append(_Origin(where))
         # Naming a non-loopback host in a quick route is the explicit opt-in to expose it.
         return RouteConfig(
             name="",
@@ -558,26 +619,36 @@ class _Reader:
 
     def check_listeners(self, config: Config) -> None:
         seen: dict[int, list[tuple[str, str]]] = {}
-        claims = [("admin.listen", config.admin.host, config.admin.port)]
+        claims = [("", "admin.listen", config.admin.host, config.admin.port)]
         claims += [
-            (f"{origin}.listen", r.listen_host, r.listen_port)
+            (origin.listen_at, f"{origin.path}.listen", r.listen_host, r.listen_port)
             for origin, r in zip(self.route_origins, config.routes, strict=True)
         ]
-        for who, host, port in claims:
+        for at, who, host, port in claims:
             if port == 0:
                 continue
             for other, other_host in seen.get(port, []):
                 if host == other_host or _wildcard(host) or _wildcard(other_host):
                     address = join_host_port(host, port)
-                    self.problems.append(f"{who}: {address} is already used by {other}")
-            seen.setdefault(port, []).append((who.rpartition(": ")[2], host))
+                    self.problems.append(f"{at}{who}: {address} is already used by {other}")
+            seen.setdefault(port, []).append((who, host))
         names: dict[str, str] = {}
         for origin, r in zip(self.route_origins, config.routes, strict=True):
             if r.name in names:
                 self.problems.append(
-                    f"{origin}.name: {r.name!r} is already the name of {names[r.name]}"
+                    f"{origin.name_at}{origin.path}.name: {r.name!r} is already the name of "
+                    f"{names[r.name]}"
                 )
-            names.setdefault(r.name, origin.rpartition(": ")[2])
+            names.setdefault(r.name, origin.path)
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a route was written: its key path, and the ``file:line: `` of its listen and name."""
+
+    path: str
+    listen_at: str = ""
+    name_at: str = ""
 
 
 _SETTING_KEYS = (

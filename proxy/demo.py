@@ -152,7 +152,7 @@ def _config(dns_port: int, service_port: int) -> Config:
         listen_port=0,
         service=SERVICE,
         port=service_port,
-        protocol="tcp",
+        protocol="http",
     )
     return Config(
         admin=AdminConfig(host="127.0.0.1", port=0),
@@ -166,8 +166,8 @@ def _config(dns_port: int, service_port: int) -> Config:
 
 
 async def _client(url: str, figures: Figures, stop: asyncio.Event) -> None:
-    # One connection per request for now: the tcp route balances per connection.
-    connector = aiohttp.TCPConnector(force_close=True)
+    # One keep-alive connection per client: sidelink still balances every request.
+    connector = aiohttp.TCPConnector(limit=1)
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         while not stop.is_set():

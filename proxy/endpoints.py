@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import join_host_port
 from proxy.metrics import RouteStats
+
+if TYPE_CHECKING:
+    from proxy.pool import Pool
 
 Address = tuple[str, int]
 
@@ -32,7 +36,7 @@ class Endpoint:
         "failures",
         "host",
         "in_flight",
-        "on_drained",
+        "pool",
         "port",
         "state",
     )
@@ -45,8 +49,7 @@ class Endpoint:
         self.in_flight = 0
         self.failures = 0
         self.ejected_until = 0.0
-        # Set by the owner of pooled connections: called when the endpoint leaves for good.
-        self.on_drained: Callable[[Endpoint], None] | None = None
+        self.pool: Pool[Any] | None = None  # idle upstream connections (http)
 
     def __repr__(self) -> str:
         address = join_host_port(self.host, self.port)
@@ -102,6 +105,8 @@ class EndpointSet:
         for ep in current.values():
             ep.state = DRAINING
             self.draining.append(ep)
+            if ep.pool is not None:
+                ep.pool.close_idle()
         self.endpoints = fresh
         self._reap()
 
@@ -157,5 +162,5 @@ class EndpointSet:
         if gone:
             self.draining = [ep for ep in self.draining if ep.in_flight > 0]
             for ep in gone:
-                if ep.on_drained is not None:
-                    ep.on_drained(ep)
+                if ep.pool is not None:
+                    ep.pool.close_idle()

@@ -355,13 +355,22 @@ class Watch:
             await self._sleep(delay)
 
     async def _sleep(self, delay: float) -> None:
-        """Sleep until the delay ends or a nudge comes, but never re-query within the limit."""
-        with contextlib.suppress(TimeoutError):
+        """Sleep until the delay ends or a nudge comes; nudges re-query at most once a second.
+
+        Only nudges are rate-limited: the scheduled refresh must stay ahead of a short
+        TTL (0.75 s for 1 s), and failed lookups follow their own backoff.
+        """
+        deadline = time.monotonic() + delay
+        try:
             await asyncio.wait_for(self._wake.wait(), delay)
-        self._wake.clear()
-        wait = self._last_attempt + EARLY_REFRESH_INTERVAL - time.monotonic()
+        except TimeoutError:
+            # The lookup about to run also serves a nudge that came with the timeout.
+            self._wake.clear()
+            return
+        wait = min(self._last_attempt + EARLY_REFRESH_INTERVAL, deadline) - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+        # Nudges that came during the wait are served by the same lookup.
         self._wake.clear()
 
     def _set(self, endpoints: tuple[Address, ...]) -> None:

@@ -11,12 +11,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from proxy.config import RouteConfig
 from proxy.endpoints import Endpoint, EndpointSet
 from proxy.errors import NoEndpoints, UpstreamError, connect_error
 from proxy.metrics import Metrics
+from proxy.pool import Pool
 from proxy.resolver import Resolver
 
 log = logging.getLogger("sidelink.route")
@@ -25,8 +26,15 @@ access_log = logging.getLogger("sidelink.access")
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
+# How often the ticker checks connection timeouts and sweeps idle pools.
+TICK_INTERVAL = 0.1
+
+
 class Connection(Protocol):
     """What the lifecycle needs from a downstream connection of either protocol."""
+
+    def tick(self, now: float) -> None:
+        """Check timeouts (called every TICK_INTERVAL)."""
 
     def shutdown(self) -> None:
         """Finish the work in flight, then close."""
@@ -54,6 +62,16 @@ class Route:
         self.connections: set[Connection] = set()
         self.listener: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        # http: the Host header sent upstream (None: the client's), and the names an
+        # absolute-form request may target.
+        port = config.port
+        auto = config.service if port == 80 or isinstance(port, str) else f"{config.service}:{port}"
+        self.default_host = auto.encode()
+        host = config.settings.host
+        self.http_host: bytes | None = (
+            self.default_host if host == "auto" else None if host == "preserve" else host.encode()
+        )
 
     def __repr__(self) -> str:
         return (
@@ -90,15 +108,52 @@ class Route:
             self.listener.close()
 
     def close(self) -> None:
-        """Forget DNS; the route's connections are the lifecycle's to finish."""
+        """Forget DNS and close idle pooled connections; live ones are the lifecycle's."""
         self.stop_listening()
         self.watch.unsubscribe(self.endpoints.update)
         self.resolver.release(self.watch)
+        for ep in self.endpoints.all():
+            if ep.pool is not None:
+                ep.pool.close_idle()
+        if self._ticker is not None and not self.connections:
+            self._ticker.cancel()
+
+    def pool(self, ep: Endpoint) -> Pool[Any]:
+        pool = ep.pool
+        if pool is None:
+            pool = ep.pool = Pool(self.config.name, ep.address, self.settings.pool, self.stats)
+        return pool
+
+    def own_hosts(self) -> set[str]:
+        """Names an absolute-form request may use: the service as written or as answered."""
+        service = self.config.service.lower().rstrip(".")
+        names = {service, f"{service}.svc", "localhost", "127.0.0.1"}
+        if self.watch.answered_name:
+            names.add(self.watch.answered_name.lower().rstrip("."))
+        return names
+
+    def ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.connections or self.listener is not None:
+            await asyncio.sleep(TICK_INTERVAL)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.tick(now)
+            for ep in self.endpoints.all():
+                if ep.pool is not None:
+                    ep.pool.sweep(now)
 
     async def connect(
-        self, factory: Callable[[], P], exclude: list[Endpoint] | None = None
+        self,
+        factory: Callable[[], P],
+        exclude: list[Endpoint] | None = None,
+        first: Endpoint | None = None,
     ) -> tuple[Endpoint, asyncio.Transport, P]:
-        """Connect to an endpoint, retrying on others; the caller must release the endpoint.
+        """Connect to `first` or a picked endpoint, retrying on others; the caller releases it.
 
         Raises the UpstreamError of the last failure, already counted in the metrics.
         """
@@ -111,7 +166,7 @@ class Route:
         loop = asyncio.get_running_loop()
         error: UpstreamError | None = None
         for attempt in range(settings.retries + 1):
-            ep = self.endpoints.pick(tried)
+            ep = first if attempt == 0 and first is not None else self.endpoints.pick(tried)
             if ep is None:
                 break
             if attempt:

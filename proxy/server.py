@@ -18,6 +18,7 @@ from pathlib import Path
 
 from proxy import admin
 from proxy.config import Config, ConfigError, ConfigSource, RouteConfig
+from proxy.http import HttpDownstream
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
 from proxy.resolver import Resolver
@@ -25,7 +26,10 @@ from proxy.route import Route
 from proxy.tcp import TcpDownstream
 
 # The downstream protocol of each route protocol.
-FORWARDERS: dict[str, Callable[[Route], asyncio.Protocol]] = {"tcp": TcpDownstream}
+FORWARDERS: dict[str, Callable[[Route], asyncio.Protocol]] = {
+    "tcp": TcpDownstream,
+    "http": HttpDownstream,
+}
 
 log = logging.getLogger("sidelink.server")
 

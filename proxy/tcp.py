@@ -40,7 +40,6 @@ class TcpDownstream(asyncio.Protocol):
         self.eof_up = False
         self.closed = False
         self.outcome = "ok"
-        self._idle_timer: asyncio.TimerHandle | None = None
         self._connect_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -58,6 +57,7 @@ class TcpDownstream(asyncio.Protocol):
         self.stats.opened_downstream += 1
         self.stats.active_downstream += 1
         self.route.connections.add(self)
+        self.route.ensure_ticker()
         loop = asyncio.get_running_loop()
         self.started = self.last_active = loop.time()
         self._connect_task = loop.create_task(self._connect())
@@ -83,9 +83,6 @@ class TcpDownstream(asyncio.Protocol):
             self.pending.clear()
         assert self.flow is not None
         self.flow.resume_reading()
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            route.settings.idle_timeout, self._check_idle
-        )
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -144,17 +141,12 @@ class TcpDownstream(asyncio.Protocol):
             self.stats.errors["reset"] += 1
         self.close()
 
-    def _check_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        idle = loop.time() - self.last_active
-        timeout = self.route.settings.idle_timeout
-        if idle >= timeout:
+    # Connection (lifecycle) interface
+
+    def tick(self, now: float) -> None:
+        if self.upstream is not None and now - self.last_active >= self.route.settings.idle_timeout:
             self.outcome = "idle_timeout"
             self.close()
-        else:
-            self._idle_timer = loop.call_later(timeout - idle, self._check_idle)
-
-    # Connection (lifecycle) interface
 
     def shutdown(self) -> None:
         """A tcp connection is in flight until one side closes it: nothing to cut short."""
@@ -167,8 +159,6 @@ class TcpDownstream(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
         if self.transport is not None:
             self.transport.close()
         if self.upstream is not None and self.upstream.transport is not None:

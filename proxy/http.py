@@ -1,0 +1,864 @@
+"""L7 forwarding: HTTP/1.x on asyncio Protocols, parsed by httptools (llhttp) both ways.
+
+Per downstream connection, requests are parsed as bytes arrive and answered in
+order (pipelining). Each request picks an endpoint and takes a pooled upstream
+connection or makes one; its head is rewritten (hop-by-hop headers, Host) and its
+body streamed as it arrives, never buffered whole. The response comes back the
+same way. ``Upgrade`` turns the pair into a byte tunnel. Failures become 502, 503
+or 504 with a ``sidelink-error`` header, and a request is retried on another
+endpoint only where that is safe (see :meth:`HttpDownstream._upstream_failed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+
+from proxy.endpoints import DRAINING, Endpoint
+from proxy.errors import (
+    NoEndpoints,
+    ProtocolError,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from proxy.flow import FlowControl
+from proxy.pool import Pool
+from proxy.route import Route, access_log
+
+log = logging.getLogger("sidelink.http")
+
+MAX_HEAD_BYTES = 64 * 1024
+# Request bytes kept so an idempotent request can be replayed on a fresh connection.
+REPLAY_LIMIT = 64 * 1024
+# Request bytes held while no upstream is attached (connecting, or pipelined behind
+# another request) before the client is paused.
+BUFFER_LIMIT = 256 * 1024
+MAX_PIPELINED = 32
+
+HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade")
+)
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+METHOD_LABELS = {
+    m: m.decode()
+    for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE")
+}
+REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n"
+
+
+class ClientError(Exception):
+    """A request sidelink refuses: answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+class _HeadOnly(Exception):
+    """Stops the response parser after the head of a response that has no body."""
+
+
+def error_response(status: int, reason: str, detail: str, keep_alive: bool) -> bytes:
+    body = f"{status} {REASONS.get(status, b'').decode()}: {detail}\n".encode()
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"sidelink-error: %s\r\n" % reason.encode(),
+            b"connection: keep-alive\r\n\r\n" if keep_alive else b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Exchange:
+    """One request and its response: the per-request state."""
+
+    __slots__ = (
+        "buffer",
+        "buffered",
+        "chunked",
+        "complete",
+        "endpoint",
+        "failed",
+        "head",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "replay",
+        "response_done",
+        "response_started",
+        "reused",
+        "sent_at",
+        "started",
+        "status",
+        "trailers",
+        "tried",
+        "upgrade",
+        "upstream",
+    )
+
+    def __init__(self, method: bytes, path: bytes, started: float) -> None:
+        self.method = method
+        self.path = path
+        self.started = started
+        self.head = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.chunked = False
+        self.upgrade = False
+        self.complete = False
+        self.failed = False  # answered with an error before the request was fully read
+        self.buffer: list[bytes] = []  # request bytes not yet written upstream
+        self.buffered = 0
+        self.replay: list[bytes] | None = [] if method in IDEMPOTENT else None
+        self.trailers: list[bytes] = []
+        self.endpoint: Endpoint | None = None
+        self.upstream: Upstream | None = None
+        self.reused = False
+        self.sent_at = 0.0
+        self.response_started = False
+        self.response_done = False
+        self.status = 0
+        self.tried: list[Endpoint] = []
+
+    def __repr__(self) -> str:
+        path = self.path.decode(errors="replace")
+        return f"<Exchange {self.method.decode()} {path} status={self.status}>"
+
+    @property
+    def method_label(self) -> str:
+        return METHOD_LABELS.get(self.method, "OTHER")
+
+
+class HttpDownstream(asyncio.Protocol):
+    """An accepted client connection: parses requests, answers them in order."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.stats = route.stats
+        self.settings = route.settings
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = "?"
+        # The request being parsed, the one being proxied, and those waiting behind it.
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_raw = 0
+        self.head_started = 0.0
+        self.in_head = False
+        self.last_active = 0.0
+        self.write_paused = False
+        self.tunnel: bytes | None = None  # after an Upgrade request: raw bytes for upstream
+        self.rejected: ClientError | None = None
+        self.close_after_response = False
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<HttpDownstream {self.route.config.name} {self.peer} active={self.active} "
+            f"queued={len(self.queue)}>"
+        )
+
+    # --- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.flow = FlowControl(self.transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.last_active = self.loop.time()
+        self.stats.opened_downstream += 1
+        self.stats.active_downstream += 1
+        self.route.connections.add(self)
+        self.route.ensure_ticker()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        if self.tunnel is not None:
+            self._tunnel_data(data)
+            return
+        if self.rejected is not None:
+            return  # a request was refused: the rest of the stream is meaningless
+        was_in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.tunnel = b""
+            self._tunnel_data(data[e.args[0] :])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, ClientError):
+                self._reject(cause)
+            else:
+                log.error(
+                    "route %s: internal error on a request", self.route.config.name, exc_info=cause
+                )
+                self._reject(ClientError(500, "internal", "internal error"))
+        except httptools.HttpParserError as e:
+            self._reject(ClientError(400, "bad_request", f"malformed request: {e}"))
+        else:
+            if self.in_head:
+                # httptools holds a partial header line internally: bound it by the bytes
+                # received since the head began (counted from the next read on).
+                if was_in_head:
+                    self.head_raw += len(data)
+                if self.head_raw + self.head_size + len(self.url) > MAX_HEAD_BYTES:
+                    self._reject(ClientError(431, "head_too_large", "request head over 64 KiB"))
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after its request still gets the response.
+        if self.active is None and not self.queue:
+            return False
+        self.close_after_response = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.stats.active_downstream -= 1
+        self.route.connections.discard(self)
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            # The client left mid-exchange: the upstream connection's state is unknown.
+            self._detach(ex, reusable=False)
+        elif ex is not None and ex.endpoint is not None:
+            self.route.endpoints.release(ex.endpoint)
+        self.active = None
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.flow is not None:
+            ex.upstream.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.flow is not None:
+            ex.upstream.flow.resume_reading()
+
+    # --- httptools callbacks (request parser) -------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_started = self.loop.time()
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        self.head_raw = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.parsing is not None:  # after the head: a trailer of a chunked body
+            self.parsing.trailers.append(b"%s: %s\r\n" % (name, value))
+            return
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD_BYTES:
+            raise ClientError(431, "head_too_large", "request head over 64 KiB")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        method = parser.get_method()
+        ex = Exchange(method, self.url, time.perf_counter())
+        if method == b"CONNECT":
+            raise ClientError(405, "method_not_allowed", "CONNECT is not allowed")
+        ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.upgrade = parser.should_upgrade()
+        ex.head = self._request_head(ex)
+        if ex.replay is not None:
+            ex.replay.append(ex.head)
+        self.parsing = ex
+        if self.active is None:
+            self._dispatch(ex)
+        else:
+            self.queue.append(ex)
+            if len(self.queue) >= MAX_PIPELINED and self.flow is not None:
+                self.flow.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self._send(ex, chunk(body) if ex.chunked else body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.parsing = None
+        ex.complete = True
+        if ex.failed:
+            self._finish(ex, ex.keep_alive and not self.close_after_response)
+        elif ex.chunked:
+            self._send(ex, LAST_CHUNK + b"".join(ex.trailers) + CRLF)
+
+    # --- requests -------------------------------------------------------------------
+
+    def _request_head(self, ex: Exchange) -> bytes:
+        """The head sent upstream: origin-form target, hop-by-hop headers removed, Host set."""
+        route = self.route
+        target = ex.path
+        if not target.startswith(b"/") and target != b"*":
+            target = self._origin_form(target)
+        connection_tokens: set[bytes] = set()
+        host: bytes | None = None
+        content_length = None
+        lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target)]
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"connection":
+                    connection_tokens.update(t.strip().lower() for t in value.split(b","))
+                elif lname == b"transfer-encoding":
+                    ex.chunked = True
+                continue
+            if lname == b"host":
+                if host is not None:
+                    raise ClientError(400, "bad_request", "more than one Host header")
+                host = value
+                continue
+            if lname == b"content-length":
+                if content_length is not None and content_length != value:
+                    raise ClientError(400, "bad_request", "conflicting Content-Length headers")
+                content_length = value
+            lines.append(b"%s: %s\r\n" % (name, value))
+        if connection_tokens - {b"keep-alive", b"close", b"upgrade"}:
+            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            lines = [lines[0]] + [
+                line
+                for line in lines[1:]
+                if line.split(b":", 1)[0].lower() not in connection_tokens
+            ]
+        setting = route.http_host
+        if setting is None:
+            lines.append(b"host: %s\r\n" % (host or route.default_host))
+        else:
+            lines.append(b"host: %s\r\n" % setting)
+        if ex.chunked:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if ex.upgrade:
+            upgrade = next((v for n, v in self.headers if n.lower() == b"upgrade"), b"")
+            lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % upgrade)
+        lines.append(CRLF)
+        return b"".join(lines)
+
+    def _origin_form(self, target: bytes) -> bytes:
+        """Absolute-form is served only for the route's own service: never an open proxy."""
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise ClientError(400, "bad_request", "invalid request target") from None
+        host = (url.host or b"").decode(errors="replace").lower().rstrip(".")
+        if host not in self.route.own_hosts():
+            raise ClientError(400, "forbidden_host", f"{host} is not this route's service")
+        path = url.path or b"/"
+        return path + b"?" + url.query if url.query else path
+
+    def _send(self, ex: Exchange, data: bytes) -> None:
+        """Request bytes for upstream: written now, or held until a connection is attached."""
+        if ex.failed:
+            return
+        if ex.replay is not None:
+            if sum(map(len, ex.replay)) + len(data) <= REPLAY_LIMIT:
+                ex.replay.append(data)
+            else:
+                ex.replay = None
+        upstream = ex.upstream
+        if upstream is not None and ex is self.active and upstream.transport is not None:
+            upstream.transport.write(data)
+            self.stats.bytes_to_upstream += len(data)
+            return
+        ex.buffer.append(data)
+        ex.buffered += len(data)
+        if ex.buffered > BUFFER_LIMIT and self.flow is not None:
+            self.flow.pause_reading()
+
+    def _dispatch(self, ex: Exchange) -> None:
+        """Send ex upstream: a pooled connection at once, else connect in a task."""
+        self.active = ex
+        route = self.route
+        endpoints = route.endpoints
+        if route.watch.resolved:
+            ep = endpoints.pick(ex.tried)
+            if ep is None:
+                self._fail(ex, NoEndpoints(f"{route.config.service} has no endpoints"))
+                return
+            pool = route.pool(ep)
+            conn = pool.get(self.loop.time())
+            if conn is not None:
+                endpoints.acquire(ep)
+                ex.reused = True
+                self._attach(ex, ep, conn)
+                return
+        else:
+            ep = None
+        self.loop.create_task(self._connect(ex, ep))
+
+    async def _connect(self, ex: Exchange, first: Endpoint | None) -> None:
+        route = self.route
+        try:
+            ep, _, conn = await route.connect(
+                lambda: Upstream(route), exclude=ex.tried, first=first
+            )
+        except UpstreamError as e:
+            if ex is self.active and not self.closed:
+                self._fail(ex, e, counted=True)
+            return
+        conn.endpoint = ep
+        conn.pool = route.pool(ep)
+        conn.pool.opened()
+        if ex is not self.active or self.closed:
+            self.route.endpoints.release(ep)
+            conn.pool.put(conn, self.loop.time(), reusable=True)
+            return
+        ex.reused = False
+        self._attach(ex, ep, conn)
+
+    def _attach(self, ex: Exchange, ep: Endpoint, conn: Upstream) -> None:
+        ex.endpoint = ep
+        ex.upstream = conn
+        conn.exchange = ex
+        conn.downstream = self
+        assert conn.transport is not None
+        data = [ex.head, *ex.buffer]
+        ex.buffer = []
+        ex.buffered = 0
+        conn.transport.writelines(data)
+        self.stats.bytes_to_upstream += sum(map(len, data))
+        ex.sent_at = self.loop.time()
+        if self.write_paused and conn.flow is not None:
+            conn.flow.pause_reading()
+        self._maybe_resume()
+
+    def _detach(self, ex: Exchange, reusable: bool) -> None:
+        """Give ex's upstream connection back (or close it) and release its endpoint."""
+        conn = ex.upstream
+        ep = ex.endpoint
+        ex.upstream = None
+        if conn is not None:
+            conn.exchange = None
+            conn.downstream = None
+            if conn.flow is not None:
+                conn.flow.resume_reading()  # an idle connection must notice a server close
+            if conn.pool is not None:
+                reusable = reusable and ep is not None and ep.state != DRAINING
+                conn.pool.put(conn, self.loop.time(), reusable)
+            else:
+                conn.close()
+        if ep is not None:
+            ex.endpoint = None
+            self.route.endpoints.release(ep)
+
+    def _finish(self, ex: Exchange, keep_alive: bool) -> None:
+        """ex is answered: start the next pipelined request, or close, or wait for one."""
+        self.active = None
+        if self.route.access_log:
+            self._log(ex)
+        if not keep_alive or self.close_after_response:
+            self._close()
+            return
+        if self.queue:
+            self._dispatch(self.queue.popleft())
+        elif self.rejected is not None:
+            self._send_rejection(self.rejected)
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if self.flow is None or self.closed or self.rejected is not None:
+            return
+        ex = self.parsing
+        if len(self.queue) < MAX_PIPELINED and (ex is None or ex.buffered <= BUFFER_LIMIT):
+            upstream = self.active.upstream if self.active is not None else None
+            if upstream is None or not upstream.write_paused:
+                self.flow.resume_reading()
+
+    # --- responses (called by Upstream) ----------------------------------------------
+
+    def count_response(self, ex: Exchange) -> None:
+        ex.response_started = True
+        self.stats.request_duration.observe(time.perf_counter() - ex.started)
+        self.stats.count_request(ex.method_label, ex.status)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+            self.stats.bytes_to_downstream += len(data)
+
+    def response_complete(self, ex: Exchange, reusable: bool, keep_alive: bool) -> None:
+        ex.response_done = True
+        self._detach(ex, reusable and ex.complete)
+        self._finish(ex, keep_alive and ex.complete)
+
+    def switch_to_tunnel(self, ex: Exchange) -> None:
+        """101 Switching Protocols: from now on both connections are one byte pipe."""
+        ex.response_done = True
+        pending, self.tunnel = self.tunnel or b"", b""
+        conn = ex.upstream
+        if pending and conn is not None and conn.transport is not None:
+            conn.transport.write(pending)
+            self.stats.bytes_to_upstream += len(pending)
+        if self.flow is not None:
+            self.flow.resume_reading()
+
+    def _tunnel_data(self, data: bytes) -> None:
+        ex = self.active
+        conn = ex.upstream if ex is not None else None
+        if conn is not None and conn.tunnel and conn.transport is not None:
+            conn.transport.write(data)
+            self.stats.bytes_to_upstream += len(data)
+        elif data:
+            # Bytes after an Upgrade request, before the 101: hold them (bounded).
+            assert self.tunnel is not None
+            self.tunnel += data
+            if len(self.tunnel) > BUFFER_LIMIT and self.flow is not None:
+                self.flow.pause_reading()
+
+    def upstream_failed(self, ex: Exchange, error: UpstreamError) -> None:
+        """The upstream connection failed mid-exchange: retry where safe, else report."""
+        conn = ex.upstream
+        self._detach(ex, reusable=False)
+        if (
+            not ex.response_started
+            and ex.reused
+            and isinstance(error, UpstreamReset)
+            and ex.replay is not None
+            and ex.complete
+            and len(ex.tried) < self.settings.retries
+            and ex is self.active
+        ):
+            # A reused connection the server had already closed: nothing reached the
+            # application, and the request is idempotent and kept whole: send it again
+            # on a fresh connection.
+            assert conn is not None and conn.endpoint is not None
+            self.stats.retries += 1
+            ex.tried.append(conn.endpoint)
+            ex.buffer = list(ex.replay[1:])
+            ex.buffered = sum(map(len, ex.buffer))
+            self.loop.create_task(self._connect(ex, None))
+            return
+        self._fail(ex, error)
+
+    def _fail(self, ex: Exchange, error: UpstreamError, counted: bool = False) -> None:
+        if not counted:
+            self.stats.errors[error.reason] += 1
+        if ex.upstream is not None or ex.endpoint is not None:
+            self._detach(ex, reusable=False)
+        if ex.response_started:
+            # Part of the response is out: the client can only learn of it by a close.
+            self._close()
+            return
+        ex.status = error.status
+        self.stats.request_duration.observe(time.perf_counter() - ex.started)
+        self.stats.count_request(ex.method_label, error.status)
+        keep_alive = ex.keep_alive and not self.close_after_response and not ex.upgrade
+        self.write(error_response(error.status, error.reason, error.detail, keep_alive))
+        if ex.complete:
+            self._finish(ex, keep_alive)
+        else:
+            # Read and drop the rest of the request body; then the connection is reusable.
+            ex.failed = True
+
+    def _reject(self, error: ClientError) -> None:
+        """Refuse a malformed or forbidden request: answer in turn, then close."""
+        self.rejected = error
+        if self.flow is not None:
+            self.flow.pause_reading()
+        if self.active is None:
+            self._send_rejection(error)
+
+    def _send_rejection(self, error: ClientError) -> None:
+        try:
+            method = METHOD_LABELS.get(self.parser.get_method(), "OTHER")
+        except httptools.HttpParserError:
+            method = "OTHER"
+        self.stats.count_request(method, error.status)
+        self.write(error_response(error.status, error.reason, error.detail, keep_alive=False))
+        self._close()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Timeouts, checked by the route's ticker rather than a timer per request."""
+        ex = self.active
+        settings = self.settings
+        if ex is None:
+            if self.in_head and now - self.head_started > settings.head_timeout:
+                self._reject(ClientError(408, "head_timeout", "request head too slow"))
+            elif not self.in_head and now - self.last_active > settings.idle_timeout:
+                self._close()
+            return
+        if ex.sent_at and not ex.response_started and now - ex.sent_at > settings.request_timeout:
+            self._fail(ex, UpstreamTimeout("upstream did not answer in time"))
+        elif now - self.last_active > settings.idle_timeout:
+            self._close()
+
+    def shutdown(self) -> None:
+        if self.active is None and not self.queue and not self.in_head:
+            self._close()
+        else:
+            self.close_after_response = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def _log(self, ex: Exchange) -> None:
+        ep = ex.endpoint
+        access_log.info(
+            "http route=%s peer=%s %s %s status=%d upstream=%s duration=%.3f",
+            self.route.config.name,
+            self.peer,
+            ex.method.decode(errors="replace"),
+            ex.path.decode(errors="replace"),
+            ex.status,
+            f"{ep.host}:{ep.port}" if ep else "-",
+            time.perf_counter() - ex.started,
+        )
+
+
+class Upstream(asyncio.Protocol):
+    """A (pooled) connection to one endpoint; parses the responses coming back."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.stats = route.stats
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.endpoint: Endpoint | None = None
+        self.pool: Pool[Upstream] | None = None
+        self.exchange: Exchange | None = None
+        self.downstream: HttpDownstream | None = None
+        self.created = self.loop.time()
+        self.idle_since = self.created
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.out: list[bytes] = []
+        self.rechunk = False  # frame the body as chunked for the client
+        self.until_close = False  # the body ends when the server closes
+        self.interim = False
+        self.keep_alive_down = True
+        self.write_paused = False
+        self.tunnel = False
+        self.head_only = False
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.endpoint} exchange={self.exchange}>"
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.flow = FlowControl(self.transport)
+        self.stats.active_upstream += 1
+
+    def data_received(self, data: bytes) -> None:
+        down = self.downstream
+        ex = self.exchange
+        if down is None or ex is None:
+            # Bytes on an idle connection: the server broke the protocol; drop it.
+            if self.pool is not None:
+                self.pool.discard(self)
+            self.close()
+            return
+        down.last_active = self.loop.time()
+        if self.tunnel:
+            down.write(data)
+            return
+        out = self.out
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._flush(down)
+            if self.tunnel:
+                rest = data[e.args[0] :]
+                if rest:
+                    down.write(rest)
+            return
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadOnly):
+                self._flush(down)
+                end = data.find(b"\r\n\r\n")
+                clean = end != -1 and end + 4 == len(data)
+                self.parser = httptools.HttpResponseParser(self)
+                down.response_complete(ex, reusable=clean, keep_alive=self.keep_alive_down)
+                return
+            self._protocol_error(down, ex, str(e.__context__ or e))
+            return
+        except httptools.HttpParserError as e:
+            self._protocol_error(down, ex, f"invalid response: {e}")
+            return
+        if out:
+            self._flush(down)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stats.active_upstream -= 1
+        ex = self.exchange
+        down = self.downstream
+        if ex is None or down is None:
+            if self.pool is not None:
+                self.pool.discard(self)
+            return
+        if self.tunnel:
+            down._close()
+            return
+        if ex.response_started and self.until_close:
+            # The body was delimited by the close: this is its normal end.
+            if self.rechunk:
+                self.out.append(LAST_CHUNK + CRLF)
+            self._flush(down)
+            down.response_complete(ex, reusable=False, keep_alive=self.keep_alive_down)
+            return
+        detail = "upstream closed the connection" + (f": {exc}" if exc else "")
+        down.upstream_failed(ex, UpstreamReset(detail))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.downstream is not None and self.downstream.flow is not None:
+            self.downstream.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.downstream is not None:
+            self.downstream._maybe_resume()
+
+    # --- httptools callbacks (response parser) -------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Before the head completes these are headers; after it, trailers.
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        down = self.downstream
+        assert ex is not None and down is not None
+        status = self.parser.get_status_code()
+        ex.status = status
+        self.interim = 100 <= status < 200 and status != 101
+        if self.interim:
+            if not ex.http10:  # HTTP/1.0 clients do not know interim responses
+                self.out.append(self._head(status, b"", close=False))
+            return
+        keep_alive = ex.keep_alive and not down.close_after_response
+        self.rechunk = self.until_close = False
+        if not (ex.method == b"HEAD" or status in (204, 304) or status == 101):
+            has_length = chunked = False
+            for name, value in self.headers:
+                lname = name.lower()
+                if lname == b"content-length":
+                    has_length = True
+                elif lname == b"transfer-encoding":
+                    chunked = chunked or b"chunked" in value.lower()
+            self.until_close = not chunked and not has_length
+            if chunked or self.until_close:
+                # Re-frame as chunked for HTTP/1.1 clients; 1.0 clients read to the close.
+                self.rechunk = not ex.http10
+                keep_alive = keep_alive and self.rechunk
+        if status == 101:
+            keep_alive = self.tunnel = True
+        elif ex.upgrade:
+            keep_alive = False  # the client's stream is raw bytes after an Upgrade request
+        self.keep_alive_down = keep_alive
+        extra = b"transfer-encoding: chunked\r\n" if self.rechunk else b""
+        if ex.http10 and keep_alive:
+            extra += b"connection: keep-alive\r\n"
+        self.out.append(self._head(status, extra, close=not keep_alive))
+        self.headers = []  # what on_header collects from now on are trailers
+        down.count_response(ex)
+        if status == 101:
+            down.switch_to_tunnel(ex)
+        elif ex.method == b"HEAD":
+            raise _HeadOnly
+
+    def on_body(self, body: bytes) -> None:
+        self.out.append(chunk(body) if self.rechunk else body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        down = self.downstream
+        assert ex is not None and down is not None
+        if self.interim:
+            self.interim = False
+            return
+        if self.rechunk:
+            trailers = b"".join(
+                b"%s: %s\r\n" % h for h in self.headers if h[0].lower() not in HOP_BY_HOP
+            )
+            self.out.append(LAST_CHUNK + trailers + CRLF)
+        self._flush(down)
+        reusable = self.parser.should_keep_alive() and not self.until_close
+        self.headers = []
+        down.response_complete(ex, reusable=reusable, keep_alive=self.keep_alive_down)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _head(self, status: int, extra: bytes, close: bool) -> bytes:
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))]
+        upgrade = status == 101
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP and not (upgrade and lname in (b"upgrade", b"connection")):
+                continue
+            lines.append(b"%s: %s\r\n" % (name, value))
+        if extra:
+            lines.append(extra)
+        if close:
+            lines.append(b"connection: close\r\n")
+        lines.append(CRLF)
+        return b"".join(lines)
+
+    def _flush(self, down: HttpDownstream) -> None:
+        out = self.out
+        if out:
+            down.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _protocol_error(self, down: HttpDownstream, ex: Exchange, detail: str) -> None:
+        self.out.clear()
+        self.close()
+        down.upstream_failed(ex, ProtocolError(detail))

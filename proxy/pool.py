@@ -1,0 +1,111 @@
+"""Idle upstream connections, kept per endpoint for reuse.
+
+A connection is handed out only while it is healthy: not closing, idle for less
+than ``pool.idle_timeout`` and younger than ``pool.max_lifetime`` (recycling lets
+new pods behind a ClusterIP get their share). The newest idle connection is
+reused first, so surplus ones age out. A connection the server closes while idle
+removes itself at once (see ``http.Upstream.connection_lost``).
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Protocol, TypeVar
+
+from proxy.config import PoolConfig, join_host_port
+from proxy.metrics import RouteStats
+
+
+class Pooled(Protocol):
+    created: float
+    idle_since: float
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Pooled)
+
+
+class Pool(Generic[C]):
+    __slots__ = ("active", "address", "config", "idle", "name", "stats")
+
+    def __init__(
+        self, name: str, address: tuple[str, int], config: PoolConfig, stats: RouteStats
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.config = config
+        self.stats = stats
+        self.idle: list[C] = []
+        self.active = 0  # handed out and not yet returned
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.name} {join_host_port(*self.address)} "
+            f"idle={len(self.idle)} active={self.active}>"
+        )
+
+    def get(self, now: float) -> C | None:
+        """A healthy idle connection, or None; stale ones found on the way are closed."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            self.stats.pool_idle -= 1
+            if conn.is_closing() or not self._fresh(conn, now):
+                conn.close()
+                continue
+            self.active += 1
+            return conn
+        return None
+
+    def opened(self) -> None:
+        """A new connection to this endpoint was made and handed out."""
+        self.active += 1
+
+    def put(self, conn: C, now: float, reusable: bool) -> None:
+        """Take a connection back after a request: keep it idle, or close it."""
+        self.active -= 1
+        if (
+            reusable
+            and len(self.idle) < self.config.max_idle
+            and not conn.is_closing()
+            and now - conn.created < self.config.max_lifetime
+        ):
+            conn.idle_since = now
+            self.idle.append(conn)
+            self.stats.pool_idle += 1
+        else:
+            conn.close()
+
+    def discard(self, conn: C) -> None:
+        """An idle connection died (the server closed it): forget it."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            return
+        self.stats.pool_idle -= 1
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections past their idle timeout or lifetime."""
+        if not self.idle:
+            return
+        keep = [c for c in self.idle if self._fresh(c, now) and not c.is_closing()]
+        if len(keep) != len(self.idle):
+            for conn in self.idle:
+                if conn not in keep:
+                    conn.close()
+            self.stats.pool_idle -= len(self.idle) - len(keep)
+            self.idle = keep
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        self.stats.pool_idle -= len(idle)
+        for conn in idle:
+            conn.close()
+
+    def _fresh(self, conn: C, now: float) -> bool:
+        return (
+            now - conn.idle_since < self.config.idle_timeout
+            and now - conn.created < self.config.max_lifetime
+        )

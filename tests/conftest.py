@@ -1,0 +1,31 @@
+"""Fixtures shared by the suite: the in-process DNS server and the event loop choice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import pytest
+import uvloop
+
+from proxy.dnsserver import DnsServer
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+    """Tests marked `both_loops` run once on asyncio's default loop and once on uvloop."""
+    if item.get_closest_marker("both_loops"):
+        return LOOPS
+    return None
+
+
+@pytest.fixture
+async def dns() -> AsyncIterator[DnsServer]:
+    async with DnsServer() as server:
+        yield server

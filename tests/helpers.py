@@ -1,0 +1,160 @@
+"""Shared test helpers: waiting on conditions, free ports, sidelink in-process and as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Overrides, parse
+from proxy.server import Server
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """The path of a system tool; skip without it, except in CI where it must be present."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI (.ci/run installs it)")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
+    """Wait for condition() to be true, polling; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.01)
+
+
+def until_sync(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def resolver_yaml(dns_port: int, **extra: object) -> str:
+    lines = [
+        "resolver:",
+        f'  nameservers: ["127.0.0.1:{dns_port}"]',
+        "  search: [ns1.svc.cluster.local, svc.cluster.local, cluster.local]",
+        "  ndots: 5",
+        "  timeout: 500ms",
+    ]
+    lines += [f"  {k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    text: str | None = None, routes: Sequence[str] = (), environ: dict[str, str] | None = None
+) -> AsyncIterator[Server]:
+    """sidelink in this process, admin on a free port; shut down (at once) on exit."""
+    config = parse(text, "test.yaml", routes, overrides=Overrides(admin="127.0.0.1:0"))
+    server = Server(config, environ=environ if environ is not None else {})
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.shutdown()
+        await server.serve_until_shutdown()
+
+
+def route_address(server: Server, name: str | None = None) -> tuple[str, int]:
+    route = server.routes[name] if name else next(iter(server.routes.values()))
+    assert route.bound is not None
+    return route.bound
+
+
+class Sidelink:
+    """sidelink as a subprocess (`python -m proxy ...`), for lifecycle and CLI tests."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.admin_port = free_port()
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("SIDELINK_CONFIG", None) if "SIDELINK_CONFIG" not in (env or {}) else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args, "--admin", f"127.0.0.1:{self.admin_port}"],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def get_json(self, path: str) -> tuple[int, dict[str, object]]:
+        status, body = self.get(path)
+        return status, json.loads(body)
+
+    def wait_admin(self, timeout: float = 10.0) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidelink exited {self.proc.returncode}: {self.stderr()}")
+            try:
+                return self.get("/healthz", timeout=0.5)[0] == 200
+            except OSError:
+                return False
+
+        until_sync(up, timeout, "the admin server")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextlib.contextmanager
+def sidelink(args: Sequence[str], env: dict[str, str] | None = None) -> Iterator[Sidelink]:
+    proc = Sidelink(args, env)
+    try:
+        yield proc
+    finally:
+        proc.close()

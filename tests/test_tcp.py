@@ -1,0 +1,682 @@
+"""TCP forwarding through sidelink in-process, against real upstream servers on loopback.
+
+Upstreams are asyncio servers on 127.0.0.2, 127.0.0.3, ... sharing one port, standing in
+for pod IPs behind a Service; DNS answers come from the in-process DNS server. Every test
+runs on asyncio's default loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import re
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.dnsserver import DnsServer
+from proxy.flow import WRITE_HIGH_WATER
+from proxy.server import Server
+from proxy.tcp import TcpDownstream
+from tests.helpers import resolver_yaml, route_address, running_server, until
+
+pytestmark = pytest.mark.both_loops
+
+APP1 = "app1.ns1.svc.cluster.local"
+DEAD = "127.0.0.5"  # a pod IP nothing listens on: connects are refused
+MB = 1024 * 1024
+CHUNK = MB
+# Kernel buffers of the test's own sockets in the slow-reader test; small, so the stall
+# measures sidelink's buffering rather than the test's.
+TEST_SOCKET_BUFFER = 64 * 1024
+# The most one read by sidelink can return (asyncio's and uvloop's read size).
+MAX_READ = 256 * 1024
+
+Handler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+# --- upstream servers ---------------------------------------------------------------
+
+
+class Pods:
+    """Real servers on several loopback addresses sharing one port (like a Service's pods)."""
+
+    def __init__(self, handler: Handler, hosts: tuple[str, ...]) -> None:
+        self.handler = handler
+        self.hosts = hosts
+        self.port = 0
+        self.accepted: Counter[str] = Counter()
+        self.errors: list[BaseException] = []
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        # Port 0 on the first address, then the same port on the others; retry on a clash.
+        for _ in range(20):
+            first = await asyncio.start_server(self._callback(self.hosts[0]), self.hosts[0], 0)
+            self._servers = [first]
+            self.port = first.sockets[0].getsockname()[1]
+            try:
+                for host in self.hosts[1:]:
+                    self._servers.append(
+                        await asyncio.start_server(self._callback(host), host, self.port)
+                    )
+            except OSError:
+                await self.stop()
+                continue
+            return
+        raise AssertionError(f"no common free port on {self.hosts}")
+
+    def _callback(
+        self, host: str
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            self.accepted[host] += 1
+            try:
+                await self.handler(host, reader, writer)
+            except Exception as e:
+                self.errors.append(e)
+            finally:
+                writer.close()
+                self._tasks.discard(task)
+
+        return serve
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
+
+
+@contextlib.asynccontextmanager
+async def pods(handler: Handler, *hosts: str) -> AsyncIterator[Pods]:
+    p = Pods(handler, hosts or ("127.0.0.2",))
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def echo(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(CHUNK):
+        writer.write(data)
+        await writer.drain()
+
+
+async def who(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each line with the pod's address, so a client sees where it landed."""
+    while line := await reader.readline():
+        writer.write(f"{host} {line.decode()}".encode())
+        await writer.drain()
+
+
+# --- sidelink -----------------------------------------------------------------------
+
+
+def config(dns: DnsServer, *routes: dict[str, Any]) -> str:
+    full = [
+        {"listen": "127.0.0.1:0", "protocol": "tcp", "connect_timeout": "300ms", **r}
+        for r in routes
+    ]
+    return resolver_yaml(dns.port) + yaml.safe_dump({"routes": full})
+
+
+async def connect(
+    server: Server, name: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(*route_address(server, name))
+
+
+async def connect_with(
+    server: Server, option: int, value: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client socket with a socket option set before it connects (buffer sizes)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, option, value)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, route_address(server))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
+async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: str) -> str:
+    writer.write(line.encode() + b"\n")
+    return (await asyncio.wait_for(reader.readline(), 2.0)).decode().rstrip("\n")
+
+
+async def closed(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """One sample of the Prometheus exposition, as a scraper would read it."""
+    body, _ = server.metrics.render(None)
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name}{labels} in\n{body.decode()}")
+
+
+def endpoint_states(server: Server, route: str) -> dict[str, str]:
+    endpoints = server.routes[route].to_dict()["endpoints"]
+    assert isinstance(endpoints, list)
+    return {e["address"]: e["state"] for e in endpoints}
+
+
+async def no_connections(server: Server, route: str) -> None:
+    stats = server.routes[route].stats
+    await until(
+        lambda: not server.routes[route].connections
+        and stats.active_downstream == 0
+        and stats.active_upstream == 0,
+        5.0,
+        f"route {route} to have no connections",
+    )
+
+
+# --- data ---------------------------------------------------------------------------
+
+
+def chunks(total: int, seed: int = 1) -> Iterator[bytes]:
+    """`total` bytes of incompressible data, in CHUNK-sized pieces that all differ."""
+    base = random.Random(seed).randbytes(CHUNK)
+    for i in range(total // CHUNK):
+        yield i.to_bytes(8, "big") + base[8:]
+
+
+async def drain_hash(reader: asyncio.StreamReader) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    while data := await reader.read(CHUNK):
+        h.update(data)
+        n += len(data)
+    return n, h.hexdigest()
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def settled(value: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
+    """Wait until value() has not changed for `quiet` seconds; return it."""
+    last = value()
+    since = time.monotonic()
+
+    def still() -> bool:
+        nonlocal last, since
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+            return False
+        return time.monotonic() - since >= quiet
+
+    await until(still, timeout, "the transfer to stall")
+    return last
+
+
+@pytest.fixture(autouse=True)
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Anything sidelink lets escape to the loop's exception handler fails the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(previous)
+    assert not errors, errors
+
+
+# --- tests --------------------------------------------------------------------------
+
+
+async def test_100_mb_echo_keeps_every_byte_in_both_directions(dns: DnsServer) -> None:
+    total = 100 * MB
+    received_by_upstream = hashlib.sha256()
+
+    async def hashing_echo(
+        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while data := await reader.read(CHUNK):
+            received_by_upstream.update(data)
+            writer.write(data)
+            await writer.drain()
+
+    async with pods(hashing_echo) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            reader, writer = await connect(server)
+            sent = hashlib.sha256()
+
+            async def send() -> None:
+                for chunk in chunks(total):
+                    sent.update(chunk)
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.write_eof()
+
+            sender = asyncio.create_task(send())
+            n, digest = await asyncio.wait_for(drain_hash(reader), 30)
+            await sender
+            await closed(writer)
+
+            assert n == total
+            assert received_by_upstream.hexdigest() == sent.hexdigest()
+            assert digest == sent.hexdigest()
+            await no_connections(server, "app1")
+            stats = server.routes["app1"].stats
+            assert stats.bytes_to_upstream == stats.bytes_to_downstream == total
+    assert not p.errors
+
+
+async def test_client_half_close_upstream_still_replies(dns: DnsServer) -> None:
+    upstream_saw_eof = asyncio.Event()
+
+    async def reply_after_eof(
+        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        request = await reader.read()  # everything, up to the client's EOF
+        upstream_saw_eof.set()
+        writer.write(b"reply to " + request)
+        await writer.drain()
+
+    async with pods(reply_after_eof) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            reader, writer = await connect(server)
+            # Written at once, likely before sidelink has its upstream connection.
+            writer.write(b"request")
+            writer.write_eof()
+            await asyncio.wait_for(upstream_saw_eof.wait(), 2.0)
+            # read() returns at EOF: the reply came, then the upstream's close came through.
+            assert await asyncio.wait_for(reader.read(), 2.0) == b"reply to request"
+            assert reader.at_eof()
+            await closed(writer)
+            await no_connections(server, "app1")
+    assert not p.errors
+
+
+async def test_upstream_half_close_client_still_sends(dns: DnsServer) -> None:
+    late = asyncio.Future[bytes]()
+
+    async def banner_then_listen(
+        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"banner")
+        writer.write_eof()
+        late.set_result(await reader.read())
+
+    async with pods(banner_then_listen) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            reader, writer = await connect(server)
+            assert await asyncio.wait_for(reader.read(), 2.0) == b"banner"
+            assert reader.at_eof()
+            # The client's own direction is still open after the upstream's EOF.
+            writer.write(b"late data")
+            await writer.drain()
+            assert not late.done()
+            writer.write_eof()
+            assert await asyncio.wait_for(late, 2.0) == b"late data"
+            await no_connections(server, "app1")
+            await closed(writer)
+    assert not p.errors
+
+
+@pytest.mark.parametrize("direction", ["download", "upload"])
+async def test_slow_reader_keeps_buffering_bounded(dns: DnsServer, direction: str) -> None:
+    """A reader that stops reading stalls the writer on the far side, not sidelink's memory.
+
+    The test's own sockets get small kernel buffers so that what the writer gets accepted
+    is mostly what sidelink holds (its two sockets' kernel buffers plus its own).
+    """
+    total = 200 * MB
+    progress = 0  # bytes the fast writer got accepted so far
+    expected = hashlib.sha256()
+    upstream_reads = asyncio.Event()
+    upstream_got: asyncio.Future[tuple[int, str]] = asyncio.Future()
+
+    async def fast_writer(writer: asyncio.StreamWriter) -> None:
+        nonlocal progress
+        for chunk in chunks(total, seed=7):
+            expected.update(chunk)
+            writer.write(chunk)
+            await writer.drain()
+            progress += len(chunk)
+
+    async def upstream(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if direction == "download":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TEST_SOCKET_BUFFER)
+            await fast_writer(writer)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TEST_SOCKET_BUFFER)
+            await upstream_reads.wait()
+            upstream_got.set_result(await drain_hash(reader))
+
+    async with pods(upstream) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            before = rss()
+            option = socket.SO_RCVBUF if direction == "download" else socket.SO_SNDBUF
+            reader, writer = await connect_with(server, option, TEST_SOCKET_BUFFER)
+            sender = asyncio.create_task(fast_writer(writer)) if direction == "upload" else None
+
+            stalled_at = await settled(lambda: progress)
+            grown = rss() - before
+            assert 0 < stalled_at < 16 * MB, f"{stalled_at / MB:.1f} MB accepted by a stalled path"
+            assert grown < 64 * MB, f"RSS grew {grown / MB:.1f} MB with a stalled reader"
+            (conn,) = server.routes["app1"].connections
+            assert isinstance(conn, TcpDownstream)
+            assert conn.upstream is not None
+            fast, slow = (conn.upstream, conn) if direction == "download" else (conn, conn.upstream)
+            # sidelink stopped reading from the fast side, and holds about one high-water
+            # mark (plus the read that crossed it) for the slow side.
+            assert fast.flow is not None and fast.flow.read_paused
+            assert slow.transport is not None
+            assert slow.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + MAX_READ
+
+            if direction == "download":
+                n, digest = await asyncio.wait_for(drain_hash(reader), 30)
+            else:
+                assert sender is not None
+                upstream_reads.set()
+                await asyncio.wait_for(sender, 30)
+                writer.write_eof()
+                n, digest = await asyncio.wait_for(upstream_got, 30)
+            assert n == total
+            assert digest == expected.hexdigest()
+            await closed(writer)
+    assert not p.errors
+
+
+async def test_refused_endpoint_is_retried_elsewhere_and_ejected(dns: DnsServer) -> None:
+    async with pods(echo, "127.0.0.2") as p:
+        dns.set_a(APP1, ["127.0.0.2", DEAD], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            route = server.routes["app1"]
+            await until(lambda: len(route.endpoints) == 2, 2.0, "both endpoints")
+
+            async def one(i: int) -> str:
+                reader, writer = await connect(server)
+                try:
+                    return await ask(reader, writer, f"ping {i}")
+                finally:
+                    await closed(writer)
+
+            # Concurrent, so p2c sends some to the idle (dead) endpoint while the other is busy.
+            answers = await asyncio.gather(*(one(i) for i in range(20)))
+            assert answers == [f"ping {i}" for i in range(20)]
+            assert p.accepted["127.0.0.2"] == 20
+
+            refused = metric(
+                server, "sidelink_upstream_errors_total", route="app1", reason="connect_refused"
+            )
+            retries = metric(server, "sidelink_retries_total", route="app1")
+            assert refused >= 1
+            # Each refused connect was retried on the live endpoint, none ran out of them.
+            assert retries == refused
+            assert metric(
+                server, "sidelink_upstream_errors_total", route="app1", reason="no_endpoints"
+            ) == 0
+            assert metric(server, "sidelink_endpoint_ejections_total", route="app1") >= 1
+            assert endpoint_states(server, "app1") == {"127.0.0.2": "active", DEAD: "ejected"}
+            assert repr(route.endpoints) == (
+                "<EndpointSet app1 active=1 ejected=1 draining=0 balance=p2c>"
+            )
+    assert not p.errors
+
+
+async def test_every_endpoint_refusing_closes_the_client(dns: DnsServer) -> None:
+    async with pods(echo) as p:
+        # An IP literal skips DNS: one endpoint, and nothing listens on it.
+        routes = {"name": "dead", "service": DEAD, "port": p.port}
+        async with running_server(config(dns, routes)) as server:
+            reader, writer = await connect(server)
+            assert await asyncio.wait_for(reader.read(), 2.0) == b""
+            await closed(writer)
+            await no_connections(server, "dead")
+            stats = server.routes["dead"].stats
+            assert stats.errors["connect_refused"] == 1
+            assert stats.errors["no_endpoints"] == 1
+            assert stats.opened_upstream == 0
+            assert endpoint_states(server, "dead") == {DEAD: "ejected"}
+
+
+async def test_dns_change_moves_new_connections_and_keeps_old_ones(dns: DnsServer) -> None:
+    async with pods(who, "127.0.0.2", "127.0.0.3") as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            route = server.routes["app1"]
+            old_reader, old_writer = await connect(server)
+            assert await ask(old_reader, old_writer, "before") == "127.0.0.2 before"
+
+            dns.set_a(APP1, ["127.0.0.3"], ttl=1)
+            changed = time.monotonic()
+            landed = ""
+            while landed != "127.0.0.3 probe":
+                assert time.monotonic() - changed < 2.0, "new connections still go to 127.0.0.2"
+                reader, writer = await connect(server)
+                landed = await ask(reader, writer, "probe")
+                await closed(writer)
+                await asyncio.sleep(0.02)  # pacing the probes, not waiting on a condition
+
+            # The old connection is untouched; its endpoint drains instead of vanishing.
+            assert await ask(old_reader, old_writer, "after") == "127.0.0.2 after"
+            assert endpoint_states(server, "app1") == {
+                "127.0.0.3": "active",
+                "127.0.0.2": "draining",
+            }
+            assert repr(route.endpoints) == (
+                "<EndpointSet app1 active=1 ejected=0 draining=1 balance=p2c>"
+            )
+            for i in range(3):
+                reader, writer = await connect(server)
+                assert await ask(reader, writer, f"new {i}") == f"127.0.0.3 new {i}"
+                await closed(writer)
+
+            await closed(old_writer)
+            await until(lambda: "127.0.0.2" not in endpoint_states(server, "app1"), 2.0)
+    assert not p.errors
+
+
+async def test_idle_connection_is_closed_and_chatty_one_is_kept(dns: DnsServer) -> None:
+    async with pods(echo) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        route = {"service": "app1", "port": p.port, "idle_timeout": "300ms"}
+        async with running_server(config(dns, route)) as server:
+
+            async def idle() -> float:
+                reader, writer = await connect(server)
+                assert await ask(reader, writer, "hello") == "hello"
+                started = time.monotonic()
+                assert await asyncio.wait_for(reader.read(), 1.0) == b""
+                await closed(writer)
+                return time.monotonic() - started
+
+            async def chatty() -> None:
+                reader, writer = await connect(server)
+                started = time.monotonic()
+                i = 0
+                while time.monotonic() - started < 1.2:
+                    assert await ask(reader, writer, f"chat {i}") == f"chat {i}"
+                    i += 1
+                    await asyncio.sleep(0.1)  # the traffic's own pace
+                await closed(writer)
+
+            idle_for, _ = await asyncio.gather(idle(), chatty())
+            assert 0.2 < idle_for < 1.0
+            await no_connections(server, "app1")
+    assert not p.errors
+
+
+async def test_name_that_never_resolves_closes_promptly(dns: DnsServer) -> None:
+    async with pods(echo) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        text = config(
+            dns,
+            {"name": "ghost", "service": "ghost", "port": p.port},
+            {"service": "app1", "port": p.port},
+        )
+        async with running_server(text) as server:
+            started = time.monotonic()
+            silent_reader, silent_writer = await connect(server, "ghost")
+            talking_reader, talking_writer = await connect(server, "ghost")
+            talking_writer.write(b"anyone there?")
+            assert await asyncio.wait_for(silent_reader.read(), 2.0) == b""
+            # sidelink never read the bytes sent, so the kernel may answer with a reset.
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(talking_reader.read(), 2.0) == b""
+            assert time.monotonic() - started < 0.3 + 0.5
+            for w in (silent_writer, talking_writer):
+                await closed(w)
+
+            await no_connections(server, "ghost")
+            assert metric(
+                server, "sidelink_upstream_errors_total", route="ghost", reason="no_endpoints"
+            ) == 2
+            assert server.routes["ghost"].stats.opened_upstream == 0
+            assert server.readiness() == [
+                "route ghost: ghost not resolved ("
+                + str(server.routes["ghost"].watch.last_error)
+                + ")"
+            ]
+            # The other route is unaffected.
+            reader, writer = await connect(server, "app1")
+            assert await ask(reader, writer, "still here") == "still here"
+            await closed(writer)
+    assert not p.errors
+
+
+async def test_connection_metrics(dns: DnsServer) -> None:
+    sent = 123_457
+    reply = 98_765
+    upstream_got: asyncio.Future[int] = asyncio.Future()
+
+    async def sink_then_reply(
+        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        n = 0
+        while data := await reader.read(CHUNK):
+            n += len(data)
+        upstream_got.set_result(n)
+        writer.write(b"r" * reply)
+        await writer.drain()
+
+    async with pods(sink_then_reply) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        routes = {"name": "m1", "service": "app1", "port": p.port}
+        async with running_server(config(dns, routes)) as server:
+
+            def value(name: str, **labels: str) -> float:
+                return metric(server, name, route="m1", **labels)
+
+            reader, writer = await connect(server)
+            writer.write(b"s" * sent)
+            await until(lambda: value("sidelink_connections_active", side="upstream") == 1)
+            assert value("sidelink_connections_active", side="downstream") == 1
+            writer.write_eof()
+            assert await asyncio.wait_for(upstream_got, 2.0) == sent
+            assert len(await asyncio.wait_for(reader.read(), 2.0)) == reply
+            await closed(writer)
+            await no_connections(server, "m1")
+
+            assert value("sidelink_connections_opened_total", side="downstream") == 1
+            assert value("sidelink_connections_opened_total", side="upstream") == 1
+            assert value("sidelink_connections_active", side="downstream") == 0
+            assert value("sidelink_connections_active", side="upstream") == 0
+            assert value("sidelink_bytes_total", direction="to_upstream") == sent
+            assert value("sidelink_bytes_total", direction="to_downstream") == reply
+            assert value("sidelink_upstream_connect_duration_seconds_count") == 1
+            for reason in ("connect_refused", "connect_timeout", "reset", "no_endpoints"):
+                assert value("sidelink_upstream_errors_total", reason=reason) == 0
+    assert not p.errors
+
+
+async def test_upstream_reset_is_counted_and_closes_the_client(dns: DnsServer) -> None:
+    async def reset(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        sock = writer.get_extra_info("socket")
+        # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+
+    async with pods(reset) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            reader, writer = await connect(server)
+            writer.write(b"hello\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 2.0) == b""
+            await closed(writer)
+            await no_connections(server, "app1")
+            assert server.routes["app1"].stats.errors["reset"] == 1
+
+
+async def test_server_speaks_first(dns: DnsServer) -> None:
+    async def greet(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 ready\n")
+        await echo(host, reader, writer)
+
+    async with pods(greet) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            reader, writer = await connect(server)
+            assert await asyncio.wait_for(reader.readline(), 2.0) == b"220 ready\n"
+            assert await ask(reader, writer, "EHLO") == "EHLO"
+            await closed(writer)
+    assert not p.errors
+
+
+async def test_reprs_are_informative(dns: DnsServer) -> None:
+    async with pods(who, "127.0.0.2", "127.0.0.3") as p:
+        dns.set_a(APP1, ["127.0.0.2", "127.0.0.3"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            route = server.routes["app1"]
+            reader, writer = await connect(server)
+            landed = (await ask(reader, writer, "x")).split()[0]
+
+            assert repr(route) == (
+                f"<Route app1 127.0.0.1:0 -> app1:{p.port}/tcp connections=1>"
+            )
+            assert repr(route.endpoints) == (
+                "<EndpointSet app1 active=2 ejected=0 draining=0 balance=p2c>"
+            )
+            (conn,) = route.connections
+            host, port = writer.get_extra_info("sockname")
+            assert repr(conn) == (
+                f"<TcpDownstream app1 {host}:{port} -> "
+                f"<Endpoint {landed}:{p.port} active in_flight=1>>"
+            )
+            await closed(writer)
+            await no_connections(server, "app1")
+            assert repr(route).endswith("connections=0>")
+            assert re.fullmatch(r"<Endpoint 127\.0\.0\.[23]:\d+ active in_flight=0>", repr(
+                next(iter(route.endpoints.all()))
+            ))
+    assert not p.errors
