@@ -32,7 +32,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _MAX_DURATION = 100 * 365 * 86400.0
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+# Kubernetes' IANA_SVC_NAME: 1-15 of [a-z0-9-], a letter somewhere, no "--", no hyphen at the ends.
+_PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _QUICK_ROUTE = re.compile(
     r"^(?:(?P<host>\[[^\]]+\]|[^:=\[\]]+):)?(?P<listen>\d+)="
     r"(?P<service>[^:/=]+)(?::(?P<port>[^/=]+))?(?:/(?P<protocol>[a-z]+))?$"
@@ -225,6 +226,8 @@ def parse(
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             line = mark.line + 1 if mark is not None else 1
             problem = getattr(e, "problem", None) or str(e)
+            if context := getattr(e, "context", None):  # "while parsing a flow sequence"
+                problem = f"{context}{',' if problem.startswith('but') else ':'} {problem}"
             raise ConfigError([f"{reader.filename}:{line}: invalid YAML: {problem}"]) from e
     config = reader.config(root)
     routes = list(config.routes)

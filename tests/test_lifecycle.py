@@ -7,6 +7,8 @@ names that DNS server, so nothing reaches the machine's own resolver.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -19,19 +21,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
 import pytest
-from helpers import Sidelink, free_port, resolver_yaml, sidelink, until_sync
+from helpers import Sidelink, free_port, resolver_yaml, sidelink, until, until_sync
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
-from proxy.dnsserver import ThreadedDnsServer
+from proxy import server as server_module
+from proxy.config import ConfigSource, Overrides
+from proxy.dnsserver import DnsServer, ThreadedDnsServer
+from proxy.server import Server
 
 POD_A = "127.0.0.2"
 POD_B = "127.0.0.3"
@@ -535,6 +540,44 @@ def test_sighup_applies_a_new_route_and_keeps_open_connections(
     assert "routes[1].port" in err and "70000" in err, err
 
 
+def test_reload_that_cannot_bind_changes_nothing(
+    tdns: ThreadedDnsServer, pod_a: EchoServer, pod_b: EchoServer, cfg: Path
+) -> None:
+    tdns.set_a(APP1, [POD_A], ttl=30)
+    tdns.set_a(APP2, [POD_B], ttl=30)
+    orders = free_port()
+    write_hidden(cfg, config_text(tdns.port, [("orders", orders, "app1", pod_a.port)]))
+    with socket.create_server(("127.0.0.1", 0)) as taken, sidelink(["run", "-c", str(cfg)]) as proc:
+        wait_ready(proc)
+        # orders would move to pod B, and a new route wants a port another process holds.
+        billing = taken.getsockname()[1]
+        v2 = [("orders", orders, "app2", pod_b.port), ("billing", billing, "app2", pod_b.port)]
+        write_hidden(cfg, config_text(tdns.port, v2))
+        proc.signal(signal.SIGHUP)
+        until_sync(
+            lambda: metric(proc, "sidelink_config_reloads_total", result="error") == 1,
+            5,
+            "the failed reload to be counted",
+        )
+        assert set(routes_by_name(proc)) == {"orders"}
+        assert ask_once(orders) == "A ping\n", "a failed reload half-applied"
+        assert proc.get("/readyz")[0] == 200
+
+        # Once the port is free the same file applies whole.
+        taken.close()
+        proc.signal(signal.SIGHUP)
+        until_sync(
+            lambda: metric(proc, "sidelink_config_reloads_total", result="ok") == 1, 5, "reload"
+        )
+        until_sync(lambda: proc.get("/readyz")[0] == 200, 5, "the new routes to resolve")
+        assert ask_once(orders) == "B ping\n"
+        assert ask_once(billing) == "B ping\n"
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+        err = proc.stderr()
+    assert "cannot listen" in err and str(billing) in err, err
+
+
 def test_config_file_rewritten_in_place_is_picked_up(
     tdns: ThreadedDnsServer, pod_a: EchoServer, pod_b: EchoServer, cfg: Path
 ) -> None:
@@ -587,6 +630,73 @@ def test_configmap_symlink_swap_is_picked_up(
         assert held.ask() == "A ping\n"
         assert metric(proc, "sidelink_config_reloads_total", result="error") == 0
         held.close()
+
+
+# --- in-process: orderings a subprocess cannot show without sleeping --------------------
+
+
+@contextlib.asynccontextmanager
+async def server_from_file(path: Path) -> AsyncIterator[Server]:
+    """sidelink in this process reading `path` (so it polls the file), admin on a free port."""
+    source = ConfigSource(str(path), overrides=Overrides(admin="127.0.0.1:0"))
+    server = Server(source.load(), source, environ={})
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.shutdown()
+        await server.serve_until_shutdown()
+
+
+async def refused_async(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_file_poller_does_not_repeat_a_sighup_reload(
+    dns: DnsServer, cfg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Editing the file, then SIGHUP (the usual way) reloads once, not once more on the next poll."""
+    polls = 0
+    real_signature = server_module._file_signature
+
+    def counting_signature(path: str) -> tuple[str, int, int, int] | None:
+        nonlocal polls
+        polls += 1
+        return real_signature(path)
+
+    monkeypatch.setattr(server_module, "CONFIG_POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(server_module, "_file_signature", counting_signature)
+    v1 = [("orders", free_port(), POD_A, 9)]
+    cfg.write_text(config_text(dns.port, v1))
+    async with server_from_file(cfg) as server:
+        await until(lambda: polls >= 1, what="the poller to take the file's signature")
+        cfg.write_text(config_text(dns.port, [*v1, ("billing", free_port(), POD_B, 9)]))
+        assert await server.reload()  # what SIGHUP does
+        seen = polls
+        await until(lambda: polls >= seen + 3, what="the poller to look at the file again")
+        assert server.metrics.config_reloads == {"ok": 1, "error": 0}
+        assert set(server.routes) == {"orders", "billing"}
+
+
+async def test_no_reload_once_shutdown_has_begun(dns: DnsServer, cfg: Path) -> None:
+    """A SIGHUP or file change during the drain must not open new listeners."""
+    orders, billing = free_port(), free_port()
+    v1 = [("orders", orders, POD_A, 9)]
+    cfg.write_text(config_text(dns.port, v1, drain_delay="30s"))
+    async with server_from_file(cfg) as server:
+        server.shutdown()
+        v2 = [*v1, ("billing", billing, POD_B, 9)]
+        cfg.write_text(config_text(dns.port, v2, drain_delay="30s"))
+        assert await server.reload() is False
+        assert set(server.routes) == {"orders"}
+        assert await refused_async(billing)
+        assert server.metrics.config_reloads == {"ok": 0, "error": 0}
 
 
 # --- sidelink resolve ------------------------------------------------------------------
@@ -674,6 +784,8 @@ def test_json_log_format_makes_every_stderr_line_json(
         client = Client(listen)
         assert client.closed_by_peer()  # nothing listens on `dead`
         client.close()
+        # A request line over aiohttp's limit makes it log an error of its own.
+        assert request(proc, "/" + "a" * 10_000)[0] in (400, 414)
         proc.signal(signal.SIGTERM)
         assert proc.wait(5) == 0
         err = proc.stderr()
