@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -10,17 +11,21 @@ from aiohttp import web
 if TYPE_CHECKING:
     from proxy.server import Server
 
+# aiohttp's own error reports (a malformed request, say) go through sidelink's logger,
+# so they follow --log-format instead of reaching stderr as bare tracebacks.
+log = logging.getLogger("sidelink.admin")
+
 
 class AdminServer:
     def __init__(self, server: Server) -> None:
         self.server = server
-        app = web.Application()
+        app = web.Application(logger=log)
         # GET routes answer HEAD too; every other method gets 405 from aiohttp.
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/routes", self.routes)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=log)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         await self._runner.setup()

@@ -556,13 +556,19 @@ class HttpDownstream(asyncio.Protocol):
         ):
             # A reused connection the server had already closed: nothing reached the
             # application, and the request is idempotent and kept whole: send it again
-            # on a fresh connection.
+            # on a fresh connection: to another endpoint if there is one, else to the
+            # same one (the stale connection failed, not the endpoint: a Service with
+            # one ClusterIP has no other).
             assert conn is not None and conn.endpoint is not None
             self.stats.retries += 1
-            ex.tried.append(conn.endpoint)
+            ep = conn.endpoint
+            ex.tried.append(ep)
             ex.buffer = list(ex.replay[1:])
             ex.buffered = sum(map(len, ex.buffer))
-            self.loop.create_task(self._connect(ex, None))
+            first = self.route.endpoints.pick(ex.tried)
+            if first is None and ep.state != DRAINING:
+                first = ep
+            self.loop.create_task(self._connect(ex, first))
             return
         self._fail(ex, error)
 

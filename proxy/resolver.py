@@ -28,7 +28,7 @@ import dns.rdatatype
 import dns.resolver
 
 from proxy.config import ResolverConfig, join_host_port
-from proxy.metrics import Metrics, ServiceStats
+from proxy.metrics import Metrics
 
 log = logging.getLogger("sidelink.resolver")
 
@@ -259,7 +259,8 @@ class Watch:
         self.ttl = 0.0
         self._expires = 0.0  # monotonic: end of the current answer's TTL
         self._last_attempt = -EARLY_REFRESH_INTERVAL
-        self._stats: ServiceStats = resolver.metrics.service(service)
+        # An IP literal is not looked up: it gets no DNS series.
+        self._stats = None if _is_ip(service) else resolver.metrics.service(service)
         self._listeners: list[Callable[[tuple[Address, ...]], None]] = []
         self._resolved = asyncio.Event()
         self._wake = asyncio.Event()
@@ -376,11 +377,13 @@ class Watch:
     def _set(self, endpoints: tuple[Address, ...]) -> None:
         if endpoints:
             self._resolved.set()
-        self._stats.endpoints = len(endpoints)
+        stats = self._stats
+        if stats is not None:
+            stats.endpoints = len(endpoints)
         if endpoints == self.endpoints:
             return
-        if self.endpoints:
-            self._stats.changes += 1
+        if self.endpoints and stats is not None:
+            stats.changes += 1
         log.info(
             "%s now resolves to %s",
             self.service,
@@ -388,7 +391,10 @@ class Watch:
         )
         self.endpoints = endpoints
         for listener in list(self._listeners):
-            listener(endpoints)
+            try:
+                listener(endpoints)
+            except Exception:  # one broken subscriber must not stop DNS refreshes
+                log.exception("endpoint update for %s failed", self.service)
 
 
 def _system_resolver() -> dns.resolver.Resolver | None:

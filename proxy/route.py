@@ -106,6 +106,7 @@ class Route:
     def stop_listening(self) -> None:
         if self.listener is not None:
             self.listener.close()
+            self.listener = None
 
     def close(self) -> None:
         """Forget DNS and close idle pooled connections; live ones are the lifecycle's."""

@@ -75,6 +75,8 @@ class Server:
         self._done = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
+        # The config file as last read, by whichever trigger: the poller compares with this.
+        self._file_seen: tuple[str, int, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"<Server routes={len(self.routes)} draining={self.draining}>"
@@ -94,6 +96,7 @@ class Server:
             await self._close_everything()
             raise StartupError(str(e)) from e
         if self.source is not None and self.source.path is not None:
+            self._file_seen = _file_signature(self.source.path)
             self._watch_task = asyncio.get_running_loop().create_task(
                 self._watch_config(self.source.path)
             )
@@ -106,24 +109,32 @@ class Server:
         )
 
     async def _add_route(self, rc: RouteConfig, reuse: Route | None = None) -> None:
-        route = Route(rc, self.resolver, self.metrics, self.config.logging.access_log)
         acceptor = self.acceptors.get(rc.name) if reuse is not None else None
         if reuse is not None and acceptor is not None and reuse.listener is not None:
             # Same address and protocol: keep the socket, point new connections here.
+            route = Route(rc, self.resolver, self.metrics, self.config.logging.access_log)
             route.listener, route.bound = reuse.listener, reuse.bound
             reuse.listener = None
             acceptor.route = route
         else:
-            acceptor = Acceptor(route)
-            try:
-                await route.listen(acceptor)
-            except OSError as e:
-                route.close()
-                raise OSError(
-                    e.errno, f"route {rc.name}: cannot listen on {rc.listen}: {e.strerror}"
-                ) from e
+            route, acceptor = await self._listen(rc, self.resolver, self.config)
         self.routes[rc.name] = route
         self.acceptors[rc.name] = acceptor
+
+    async def _listen(
+        self, rc: RouteConfig, resolver: Resolver, config: Config
+    ) -> tuple[Route, Acceptor]:
+        """A new route with its own listener; OSError (naming the route) when it cannot bind."""
+        route = Route(rc, resolver, self.metrics, config.logging.access_log)
+        acceptor = Acceptor(route)
+        try:
+            await route.listen(acceptor)
+        except OSError as e:
+            route.close()
+            raise OSError(
+                e.errno, f"route {rc.name}: cannot listen on {rc.listen}: {e.strerror}"
+            ) from e
+        return route, acceptor
 
     # --- state for admin ------------------------------------------------------------
 
@@ -197,7 +208,14 @@ class Server:
         """Read the config source again and apply it; False (and logged) when invalid."""
         if self.source is None:
             return False
+        if self.draining:
+            # New listeners now would undo the drain; the process is on its way out.
+            log.warning("config reload ignored: shutting down")
+            return False
         async with self._reload_lock:
+            if self.source.path is not None:
+                # Before reading, so a write racing this read is seen by the next poll.
+                self._file_seen = _file_signature(self.source.path)
             try:
                 config = self.source.load()
             except ConfigError as e:
@@ -215,14 +233,30 @@ class Server:
             return True
 
     async def _apply(self, config: Config) -> None:
+        """Switch to `config`; OSError when a listener cannot bind, having changed nothing."""
         old = self.config
+        resolver = self.resolver
+        if config.resolver != old.resolver:
+            # A new resolver means new watches for every route.
+            resolver = Resolver(config.resolver, self.metrics, self.environ)
+        # Bind the addresses new to us before touching anything that serves, so a port
+        # taken by another process fails the reload whole instead of half-applying it.
+        # (An address we hold already is handed over below.)
+        held = {_address(r.config) for r in self.routes.values()}
+        fresh: dict[str, tuple[Route, Acceptor]] = {}
+        try:
+            for new in config.routes:
+                if _address(new) not in held:
+                    fresh[new.name] = await self._listen(new, resolver, config)
+        except OSError:
+            for route, _ in fresh.values():
+                route.close()
+            raise
         if config.admin != old.admin:
             log.warning("admin.listen changes take effect on restart")
         if config.logging != old.logging:
             configure_logging(config.logging.level, config.logging.format)
-        if config.resolver != old.resolver:
-            # A new resolver means new watches for every route.
-            self.resolver = Resolver(config.resolver, self.metrics, self.environ)
+        self.resolver = resolver
         self.config = dataclasses.replace(config, admin=old.admin)
         wanted = {rc.name: rc for rc in config.routes}
         for name, route in list(self.routes.items()):
@@ -237,7 +271,9 @@ class Server:
                 self.acceptors.pop(name, None)
             self._retire(route)
         for name, rc in wanted.items():
-            if name not in self.routes:
+            if name in fresh:
+                self.routes[name], self.acceptors[name] = fresh[name]
+            elif name not in self.routes:
                 await self._add_route(rc)
 
     def _retire(self, route: Route) -> None:
@@ -249,14 +285,15 @@ class Server:
         self.retired = [r for r in self.retired if r.connections]
 
     async def _watch_config(self, path: str) -> None:
-        last = _file_signature(path)
         while True:
             await asyncio.sleep(CONFIG_POLL_INTERVAL)
-            current = _file_signature(path)
-            if current != last:
-                last = current
+            if _file_signature(path) != self._file_seen and not self.draining:
                 log.info("config file %s changed on disk", path)
                 await self.reload()
+
+
+def _address(rc: RouteConfig) -> tuple[str, int]:
+    return rc.listen_host, rc.listen_port
 
 
 def _same_socket(a: RouteConfig, b: RouteConfig) -> bool:

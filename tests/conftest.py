@@ -18,11 +18,11 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
-) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Tests marked `both_loops` run once on asyncio's default loop and once on uvloop."""
     if item.get_closest_marker("both_loops"):
         return LOOPS
-    return None
+    return {"asyncio": LOOPS["asyncio"]}
 
 
 @pytest.fixture

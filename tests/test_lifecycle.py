@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import __version__
 from proxy import server as server_module
 from proxy.config import ConfigSource, Overrides
-from proxy.dnsserver import DnsServer, ThreadedDnsServer
+from proxy.dnsserver import ThreadedDnsServer
 from proxy.server import Server
 
 POD_A = "127.0.0.2"
@@ -265,7 +265,7 @@ def test_readyz_waits_for_dns_and_routes_lists_every_field(
         assert any("orders" in r for r in reasons), reasons
         assert proc.get("/healthz")[0] == 200
         route = routes_by_name(proc)["orders"]
-        assert ROUTE_FIELDS <= route.keys()
+        assert route.keys() >= ROUTE_FIELDS
         assert route["ready"] is False
         assert route["endpoints"] == []
 
@@ -274,7 +274,7 @@ def test_readyz_waits_for_dns_and_routes_lists_every_field(
         assert proc.get_json("/readyz") == (200, {"ready": True, "reasons": []})
 
         route = routes_by_name(proc)["orders"]
-        assert ROUTE_FIELDS <= route.keys()
+        assert route.keys() >= ROUTE_FIELDS
         assert route["name"] == "orders"
         assert route["listen"] == f"127.0.0.1:{listen}"
         assert route["protocol"] == "tcp"
@@ -357,7 +357,7 @@ def test_sigterm_drains_in_order(tdns: ThreadedDnsServer, pod_a: EchoServer, cfg
 
         proc.signal(signal.SIGTERM)
         until_sync(lambda: proc.get("/readyz")[0] == 503, 0.5, "/readyz 503 right after SIGTERM")
-        status, body = proc.get_json("/readyz")
+        _, body = proc.get_json("/readyz")
         assert any("drain" in r for r in cast(list[str], body["reasons"])), body
         assert proc.get("/healthz")[0] == 200
         # Within drain_delay the listener still takes new connections and serves them.
@@ -515,7 +515,10 @@ def test_sighup_applies_a_new_route_and_keeps_open_connections(
         assert held.ask("still there") == "A still there\n"
         assert metric(proc, "sidelink_config_reloads_total", result="ok") == 1
         assert metric(proc, "sidelink_config_reloads_total", result="error") == 0
-        assert metric(proc, "sidelink_connections_opened_total", route="orders", side="downstream") == 1
+        assert (
+            metric(proc, "sidelink_connections_opened_total", route="orders", side="downstream")
+            == 1
+        )
 
         # An invalid file is logged and ignored: both routes keep serving.
         broken = config_text(tdns.port, v2).replace(f"port: {pod_b.port}", "port: 70000")
@@ -658,10 +661,14 @@ async def refused_async(port: int) -> bool:
     return False
 
 
-async def test_file_poller_does_not_repeat_a_sighup_reload(
-    dns: DnsServer, cfg: Path, monkeypatch: pytest.MonkeyPatch
+# Sync tests running their own loop: the in-process server needs one, and these must not
+# depend on how the suite parametrizes async tests.
+
+
+def test_file_poller_does_not_repeat_a_sighup_reload(
+    tdns: ThreadedDnsServer, cfg: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Editing the file, then SIGHUP (the usual way) reloads once, not once more on the next poll."""
+    """Editing the file, then SIGHUP (the usual way) reloads once, not again on the next poll."""
     polls = 0
     real_signature = server_module._file_signature
 
@@ -673,30 +680,40 @@ async def test_file_poller_does_not_repeat_a_sighup_reload(
     monkeypatch.setattr(server_module, "CONFIG_POLL_INTERVAL", 0.01)
     monkeypatch.setattr(server_module, "_file_signature", counting_signature)
     v1 = [("orders", free_port(), POD_A, 9)]
-    cfg.write_text(config_text(dns.port, v1))
-    async with server_from_file(cfg) as server:
-        await until(lambda: polls >= 1, what="the poller to take the file's signature")
-        cfg.write_text(config_text(dns.port, [*v1, ("billing", free_port(), POD_B, 9)]))
-        assert await server.reload()  # what SIGHUP does
-        seen = polls
-        await until(lambda: polls >= seen + 3, what="the poller to look at the file again")
-        assert server.metrics.config_reloads == {"ok": 1, "error": 0}
-        assert set(server.routes) == {"orders", "billing"}
+    cfg.write_text(config_text(tdns.port, v1))
+    v2 = config_text(tdns.port, [*v1, ("billing", free_port(), POD_B, 9)])
+
+    async def scenario() -> None:
+        async with server_from_file(cfg) as server:
+            await until(lambda: polls >= 1, what="the poller to take the file's signature")
+            # No await between the write and reload(): the poller cannot see the change first.
+            cfg.write_text(v2)  # noqa: ASYNC240
+            assert await server.reload()  # what SIGHUP does
+            seen = polls
+            await until(lambda: polls >= seen + 3, what="the poller to look at the file again")
+            assert server.metrics.config_reloads == {"ok": 1, "error": 0}
+            assert set(server.routes) == {"orders", "billing"}
+
+    asyncio.run(scenario())
 
 
-async def test_no_reload_once_shutdown_has_begun(dns: DnsServer, cfg: Path) -> None:
+def test_no_reload_once_shutdown_has_begun(tdns: ThreadedDnsServer, cfg: Path) -> None:
     """A SIGHUP or file change during the drain must not open new listeners."""
     orders, billing = free_port(), free_port()
     v1 = [("orders", orders, POD_A, 9)]
-    cfg.write_text(config_text(dns.port, v1, drain_delay="30s"))
-    async with server_from_file(cfg) as server:
-        server.shutdown()
-        v2 = [*v1, ("billing", billing, POD_B, 9)]
-        cfg.write_text(config_text(dns.port, v2, drain_delay="30s"))
-        assert await server.reload() is False
-        assert set(server.routes) == {"orders"}
-        assert await refused_async(billing)
-        assert server.metrics.config_reloads == {"ok": 0, "error": 0}
+    cfg.write_text(config_text(tdns.port, v1, drain_delay="30s"))
+
+    async def scenario() -> None:
+        async with server_from_file(cfg) as server:
+            server.shutdown()
+            v2 = [*v1, ("billing", billing, POD_B, 9)]
+            await asyncio.to_thread(cfg.write_text, config_text(tdns.port, v2, drain_delay="30s"))
+            assert await server.reload() is False
+            assert set(server.routes) == {"orders"}
+            assert await refused_async(billing)
+            assert server.metrics.config_reloads == {"ok": 0, "error": 0}
+
+    asyncio.run(scenario())
 
 
 # --- sidelink resolve ------------------------------------------------------------------
@@ -705,6 +722,7 @@ async def test_no_reload_once_shutdown_has_begun(dns: DnsServer, cfg: Path) -> N
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=20,

@@ -348,6 +348,28 @@ async def test_upstream_half_close_client_still_sends(dns: DnsServer) -> None:
     assert not p.errors
 
 
+async def test_client_half_closes_before_sending_anything(dns: DnsServer) -> None:
+    """An EOF that arrives while sidelink is still connecting upstream is not a hang-up."""
+
+    async def reply_to_eof(
+        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert await reader.read() == b""
+        writer.write(b"nothing asked, nothing to say")
+
+    async with pods(reply_to_eof) as p:
+        dns.set_a(APP1, ["127.0.0.2"], ttl=1)
+        async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
+            reader, writer = await connect(server)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), 2.0)
+            assert answer == b"nothing asked, nothing to say"
+            await closed(writer)
+            await no_connections(server, "app1")
+            assert p.accepted["127.0.0.2"] == 1
+    assert not p.errors
+
+
 @pytest.mark.parametrize("direction", ["download", "upload"])
 async def test_slow_reader_keeps_buffering_bounded(dns: DnsServer, direction: str) -> None:
     """A reader that stops reading stalls the writer on the far side, not sidelink's memory.
