@@ -274,13 +274,15 @@ class HttpDownstream(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        if len(self.url) > MAX_HEAD_BYTES:
+            raise ClientError(431, "head_too_large", "request head over 64 KiB")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.parsing is not None:  # after the head: a trailer of a chunked body
             self.parsing.trailers.append(b"%s: %s\r\n" % (name, value))
             return
         self.head_size += len(name) + len(value) + 4
-        if self.head_size > MAX_HEAD_BYTES:
+        if self.head_size + len(self.url) > MAX_HEAD_BYTES:
             raise ClientError(431, "head_too_large", "request head over 64 KiB")
         self.headers.append((name, value))
 
@@ -350,6 +352,9 @@ class HttpDownstream(asyncio.Protocol):
                     raise ClientError(400, "bad_request", "conflicting Content-Length headers")
                 content_length = value
             lines.append(b"%s: %s\r\n" % (name, value))
+        # Never drop the framing on a client's say-so: the upstream would read the body
+        # as another request (smuggling).
+        connection_tokens.discard(b"content-length")
         if connection_tokens - {b"keep-alive", b"close", b"upgrade"}:
             # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
             lines = [lines[0]] + [
@@ -597,6 +602,19 @@ class HttpDownstream(asyncio.Protocol):
         self.rejected = error
         if self.flow is not None:
             self.flow.pause_reading()
+        ex = self.parsing
+        if ex is not None:
+            # Its body broke off: the request can never be forwarded whole, so it goes no
+            # further, and an upstream connection holding part of it is not reused.
+            self.parsing = None
+            if ex is self.active:
+                self._detach(ex, reusable=False)
+                self.active = None
+                if ex.response_started or ex.failed:
+                    self._close()  # the client already has (part of) an answer to it
+                    return
+            elif ex in self.queue:
+                self.queue.remove(ex)
         if self.active is None:
             self._send_rejection(error)
 
@@ -616,12 +634,22 @@ class HttpDownstream(asyncio.Protocol):
         ex = self.active
         settings = self.settings
         if ex is None:
-            if self.in_head and now - self.head_started > settings.head_timeout:
+            if self.rejected is not None:
+                # Refused and closing; a client that does not read the refusal is
+                # dropped after idle_timeout (and never refused twice).
+                if now - self.last_active > settings.idle_timeout:
+                    self._close()
+            elif self.in_head and now - self.head_started > settings.head_timeout:
                 self._reject(ClientError(408, "head_timeout", "request head too slow"))
             elif not self.in_head and now - self.last_active > settings.idle_timeout:
                 self._close()
             return
-        if ex.sent_at and not ex.response_started and now - ex.sent_at > settings.request_timeout:
+        if (
+            ex.sent_at
+            and not ex.response_started
+            and not ex.failed  # already answered (504 or other) while its body still comes
+            and now - ex.sent_at > settings.request_timeout
+        ):
             self._fail(ex, UpstreamTimeout("upstream did not answer in time"))
         elif now - self.last_active > settings.idle_timeout:
             self._close()
@@ -638,7 +666,12 @@ class HttpDownstream(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.close()
+            if self.transport.is_closing():
+                # Closed before and still not gone: the client has not taken what was
+                # left to flush for a whole timeout. Drop it rather than hold it for ever.
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _log(self, ex: Exchange) -> None:
         ep = ex.endpoint
@@ -831,6 +864,10 @@ class Upstream(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
+        if self.tunnel:
+            # llhttp completes a 101 before it stops at the upgrade: the exchange goes on
+            # as a tunnel, it is not done (nor its connection reusable).
+            return
         if self.rechunk:
             trailers = b"".join(
                 b"%s: %s\r\n" % h for h in self.headers if h[0].lower() not in HOP_BY_HOP
@@ -846,11 +883,22 @@ class Upstream(asyncio.Protocol):
     def _head(self, status: int, extra: bytes, close: bool) -> bytes:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))]
         upgrade = status == 101
+        named: set[bytes] | None = None
         for name, value in self.headers:
             lname = name.lower()
             if lname in HOP_BY_HOP and not (upgrade and lname in (b"upgrade", b"connection")):
+                if lname == b"connection":
+                    named = named or set()
+                    named.update(t.strip().lower() for t in value.split(b","))
                 continue
             lines.append(b"%s: %s\r\n" % (name, value))
+        if named:
+            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1), but never
+            # the framing: dropping it would desynchronise the client.
+            named.discard(b"content-length")
+            lines = [lines[0]] + [
+                line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named
+            ]
         if extra:
             lines.append(extra)
         if close:

@@ -81,6 +81,13 @@ class TcpDownstream(asyncio.Protocol):
         if self.pending:
             transport.write(b"".join(self.pending))
             self.pending.clear()
+        if self.eof_down:
+            # The client finished sending while we were connecting: pass its EOF on now.
+            if self.eof_up:
+                self.close()
+            elif transport.can_write_eof():
+                transport.write_eof()
+            return
         assert self.flow is not None
         self.flow.resume_reading()
 
@@ -100,7 +107,11 @@ class TcpDownstream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof_down = True
         upstream = self.upstream
-        if upstream is None or upstream.transport is None or self.eof_up:
+        if upstream is None:
+            # Still connecting (uvloop can report an EOF before our pause takes hold):
+            # _connect passes it on after `pending`, as a half-close, not a hang-up.
+            return True
+        if upstream.transport is None or self.eof_up:
             self.close()
             return False
         if upstream.transport.can_write_eof():
@@ -128,7 +139,8 @@ class TcpDownstream(asyncio.Protocol):
 
     def upstream_eof(self) -> bool:
         self.eof_up = True
-        if self.eof_down or self.transport is None:
+        if self.transport is None or (self.eof_down and self.upstream is not None):
+            # (While still connecting, _connect first sends the client's pending bytes.)
             self.close()
             return False
         if self.transport.can_write_eof():
@@ -146,23 +158,29 @@ class TcpDownstream(asyncio.Protocol):
     def tick(self, now: float) -> None:
         if self.upstream is not None and now - self.last_active >= self.route.settings.idle_timeout:
             self.outcome = "idle_timeout"
-            self.close()
+            # Nothing moved for that long, so bytes still queued are stuck behind a peer that
+            # does not read: drop them, or the socket would stay open until it does.
+            self.close(flush=False)
 
     def shutdown(self) -> None:
         """A tcp connection is in flight until one side closes it: nothing to cut short."""
 
     def abort(self) -> None:
         self.outcome = "aborted"
-        self.close()
+        self.close(flush=False)
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Close both sides, after sending what they have queued unless `flush` is False."""
         if self.closed:
             return
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
+        for transport in (self.transport, self.upstream.transport if self.upstream else None):
+            if transport is None:
+                continue
+            if flush:
+                transport.close()
+            else:
+                transport.abort()
         if self.endpoint is not None:
             self.route.endpoints.release(self.endpoint)
         self.stats.active_downstream -= 1

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -44,6 +46,8 @@ CHUNK = 256 * 1024
 # The most sidelink's process may grow while 100 MB stream through it.
 RSS_BUDGET = 40 * MB
 IO_TIMEOUT = 10.0
+TEST_SOCKET_BUFFER = 64 * 1024
+STALL_BOUND = 32 * MB
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,8 +85,7 @@ class Pods:
             first = web.TCPSite(self.runner, self.hosts[0], 0)
             await first.start()
             sites = [first]
-            assert first._server is not None
-            self.port = first._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = self.runner.addresses[0][1]
             try:
                 for host in self.hosts[1:]:
                     site = web.TCPSite(self.runner, host, self.port)
@@ -141,18 +144,21 @@ RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[No
 @contextlib.asynccontextmanager
 async def raw_pod(handler: RawHandler, host: str = POD1) -> AsyncIterator[int]:
     """A hand-written upstream for framings aiohttp will not produce; yields its port."""
+    writers: set[asyncio.StreamWriter] = set()
     tasks: set[asyncio.Task[None]] = set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         tasks.add(task)
+        writers.add(writer)
         try:
             await handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+            writers.discard(writer)
             tasks.discard(task)
 
     server = await asyncio.start_server(serve, host, 0)
@@ -160,8 +166,12 @@ async def raw_pod(handler: RawHandler, host: str = POD1) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
-        for task in list(tasks):
-            task.cancel()
+        # Closing a connection ends its handler's read; cancelling the handler instead
+        # would be reported to the loop's exception handler by asyncio's streams.
+        for writer in list(writers):
+            writer.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=IO_TIMEOUT)
         await server.wait_closed()
 
 
@@ -298,11 +308,33 @@ def chunks(total: int, seed: int = 1) -> Iterator[bytes]:
         yield i.to_bytes(8, "big") + base[8:]
 
 
+@functools.cache
 def digest(total: int, seed: int = 1) -> str:
     h = hashlib.sha256()
     for c in chunks(total, seed):
         h.update(c)
     return h.hexdigest()
+
+
+def chunk_of(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def settled(value: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
+    """Wait until value() has not changed for `quiet` seconds; return it."""
+    last = value()
+    since = time.monotonic()
+
+    def still() -> bool:
+        nonlocal last, since
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+            return False
+        return time.monotonic() - since >= quiet
+
+    await until(still, timeout, "the transfer to stall")
+    return last
 
 
 def rss() -> int:
@@ -349,36 +381,31 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 async def test_stdlib_http_client_keeps_one_connection_for_several_requests() -> None:
+    calls = [("GET", "/a?x=1", None), ("POST", "/b", b"payload"), ("DELETE", "/c", None)]
     async with pods(echo_app()) as up, running_server(config(route(up.port))) as server:
         host, port = route_address(server)
 
         def client() -> list[tuple[int, dict[str, str], bytes]]:
             conn = http.client.HTTPConnection(host, port, timeout=IO_TIMEOUT)
             out = []
+            socks: list[object] = []
             try:
-                conn.request("GET", "/a?x=1", headers={"X-Trace": "t1"})
-                sock = conn.sock
-                for _ in range(2):
+                for i, (method, path, body) in enumerate(calls):
+                    conn.request(method, path, body=body, headers={"X-Trace": f"t{i}"})
                     r = conn.getresponse()
                     out.append((r.status, dict(r.getheaders()), r.read()))
-                    conn.request("POST", "/b", body=b"payload", headers={"X-Trace": "t2"})
-                r = conn.getresponse()
-                out.append((r.status, dict(r.getheaders()), r.read()))
-                assert conn.sock is sock, "http.client had to reconnect"
+                    socks.append(conn.sock)
             finally:
                 conn.close()
+            assert all(sock is socks[0] for sock in socks), "http.client had to reconnect"
             return out
 
         results = await asyncio.to_thread(client)
 
     assert [status for status, _, _ in results] == [200, 200, 200]
     seen = [json.loads(body) for _, _, body in results]
-    assert [(s["method"], s["path"], s["body"]) for s in seen] == [
-        ("GET", "/a?x=1", ""),
-        ("POST", "/b", "payload"),
-        ("POST", "/b", "payload"),
-    ]
-    assert ["X-Trace", "t1"] in seen[0]["headers"] and ["X-Trace", "t2"] in seen[1]["headers"]
+    assert [(s["method"], s["path"], s["body"].encode() or None) for s in seen] == calls
+    assert all(["X-Trace", f"t{i}"] in s["headers"] for i, s in enumerate(seen))
     assert all(headers["X-Upstream"] == "yes" for _, headers, _ in results)
     assert all(headers["Content-Type"].startswith("application/json") for _, headers, _ in results)
     assert server.routes["app1"].stats.opened_downstream == 1
@@ -589,13 +616,12 @@ async def test_100_mb_upload_streams_with_either_framing() -> None:
                         writer.write(b"0\r\n\r\n")
                     r = await read_response(reader)
                 assert r.status == 200, r
-                assert json.loads(r.body) == {"n": total, "sha256": digest(total), "chunked": chunked}
-                print("RSS up", chunked, (peak() - before) // MB)
+                assert json.loads(r.body) == {
+                    "n": total,
+                    "sha256": digest(total),
+                    "chunked": chunked,
+                }
                 assert peak() - before < RSS_BUDGET, (chunked, peak() - before)
-
-
-def chunk_of(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 async def test_100_mb_download_streams_with_either_framing() -> None:
@@ -633,5 +659,486 @@ async def test_100_mb_download_streams_with_either_framing() -> None:
                         h.update(data)
                         n += len(data)
             assert (n, h.hexdigest()) == (total, digest(total))
-            print("RSS down", framing, (peak() - before) // MB)
             assert peak() - before < RSS_BUDGET, (framing, peak() - before)
+
+
+# --- framing ---------------------------------------------------------------------------------
+
+
+async def test_chunked_response_trailers_reach_the_client() -> None:
+    async def with_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc123\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()
+
+    async with (
+        raw_pod(with_trailer) as port,
+        running_server(config(route(port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(get("/", "TE: trailers"))
+        r = await read_response(reader)
+    assert (r.status, r.header("transfer-encoding"), r.body) == (200, "chunked", b"hello world")
+    assert r.header("trailer") == "X-Checksum"
+    assert r.trailers == [("X-Checksum", "abc123")]
+
+
+async def test_chunked_request_trailers_reach_the_upstream() -> None:
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readuntil(b"0\r\n")
+        trailers = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head + body + trailers)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await reader.read()
+
+    async with (
+        raw_pod(record) as port,
+        running_server(config(route(port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(get("/", "Transfer-Encoding: chunked", method="POST"))
+        writer.write(b"3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n")
+        r = await read_response(reader)
+    assert r.status == 200
+    [raw] = seen
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert rest == b"3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n"
+
+
+async def test_head_keeps_content_length_sends_no_body_and_reuses_the_connection() -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="x" * 1234)
+
+    async with (
+        pods(echo_app(**{"/page": page})) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(get("/page", method="HEAD"))
+        r = await read_response(reader, method="HEAD")
+        assert (r.status, r.header("content-length"), r.body) == (200, "1234", b"")
+        assert r.header("transfer-encoding") is None
+        # Nothing follows the head: the next response starts right where it ended.
+        writer.write(get("/page"))
+        r = await read_response(reader)
+        assert (r.status, r.body) == (200, b"x" * 1234)
+        writer.write(get("/page", method="HEAD") + get("/page", method="HEAD"))
+        for _ in range(2):
+            r = await read_response(reader, method="HEAD")
+            assert (r.status, r.header("content-length")) == (200, "1234")
+        writer.write(get("/after"))
+        r = await read_response(reader)
+        assert json.loads(r.body)["path"] == "/after"
+    assert server.routes["app1"].stats.opened_downstream == 1
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_bodiless_status_is_forwarded_without_framing(status: int) -> None:
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"ETag": '"v1"'})
+
+    async with (
+        pods(echo_app(**{"/empty": empty})) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(get("/empty", 'If-None-Match: "v1"'))
+        r = await read_response(reader)
+        assert (r.status, r.header("etag"), r.body) == (status, '"v1"', b"")
+        assert r.header("transfer-encoding") is None
+        writer.write(get("/next"))
+        r = await read_response(reader)
+        assert (r.status, json.loads(r.body)["path"]) == (200, "/next")
+
+
+async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A response with neither Content-Length nor chunked: the body ends at the close."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")
+    for i in range(3):
+        writer.write(b"part %d;" % i)
+        await writer.drain()
+
+
+async def test_response_delimited_by_close_is_rechunked_for_http11() -> None:
+    async with (
+        raw_pod(until_close) as port,
+        running_server(config(route(port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        for _ in range(2):  # the client connection stays usable
+            writer.write(get("/"))
+            r = await read_response(reader)
+            assert (r.status, r.header("transfer-encoding")) == (200, "chunked")
+            assert (r.body, r.header("content-type")) == (b"part 0;part 1;part 2;", "text/plain")
+            assert r.header("connection") != "close"
+
+
+async def test_response_delimited_by_close_is_sent_raw_to_http10_then_closed() -> None:
+    async with (
+        raw_pod(until_close) as port,
+        running_server(config(route(port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(get("/", "Connection: keep-alive", version="1.0"))
+        r = await read_response(reader, http10=True)
+    assert (r.status, r.body) == (200, b"part 0;part 1;part 2;")
+    assert r.header("transfer-encoding") is None and r.header("content-length") is None
+
+
+async def test_chunked_response_is_dechunked_for_http10() -> None:
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(3):
+            await response.write(b"piece %d;" % i)
+        await response.write_eof()
+        return response
+
+    async with (
+        pods(echo_app(**{"/streamed": streamed})) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(get("/streamed", "Connection: keep-alive", version="1.0"))
+        r = await read_response(reader, http10=True)
+        assert (r.status, r.body) == (200, b"piece 0;piece 1;piece 2;")
+        assert r.header("transfer-encoding") is None
+        assert await closed_by_peer(reader)
+        # The upstream connection was read to its end: it goes back to the pool.
+        await until(lambda: server.routes["app1"].stats.pool_idle == 1, what="a pooled connection")
+
+
+async def test_http10_client_keep_alive_only_when_asked() -> None:
+    async with pods(echo_app()) as up, running_server(config(route(up.port))) as server:
+        async with raw_client(server) as (reader, writer):
+            for i in range(3):
+                writer.write(get(f"/ka{i}", "Connection: keep-alive", version="1.0"))
+                r = await read_response(reader, http10=True)
+                assert (r.status, json.loads(r.body)["path"]) == (200, f"/ka{i}")
+                assert (r.header("connection") or "").lower() == "keep-alive"
+                assert r.header("transfer-encoding") is None
+        async with raw_client(server) as (reader, writer):
+            writer.write(get("/once", version="1.0"))
+            r = await read_response(reader, http10=True)
+            assert (r.status, json.loads(r.body)["path"]) == (200, "/once")
+            assert (r.header("connection") or "").lower() == "close"
+            assert await closed_by_peer(reader)
+        assert server.routes["app1"].stats.opened_downstream == 2
+
+
+# --- Expect, Upgrade, pipelining --------------------------------------------------------------
+
+
+async def sha_of_body(request: web.Request) -> web.Response:
+    h = hashlib.sha256()
+    n = 0
+    async for data in request.content.iter_any():
+        h.update(data)
+        n += len(data)
+    return web.json_response({"n": n, "sha256": h.hexdigest()}, status=201)
+
+
+async def test_expect_100_continue_with_curl(tmp_path: Path) -> None:
+    curl = require_tool("curl")
+    total = 4 * MB
+    upload = tmp_path / "upload.bin"
+    with upload.open("wb") as f:
+        for data in chunks(total, seed=3):
+            f.write(data)
+    async with (
+        pods(echo_app(**{"/upload": sha_of_body})) as up,
+        running_server(config(route(up.port))) as server,
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            *(curl, "-sS", "-v", "--max-time", "10", "-H", "Expect: 100-continue"),
+            *("--data-binary", f"@{upload}", url(server, "/upload")),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "< HTTP/1.1 100 Continue" in err.decode(), err.decode()
+    assert "< HTTP/1.1 201 Created" in err.decode()
+    assert json.loads(out) == {"n": total, "sha256": digest(total, seed=3)}
+
+
+async def test_expect_100_continue_with_a_raw_client() -> None:
+    body = b"b" * 100_000
+    async with (
+        pods(echo_app(**{"/upload": sha_of_body})) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        for _ in range(2):
+            writer.write(
+                get(
+                    "/upload",
+                    "Expect: 100-continue",
+                    f"Content-Length: {len(body)}",
+                    method="POST",
+                )
+            )
+            async with asyncio.timeout(IO_TIMEOUT):
+                interim = await read_head(reader)
+            assert interim.status == 100, interim
+            writer.write(body)
+            r = await read_response(reader)
+            assert r.status == 201
+            assert json.loads(r.body) == {
+                "n": len(body),
+                "sha256": hashlib.sha256(body).hexdigest(),
+            }
+
+
+async def test_websocket_echo_through_sidelink() -> None:
+    async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo: " + msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
+    async with (
+        pods(echo_app(**{"/ws": ws_echo})) as up,
+        running_server(config(route(up.port))) as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url(server, "/ws")) as ws,
+    ):
+        await ws.send_str("hello")
+        assert (await ws.receive(IO_TIMEOUT)).data == "echo: hello"
+        payload = bytes(range(256)) * 1000
+        await ws.send_bytes(payload)
+        msg = await ws.receive(IO_TIMEOUT)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.BINARY, payload[::-1])
+        for i in range(20):
+            await ws.send_str(f"m{i}")
+        assert [(await ws.receive(IO_TIMEOUT)).data for _ in range(20)] == [
+            f"echo: m{i}" for i in range(20)
+        ]
+        await ws.close()
+        assert ws.close_code == aiohttp.WSCloseCode.OK
+        # The tunnel's upstream connection is closed with it, never pooled.
+        stats = server.routes["app1"].stats
+        [endpoint] = server.routes["app1"].endpoints.all()
+        await until(
+            lambda: stats.active_upstream == 0 and stats.active_downstream == 0,
+            what="both ends of the tunnel to close",
+        )
+        assert (endpoint.in_flight, stats.pool_idle) == (0, 0)
+        assert re.fullmatch(r"<Pool app1 \S+ idle=0 active=0>", repr(endpoint.pool))
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # the first answer is the slowest; order must hold
+        return web.Response(text=request.path_qs)
+
+    async with (
+        pods(echo_app(**{"/slow": slow})) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        post = get("/second", "Content-Length: 4", method="POST") + b"data"
+        writer.write(get("/slow?n=1") + post + get("/third?x=3"))
+        first = await read_response(reader)
+        second = await read_response(reader)
+        third = await read_response(reader)
+    assert first.body == b"/slow?n=1"
+    assert (json.loads(second.body)["path"], json.loads(second.body)["body"]) == ("/second", "data")
+    assert json.loads(third.body)["path"] == "/third?x=3"
+    assert server.routes["app1"].stats.opened_downstream == 1
+
+
+# --- headers -------------------------------------------------------------------------------------
+
+
+async def test_hop_by_hop_request_headers_stop_at_sidelink() -> None:
+    async with (
+        pods(echo_app()) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(
+            get(
+                "/",
+                "Connection: close, X-Drop",
+                "X-Drop: 1",
+                "Keep-Alive: timeout=5",
+                "TE: trailers",
+                "Proxy-Connection: keep-alive",
+                "X-End-To-End: kept",
+                "Accept: text/plain",
+                "Cookie: a=b",
+            )
+        )
+        r = await read_response(reader)
+        assert r.header("connection") == "close"
+        assert await closed_by_peer(reader)  # the client asked for close
+    seen = {k.lower(): v for k, v in json.loads(r.body)["headers"]}
+    for name in ("x-drop", "keep-alive", "te", "proxy-connection"):
+        assert name not in seen, (name, seen)
+    assert "close" not in seen.get("connection", "").lower()
+    assert (seen["x-end-to-end"], seen["accept"], seen["cookie"]) == ("kept", "text/plain", "a=b")
+
+
+async def test_connection_cannot_strip_the_request_framing() -> None:
+    # Content-Length named in Connection must not be dropped: the upstream would take
+    # the body for a second request (smuggling).
+    async with (
+        pods(echo_app()) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        smuggled = get("/smuggled")
+        writer.write(
+            get(
+                "/", "Connection: content-length", f"Content-Length: {len(smuggled)}", method="POST"
+            )
+            + smuggled
+        )
+        r = await read_response(reader)
+        assert r.status == 200
+        seen = json.loads(r.body)
+        assert (seen["path"], seen["body"].encode()) == ("/", smuggled)
+        writer.write(get("/next"))
+        r = await read_response(reader)
+        assert json.loads(r.body)["path"] == "/next"
+    assert up.hits[POD1] == 2
+
+
+async def test_hop_by_hop_response_headers_stop_at_sidelink() -> None:
+    async def hoppy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\n"
+                b"Keep-Alive: timeout=5, max=100\r\nX-Secret: s\r\nX-Kept: k\r\n"
+                b"Content-Length: 2\r\n\r\nok"
+            )
+
+    async with (
+        raw_pod(hoppy) as port,
+        running_server(config(route(port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(get("/"))
+        r = await read_response(reader)
+    assert (r.status, r.body, r.header("x-kept")) == (200, b"ok", "k")
+    assert "keep-alive" not in r.names()
+    assert "x-secret" not in r.names()
+    assert r.header("connection") is None
+
+
+async def test_host_header_auto_preserve_and_literal(dns: DnsServer) -> None:
+    dns.set_a(APP1, [POD1], ttl=1)
+    async with pods(echo_app()) as up:
+        text = config(
+            route(up.port, name="auto"),
+            route(up.port, name="named", service="app1"),
+            route(up.port, name="preserve", host="preserve"),
+            route(up.port, name="literal", host="api.example.internal"),
+            dns=dns,
+        )
+        async with running_server(text) as server:
+
+            async def host_seen(name: str, *headers: str) -> str | None:
+                async with raw_client(server, name) as (reader, writer):
+                    writer.write(get("/", *headers))
+                    r = await read_response(reader)
+                seen = {k.lower(): v for k, v in json.loads(r.body)["headers"]}
+                return seen.get("host")
+
+            assert await host_seen("auto") == f"127.0.0.2:{up.port}"
+            assert await host_seen("named") == f"app1:{up.port}"
+            assert await host_seen("preserve") == "app1"
+            assert await host_seen("literal") == "api.example.internal"
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+async def test_metrics_after_traffic() -> None:
+    async def missing(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="nope")
+
+    async with (
+        pods(echo_app(**{"/missing": missing})) as up,
+        running_server(config(route(up.port))) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        for _ in range(5):
+            async with session.get(url(server, "/")) as r:
+                await r.read()
+        for _ in range(2):
+            async with session.post(url(server, "/"), data=b"z" * 1000) as r:
+                await r.read()
+        async with session.get(url(server, "/missing")) as r:
+            assert r.status == 404
+            await r.read()
+
+        def value(name: str, **labels: str) -> float:
+            return metric(server, name, route="app1", **labels)
+
+        assert value("sidelink_requests_total", method="GET", code="200") == 5
+        assert value("sidelink_requests_total", method="POST", code="200") == 2
+        assert value("sidelink_requests_total", method="GET", code="404") == 1
+        assert value("sidelink_request_duration_seconds_count") == 8
+        assert value("sidelink_request_duration_seconds_sum") > 0
+        assert value("sidelink_bytes_total", direction="to_upstream") > 2000
+        assert value("sidelink_bytes_total", direction="to_downstream") > 8 * 100
+        assert value("sidelink_connections_opened_total", side="upstream") == 1
+        assert value("sidelink_connections_opened_total", side="downstream") == 1
+        assert value("sidelink_connections_active", side="downstream") == 1
+        assert value("sidelink_upstream_connect_duration_seconds_count") == 1
+        assert value("sidelink_pool_idle_connections") == 1
+        assert value("sidelink_upstream_errors_total", reason="reset") == 0
+
+
+async def test_a_client_that_stops_reading_stalls_the_upstream() -> None:
+    total = 100 * MB
+    written = 0
+
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, TEST_SOCKET_BUFFER
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for data in chunks(total):
+            writer.write(data)
+            await writer.drain()
+            written += len(data)
+        await reader.read()
+
+    async with raw_pod(source) as port, running_server(config(route(port))) as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TEST_SOCKET_BUFFER)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, route_address(server))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(get("/"))
+        stalled = await settled(lambda: written)
+        assert stalled < STALL_BOUND, f"{stalled} bytes went out to a client reading nothing"
+        # Reading resumes the flow, and nothing was lost or reordered while it stood still.
+        head = await read_head(reader)
+        assert head.header("content-length") == str(total)
+        expected = chunks(total)
+        async with asyncio.timeout(IO_TIMEOUT):
+            for _ in range(STALL_BOUND // CHUNK + 8):
+                assert await reader.readexactly(CHUNK) == next(expected)
+        assert written > stalled
+        writer.close()

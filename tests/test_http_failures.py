@@ -1,0 +1,1051 @@
+"""HTTP failure paths and hostile clients, through sidelink in-process, on real sockets.
+
+Upstreams are hand-written asyncio servers that misbehave on purpose (close mid-response,
+answer garbage, never answer, close a pooled connection under a request) and aiohttp
+servers that behave, on 127.0.0.2, 127.0.0.3, ... with port 0. Clients are raw sockets,
+so every byte sidelink sends back is seen. Every failure is checked the way an operator
+sees it: the status, the ``sidelink-error`` header, a short text body, and the metrics.
+Every test runs on asyncio's default loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.dnsserver import DnsServer
+from proxy.server import Server
+from tests.helpers import resolver_yaml, route_address, running_server, until
+
+pytestmark = pytest.mark.both_loops
+
+APP1 = "app1.ns1.svc.cluster.local"
+POD = "127.0.0.2"
+POD2 = "127.0.0.3"
+DEAD = "127.0.0.5"  # a pod IP nothing listens on: connects are refused
+KIB = 1024
+# Short route timeouts so that every timeout path runs in well under a second.
+TIMEOUTS = {
+    "connect_timeout": "300ms",
+    "request_timeout": "500ms",
+    "head_timeout": "500ms",
+    "idle_timeout": "5s",
+}
+# How long a test waits for an answer sidelink owes it (far above every route timeout).
+ANSWER_DEADLINE = 3.0
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+# --- sidelink -----------------------------------------------------------------------
+
+
+def config(dns: DnsServer | None = None, **route: Any) -> str:
+    full = {
+        "name": "app1",
+        "listen": "127.0.0.1:0",
+        "protocol": "http",
+        "service": POD,
+        **TIMEOUTS,
+        **route,
+    }
+    text = yaml.safe_dump({"routes": [full]})
+    return resolver_yaml(dns.port) + text if dns is not None else text
+
+
+class Scrape:
+    """The Prometheus exposition at one moment, as a scraper reads it."""
+
+    def __init__(self, server: Server) -> None:
+        body, _ = server.metrics.render(None)
+        self.samples = [
+            (s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        ]
+
+    def get(self, name: str, **labels: str) -> float:
+        """The sum of the matching samples (0 when none exists yet)."""
+        return sum(
+            v
+            for n, lbl, v in self.samples
+            if n == name and all(lbl.get(k) == want for k, want in labels.items())
+        )
+
+
+def grew(before: Scrape, server: Server, name: str, **labels: str) -> float:
+    """How much a metric rose since `before`."""
+    return Scrape(server).get(name, **labels) - before.get(name, **labels)
+
+
+def upstream_errors(before: Scrape, server: Server) -> dict[str, float]:
+    """sidelink_upstream_errors_total increases since `before`, by reason (non-zero only)."""
+    after = Scrape(server)
+    reasons = ("connect_refused", "connect_timeout", "reset", "timeout", "no_endpoints", "protocol")
+    out = {}
+    for reason in reasons:
+        delta = after.get("sidelink_upstream_errors_total", reason=reason) - before.get(
+            "sidelink_upstream_errors_total", reason=reason
+        )
+        if delta:
+            out[reason] = delta
+    return out
+
+
+def requests_by_code(before: Scrape, server: Server) -> dict[str, float]:
+    """sidelink_requests_total increases since `before`, by code (non-zero only)."""
+    after = Scrape(server)
+    codes = {lbl["code"] for n, lbl, _ in after.samples if n == "sidelink_requests_total"}
+    out = {}
+    for code in sorted(codes):
+        delta = grew(before, server, "sidelink_requests_total", code=code)
+        if delta:
+            out[code] = delta
+    return out
+
+
+async def no_connections(server: Server) -> None:
+    route = server.routes["app1"]
+    stats = route.stats
+    await until(
+        lambda: not route.connections and stats.active_downstream == 0,
+        ANSWER_DEADLINE,
+        "every downstream connection to be gone",
+    )
+
+
+# --- clients ------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    raw_head: bytes = b""
+
+    @property
+    def close(self) -> bool:
+        return self.headers.get("connection", "").lower() == "close"
+
+
+async def read_response(reader: asyncio.StreamReader, method: str = "GET") -> Response:
+    """One response off a raw connection: status line, headers, body as framed."""
+
+    async def read() -> Response:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        match = re.fullmatch(r"HTTP/1\.[01] (\d{3}) .*", lines[0])
+        assert match, f"bad status line {lines[0]!r}"
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        status = int(match.group(1))
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            body = b""
+        elif "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        elif "chunked" in headers.get("transfer-encoding", ""):
+            parts = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")  # no trailers from these upstreams
+                    break
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            body = b"".join(parts)
+        else:
+            body = await reader.read()
+        return Response(status, headers, body, head)
+
+    return await asyncio.wait_for(read(), ANSWER_DEADLINE)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    """True when the peer closes without sending anything more."""
+    try:
+        data = await asyncio.wait_for(reader.read(), ANSWER_DEADLINE)
+    except ConnectionResetError:
+        return True
+    assert data == b"", f"expected a close, got {data[:200]!r}"
+    return True
+
+
+@contextlib.asynccontextmanager
+async def client(server: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection(*route_address(server))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def request(server: Server, raw: bytes, method: str = "GET") -> Response:
+    """raw on a fresh connection; the response to it."""
+    async with client(server) as (reader, writer):
+        writer.write(raw)
+        return await read_response(reader, method)
+
+
+def get(path: str = "/", host: str = "app1", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+def post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: app1\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def assert_error(response: Response, status: int, reason: str) -> None:
+    """A proxy-made failure: status, the sidelink-error header, a short text body."""
+    assert response.status == status, response
+    assert response.headers.get("sidelink-error") == reason, response.headers
+    assert response.headers.get("content-type", "").startswith("text/plain")
+    assert 0 < len(response.body) <= 200, response.body
+    assert response.body.decode().startswith(str(status)), response.body
+
+
+# --- upstreams ----------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    line: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def method(self) -> str:
+        return self.line.split(" ")[0]
+
+    @property
+    def target(self) -> str:
+        return self.line.split(" ")[1]
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request | None:
+    """One request off an upstream connection (None at a clean EOF)."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = b""
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    return Request(lines[0], headers, body)
+
+
+RawHandler = Callable[["RawUpstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    """A hand-written HTTP server on one loopback address that misbehaves as told."""
+
+    handler: RawHandler
+    host: str = POD
+    port: int = 0
+    connections: int = 0
+    requests: list[Request] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        self.connections += 1
+        try:
+            await self.handler(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # sidelink closed its side: that is its right
+        except Exception as e:
+            self.errors.append(e)
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+
+    async def next_request(self, reader: asyncio.StreamReader) -> Request | None:
+        req = await read_request(reader)
+        if req is not None:
+            self.requests.append(req)
+        return req
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        # Aborting the sockets ends the handlers' reads (cancelling them instead would
+        # reach the loop's exception handler through asyncio.streams).
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=ANSWER_DEADLINE)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(handler: RawHandler, host: str = POD) -> AsyncIterator[RawUpstream]:
+    up = RawUpstream(handler, host)
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.stop()
+    assert not up.errors, up.errors
+
+
+async def answer_ok(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """A well-behaved keep-alive server: 200 "ok" to every request."""
+    while await up.next_request(reader) is not None:
+        w.write(OK)
+        await w.drain()
+
+
+@dataclass
+class Pods:
+    """aiohttp servers (well-behaved pods) on several loopback addresses sharing one port."""
+
+    hosts: tuple[str, ...]
+    port: int = 0
+    seen: list[tuple[str, str, str, str]] = field(default_factory=list)  # (pod, method, path, host)
+    runners: list[web.AppRunner] = field(default_factory=list)
+
+    def app(self, pod: str) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            self.seen.append((pod, request.method, request.path_qs, request.host))
+            return web.Response(text=f"{pod} {request.method} {request.path_qs} {len(body)}")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+    async def start(self) -> None:
+        # Port 0 on the first address, then the same port on the others; retry on a clash.
+        for _ in range(20):
+            await self.stop()
+            self.port = 0
+            try:
+                for host in self.hosts:
+                    runner = web.AppRunner(self.app(host), access_log=None)
+                    await runner.setup()
+                    self.runners.append(runner)
+                    site = web.TCPSite(runner, host, self.port)
+                    await site.start()
+                    self.port = runner.addresses[0][1]
+            except OSError:
+                continue
+            return
+        raise AssertionError(f"no common free port on {self.hosts}")
+
+    async def stop(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+        self.runners = []
+
+
+@contextlib.asynccontextmanager
+async def pods(*hosts: str) -> AsyncIterator[Pods]:
+    p = Pods(hosts or (POD,))
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+@pytest.fixture(autouse=True)
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Anything sidelink lets escape to the loop's exception handler fails the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(previous)
+    assert not errors, errors
+
+
+# --- 502: the upstream failed or sent garbage -------------------------------------------
+
+
+async def test_upstream_closing_mid_response_closes_the_client() -> None:
+    async def half_a_body(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        await up.next_request(reader)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+        await w.drain()  # then the handler returns and the socket closes
+
+    async with (
+        raw_upstream(half_a_body) as up,
+        running_server(config(port=up.port)) as server,
+        client(server) as (reader, writer),
+    ):
+        before = Scrape(server)
+        writer.write(get("/half"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_DEADLINE)
+        rest = await asyncio.wait_for(reader.read(), ANSWER_DEADLINE)
+        # The head went out before the failure: the client learns of it by the close,
+        # with the body short of its length, and never a second (error) response.
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert rest == b"x" * 10
+        assert upstream_errors(before, server) == {"reset": 1}
+        assert requests_by_code(before, server) == {"200": 1}
+        assert len(up.requests) == 1
+
+
+async def test_upstream_closing_before_any_byte_fails_a_post_with_502_reset() -> None:
+    async def hang_up(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await up.next_request(reader)
+
+    async with raw_upstream(hang_up) as up, running_server(config(port=up.port)) as server:
+        before = Scrape(server)
+        response = await request(server, post("/order", b"pay once"))
+        assert_error(response, 502, "reset")
+        assert upstream_errors(before, server) == {"reset": 1}
+        assert requests_by_code(before, server) == {"502": 1}
+        # A fresh connection failed: the request may have reached the application, so a
+        # POST is never sent twice.
+        assert [r.body for r in up.requests] == [b"pay once"]
+
+
+async def test_garbage_instead_of_http_is_502_protocol() -> None:
+    async def garbage(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await up.next_request(reader)
+        w.write(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01\x02 not http at all\r\n\r\n")
+        await w.drain()
+        await reader.read()  # keep the socket open: sidelink must end it
+
+    async with raw_upstream(garbage) as up, running_server(config(port=up.port)) as server:
+        before = Scrape(server)
+        async with client(server) as (reader, writer):
+            writer.write(get("/"))
+            response = await read_response(reader)
+            assert_error(response, 502, "protocol")
+            # The connection to the client stays usable: the failure was upstream's.
+            assert not response.close
+            writer.write(get("/again"))
+            assert_error(await read_response(reader), 502, "protocol")
+        assert upstream_errors(before, server) == {"protocol": 2}
+        assert requests_by_code(before, server) == {"502": 2}
+        # The garbled connections are not pooled.
+        assert server.routes["app1"].stats.pool_idle == 0
+        await until(lambda: server.routes["app1"].stats.active_upstream == 0, ANSWER_DEADLINE)
+
+
+# --- 503: nothing to send the request to ------------------------------------------------
+
+
+async def test_a_name_never_resolved_is_503_no_endpoints_within_connect_timeout(
+    dns: DnsServer,
+) -> None:
+    # No record at all: every name of the search list answers NXDOMAIN.
+    async with running_server(config(dns, service="app1", port=80)) as server:
+        before = Scrape(server)
+        started = time.monotonic()
+        response = await request(server, get("/"))
+        elapsed = time.monotonic() - started
+        assert_error(response, 503, "no_endpoints")
+        # Waited for a first answer for connect_timeout (300ms), not for ever.
+        assert elapsed < 2.0
+        assert upstream_errors(before, server) == {"no_endpoints": 1}
+        assert requests_by_code(before, server) == {"503": 1}
+
+
+async def test_connect_refused_on_every_endpoint_counts_each_failure(dns: DnsServer) -> None:
+    dns.set_a(APP1, [DEAD], ttl=30)
+    async with running_server(config(dns, service="app1", port=free_port(DEAD))) as server:
+        await until(lambda: server.routes["app1"].watch.resolved, ANSWER_DEADLINE)
+        before = Scrape(server)
+        response = await request(server, get("/"))
+        # The one endpoint refused, and there is no other to retry on. What sidelink
+        # sends is 502 connect_refused (the upstream failed); the metric counts the
+        # refusal and, as the SPEC's table says for "every endpoint failing",
+        # no_endpoints too.
+        assert_error(response, 502, "connect_refused")
+        assert upstream_errors(before, server) == {"connect_refused": 1, "no_endpoints": 1}
+        assert requests_by_code(before, server) == {"502": 1}
+        assert grew(before, server, "sidelink_endpoint_ejections_total") == 1
+
+
+# --- 504: the upstream did not answer in time ------------------------------------------
+
+
+async def test_an_upstream_that_never_answers_is_504_and_the_client_connection_lives_on() -> None:
+    async def silent_on_slow(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        while (req := await up.next_request(reader)) is not None:
+            if req.target == "/slow":
+                await reader.read()  # read on, answer never
+                return
+            w.write(OK)
+            await w.drain()
+
+    async with (
+        raw_upstream(silent_on_slow) as up,
+        running_server(config(port=up.port)) as server,
+        client(server) as (reader, writer),
+    ):
+        before = Scrape(server)
+        started = time.monotonic()
+        writer.write(get("/slow"))
+        response = await read_response(reader)
+        elapsed = time.monotonic() - started
+        assert_error(response, 504, "timeout")
+        assert not response.close
+        assert 0.5 <= elapsed < 2.0  # request_timeout is 500ms
+        assert upstream_errors(before, server) == {"timeout": 1}
+        # Same connection, next request: served.
+        writer.write(get("/good"))
+        response = await read_response(reader)
+        assert (response.status, response.body) == (200, b"ok")
+        assert requests_by_code(before, server) == {"504": 1, "200": 1}
+        assert [r.target for r in up.requests] == ["/slow", "/good"]
+
+
+# --- retries: only where safe --------------------------------------------------------------
+
+
+async def test_connect_failure_on_one_of_two_endpoints_is_retried(dns: DnsServer) -> None:
+    async with pods(POD) as p:
+        dns.set_a(APP1, [POD, DEAD], ttl=30)
+        text = config(dns, service="app1", port=p.port, balance="round_robin")
+        async with running_server(text) as server:
+            await until(lambda: len(server.routes["app1"].endpoints) == 2, ANSWER_DEADLINE)
+            before = Scrape(server)
+            async with client(server) as (reader, writer):
+                for i in range(6):
+                    writer.write(get(f"/r{i}"))
+                    response = await read_response(reader)
+                    assert response.status == 200, response
+                    assert response.body.startswith(POD.encode())
+            # Round robin sends one of the first two requests to the dead pod: refused,
+            # retried on the other, and the dead one ejected.
+            assert grew(before, server, "sidelink_retries_total") >= 1
+            assert upstream_errors(before, server) == {"connect_refused": 1}
+            assert requests_by_code(before, server) == {"200": 6}
+            assert grew(before, server, "sidelink_endpoint_ejections_total") == 1
+            assert len(p.seen) == 6
+
+
+def stale_after_one(counts: list[int]) -> RawHandler:
+    """A server that answers one request per connection with keep-alive, then hangs up.
+
+    The next request on that connection is read and the socket closed without a byte of
+    answer: the race of a server closing an idle keep-alive connection just as the
+    client reuses it, made deterministic. `counts` gets the requests seen per connection.
+    """
+
+    async def handler(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        index = len(counts)
+        counts.append(0)
+        if await up.next_request(reader) is None:
+            return
+        counts[index] += 1
+        w.write(OK)
+        await w.drain()
+        if await up.next_request(reader) is not None:
+            counts[index] += 1
+        # Returning closes the socket with no answer.
+
+    return handler
+
+
+async def test_get_on_a_pooled_connection_the_server_closed_is_retried() -> None:
+    counts: list[int] = []
+    async with (
+        raw_upstream(stale_after_one(counts)) as up,
+        running_server(config(port=up.port)) as server,
+        client(server) as (reader, writer),
+    ):
+        stats = server.routes["app1"].stats
+        writer.write(get("/first"))
+        assert (await read_response(reader)).status == 200
+        await until(lambda: stats.pool_idle == 1, ANSWER_DEADLINE, "the connection pooled")
+        before = Scrape(server)
+        writer.write(get("/second"))
+        response = await read_response(reader)
+        assert (response.status, response.body) == (200, b"ok")
+        assert grew(before, server, "sidelink_retries_total") == 1
+        assert requests_by_code(before, server) == {"200": 1}
+        # The GET reached the first connection (which died) and then a fresh one.
+        assert [r.target for r in up.requests] == ["/first", "/second", "/second"]
+        assert counts == [2, 1]
+
+
+async def test_post_on_a_pooled_connection_the_server_closed_is_not_replayed() -> None:
+    counts: list[int] = []
+    async with (
+        raw_upstream(stale_after_one(counts)) as up,
+        running_server(config(port=up.port)) as server,
+        client(server) as (reader, writer),
+    ):
+        stats = server.routes["app1"].stats
+        writer.write(get("/first"))
+        assert (await read_response(reader)).status == 200
+        await until(lambda: stats.pool_idle == 1, ANSWER_DEADLINE, "the connection pooled")
+        before = Scrape(server)
+        writer.write(post("/pay", b"once"))
+        response = await read_response(reader)
+        assert_error(response, 502, "reset")
+        assert grew(before, server, "sidelink_retries_total") == 0
+        assert upstream_errors(before, server) == {"reset": 1}
+        assert requests_by_code(before, server) == {"502": 1}
+        assert [r.method for r in up.requests].count("POST") == 1
+        assert counts == [2]
+
+
+# --- security on the request path ------------------------------------------------------
+
+
+# request_timeout runs from the request head sent upstream: the neighbour, which stops
+# mid-body while the hostile client acts, needs longer than the usual 500ms.
+PATIENT = {"request_timeout": "5s"}
+
+
+@dataclass
+class Neighbour:
+    """A well-behaved keep-alive client, mid-request while something hostile happens."""
+
+    server: Server
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+
+    async def start(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(*route_address(self.server))
+        self.writer.write(get("/warmup"))
+        assert (await read_response(self.reader)).status == 200
+        # Half a request is in: sidelink has forwarded the head and waits for the body.
+        self.writer.write(b"POST /neighbour HTTP/1.1\r\nHost: app1\r\nContent-Length: 8\r\n\r\nhalf")
+        await self.writer.drain()
+
+    async def finish(self) -> None:
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(b"done")
+        response = await read_response(self.reader)
+        assert response.status == 200, response
+        assert response.body.endswith(b"POST /neighbour 8")
+        for i in range(3):
+            self.writer.write(get(f"/after{i}"))
+            assert (await read_response(self.reader)).status == 200
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def neighbour(server: Server) -> AsyncIterator[Neighbour]:
+    n = Neighbour(server)
+    await n.start()
+    yield n
+    await n.finish()
+
+
+HUGE_VALUE = b"v" * (70 * KIB)
+MANY_HEADERS = b"".join(b"x-filler-%05d: %s\r\n" % (i, b"f" * 40) for i in range(1400))
+
+HOSTILE = {
+    "connect": (
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+        405,
+        "method_not_allowed",
+    ),
+    "absolute_form_for_another_host": (
+        b"GET http://evil.example/hostile HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        400,
+        "forbidden_host",
+    ),
+    "one_huge_header": (
+        b"GET /hostile HTTP/1.1\r\nHost: app1\r\nX-Huge: " + HUGE_VALUE + b"\r\n\r\n",
+        431,
+        "head_too_large",
+    ),
+    "many_headers": (
+        b"GET /hostile HTTP/1.1\r\nHost: app1\r\n" + MANY_HEADERS + b"\r\n",
+        431,
+        "head_too_large",
+    ),
+    "huge_target": (
+        b"GET /hostile?" + b"q" * (70 * KIB) + b" HTTP/1.1\r\nHost: app1\r\n\r\n",
+        431,
+        "head_too_large",
+    ),
+    "content_length_and_transfer_encoding": (
+        b"POST /hostile HTTP/1.1\r\nHost: app1\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "transfer_encoding_and_content_length": (
+        b"POST /hostile HTTP/1.1\r\nHost: app1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "two_differing_content_lengths": (
+        b"POST /hostile HTTP/1.1\r\nHost: app1\r\nContent-Length: 4\r\nContent-Length: 30\r\n\r\n"
+        b"abcdGET /smuggled HTTP/1.1\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "two_host_headers": (
+        b"GET /hostile HTTP/1.1\r\nHost: app1\r\nHost: evil.example\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "bad_chunk_size": (
+        b"POST /hostile HTTP/1.1\r\nHost: app1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+        "bad_request",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+async def test_hostile_request_is_refused_without_disturbing_a_neighbour(case: str) -> None:
+    raw, status, reason = HOSTILE[case]
+    async with pods(POD) as p, running_server(config(port=p.port, **PATIENT)) as server:
+        route = server.routes["app1"]
+        async with neighbour(server):
+            before = Scrape(server)
+            async with client(server) as (reader, writer):
+                writer.write(raw)
+                response = await read_response(reader)
+                assert_error(response, status, reason)
+                assert response.close
+                assert await closed_by_peer(reader)
+            assert requests_by_code(before, server) == {str(status): 1}
+            # A refusal is the client's fault, never counted against the upstream.
+            assert upstream_errors(before, server) == {}
+        paths = [path for _, _, path, _ in p.seen]
+        assert not [path for path in paths if "hostile" in path or "smuggled" in path], paths
+        # The refused connection took no upstream connection with it.
+        await no_connections(server)
+        assert route.stats.active_upstream == route.stats.pool_idle
+
+
+async def test_absolute_form_for_the_routes_own_ip_service_is_served_in_origin_form() -> None:
+    async with raw_upstream(answer_ok) as up, running_server(config(port=up.port)) as server:
+        target = f"http://{POD}:{up.port}/x?q=1"
+        response = await request(server, get(target, host=f"{POD}:{up.port}"))
+        assert (response.status, response.body) == (200, b"ok")
+        assert [r.line for r in up.requests] == ["GET /x?q=1 HTTP/1.1"]
+
+
+async def test_absolute_form_for_the_routes_own_service_name_is_served(dns: DnsServer) -> None:
+    async with raw_upstream(answer_ok) as up:
+        dns.set_a(APP1, [POD], ttl=30)
+        async with running_server(config(dns, service="app1", port=up.port)) as server:
+            response = await request(server, get("http://app1/x", host="app1"))
+            assert (response.status, response.body) == (200, b"ok")
+            response = await request(server, get(f"http://{APP1}./y", host="app1"))
+            assert (response.status, response.body) == (200, b"ok")
+        assert [r.line for r in up.requests] == ["GET /x HTTP/1.1", "GET /y HTTP/1.1"]
+
+
+async def test_a_slow_head_is_cut_by_head_timeout_without_disturbing_a_neighbour() -> None:
+    async with pods(POD) as p, running_server(config(port=p.port, **PATIENT)) as server:
+        async with neighbour(server), client(server) as (reader, writer):
+            before = Scrape(server)
+            head = get("/slowloris", extra="X-Pad: " + "p" * 100 + "\r\n")
+            answer = asyncio.ensure_future(reader.read())
+            started = time.monotonic()
+            for byte in head:
+                if answer.done():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.wait([answer], timeout=0.2)  # one byte every 200ms
+            data = await asyncio.wait_for(answer, ANSWER_DEADLINE)
+            elapsed = time.monotonic() - started
+            # head_timeout is 500ms, checked every 100ms.
+            assert elapsed < 1.2
+            if data:
+                reader2 = asyncio.StreamReader()
+                reader2.feed_data(data)
+                reader2.feed_eof()
+                assert_error(await read_response(reader2), 408, "head_timeout")
+                assert requests_by_code(before, server) == {"408": 1}
+        assert all(path != "/slowloris" for _, _, path, _ in p.seen)
+
+
+async def test_a_client_that_never_reads_its_refusal_is_still_dropped() -> None:
+    """A refusal queued behind a large unread response must not pin the connection."""
+
+    async def big(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await up.next_request(reader) is not None:
+            body = b"b" * (8 * 1024 * KIB)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            await w.drain()
+
+    async with raw_upstream(big) as up:
+        text = config(port=up.port, idle_timeout="1s")
+        async with running_server(text) as server:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, route_address(server))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            before = Scrape(server)
+            try:
+                # A big response nobody reads, then half a head that head_timeout refuses.
+                writer.write(get("/big") + b"GET /never-finished HTTP/1.1\r\n")
+                await until(lambda: up.requests, ANSWER_DEADLINE)
+                await no_connections(server)
+            finally:
+                writer.close()
+            assert requests_by_code(before, server).get("408", 0) <= 1
+
+
+# --- hostile heads, generated -------------------------------------------------------------
+
+# Each part of a generated head: usually well-formed, sometimes hostile, now and then
+# random text, so that most heads get far enough into sidelink to meet the hostile part.
+METHODS = (
+    ["GET", "POST", "PUT", "HEAD", "OPTIONS", "DELETE", "PATCH"],
+    ["CONNECT", "TRACE", "PRI", "get", "G ET", "GET\x00", "", "\xff\xfe", "M" * 300],
+)
+TARGETS = (
+    ["/", "/x?y=1", "/a/b%20c", "*", "http://app1/ok", "http://127.0.0.2/x"],
+    ["http://evil.example/", "//evil.example/", "/%00", "/\x00", "/ /", "", "evil.example:443",
+     "/" + "a" * (70 * KIB), "https://app1/", "/\r\nX-Injected: 1", "/\xff", "http://@evil/"],
+)
+VERSIONS = (
+    ["HTTP/1.1", "HTTP/1.0"],
+    ["HTTP/2.0", "HTTP/0.9", "HTTP/1.1x", "", "http/1.1", "HTTP/9.9", "HTTP/1", "HTTP/1.1 x"],
+)
+NAMES = (
+    ["Host", "Content-Length", "Transfer-Encoding", "Connection", "Upgrade", "Expect", "TE",
+     "Keep-Alive", "X-Ok", "Trailer", "Proxy-Connection"],
+    ["X Space", "X:Colon", "X\x00Nul", "", ":", "\xff", "N" * 5000, "Content-Length ", " Host"],
+)
+VALUES = (
+    ["app1", "0", "3", "5", "chunked", "close", "keep-alive", "keep-alive, x-ok", "upgrade",
+     "websocket", "100-continue", "trailers", "x"],
+    ["evil.example", "-1", "99999999999999999999", "gzip, chunked", "chunked, gzip",
+     "a\r\nX-Injected: 1", "a\nX-Injected: 1", "a\x00b", "a\r\n folded", "\t", "v" * 5000,
+     "0x10", "1 2", "v" * (70 * KIB), "content-length"],
+)
+BODIES = [b"", b"abc", b"0\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"-1\r\n",
+          b"ffffffffffffffffffff\r\nx\r\n", b"5;ext=1\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+          b"5\r\nhelloXX", b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app1\r\n\r\n",
+          b"3\nabc\n0\n\n"]
+
+
+def mostly(parts: tuple[list[str], list[str]]) -> st.SearchStrategy[str]:
+    valid, hostile = parts
+    return st.integers(0, 9).flatmap(
+        lambda n: st.sampled_from(valid)
+        if n < 6
+        else st.sampled_from(hostile)
+        if n < 9
+        else st.text(max_size=30)
+    )
+
+
+@st.composite
+def hostile_heads(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(min_size=1, max_size=600))
+    eol = draw(st.sampled_from(["\r\n"] * 6 + ["\n", "\r"]))
+    method, target, version = draw(mostly(METHODS)), draw(mostly(TARGETS)), draw(mostly(VERSIONS))
+    headers = draw(st.lists(st.tuples(mostly(NAMES), mostly(VALUES)), max_size=6))
+    head = f"{method} {target} {version}{eol}" + "".join(f"{n}: {v}{eol}" for n, v in headers)
+    raw = head.encode("utf-8", "surrogateescape") + eol.encode() + draw(st.sampled_from(BODIES))
+    if draw(st.booleans()):
+        raw += get("/pipelined")  # a well-formed request right behind it
+    if draw(st.integers(0, 3)) == 0:
+        raw = raw[: draw(st.integers(1, len(raw)))]  # cut anywhere
+    return raw
+
+
+RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 (\d{3}) [\t -~]*\r\n(?:[!#-'*+.0-9A-Z^_`a-z|~-]+: [\t -~]*\r\n)*\r\n")
+
+
+def parse_responses(data: bytes) -> list[int]:
+    """The statuses of the responses in data, whose heads must be well-formed HTTP/1.1.
+
+    (Bodies are not parsed: a response to HEAD declares a length it does not send, and
+    only the request says which one that is.)
+    """
+    assert data.startswith(b"HTTP/1.1 "), data[:200]
+    statuses = []
+    for match in re.finditer(rb"HTTP/1\.1 \d{3} ", data):
+        head = RESPONSE_HEAD.match(data, match.start())
+        assert head, data[match.start() : match.start() + 300]
+        statuses.append(int(head.group(1)))
+    return statuses
+
+
+async def probe(server: Server, raw: bytes) -> list[int]:
+    """raw on a fresh connection, then EOF: the statuses sidelink answered before closing."""
+    reader, writer = await asyncio.open_connection(*route_address(server))
+    try:
+        writer.write(raw)
+        with contextlib.suppress(ConnectionError):
+            writer.write_eof()
+        try:
+            data = await asyncio.wait_for(reader.read(), ANSWER_DEADLINE)
+        except ConnectionResetError:
+            return []
+    finally:
+        writer.close()
+    return parse_responses(data) if data else []
+
+
+async def test_hostile_heads_get_an_answer_or_a_close(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="sidelink")
+    sidelink_logger = logging.getLogger("sidelink")
+    sidelink_logger.addHandler(caplog.handler)  # in case another test stopped propagation
+    loop = asyncio.get_running_loop()
+    try:
+        async with raw_upstream(answer_ok) as up, running_server(config(port=up.port)) as server:
+
+            @settings(
+                max_examples=100,
+                deadline=None,
+                database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture],
+            )
+            @given(raw=hostile_heads())
+            def every_head_is_answered(raw: bytes) -> None:
+                future = asyncio.run_coroutine_threadsafe(probe(server, raw), loop)
+                statuses = future.result(ANSWER_DEADLINE + 2)
+                for status in statuses:
+                    assert status == 200 or 400 <= status <= 599, (raw, statuses)
+
+            # Hypothesis drives the examples from a thread while sidelink serves here.
+            await asyncio.to_thread(every_head_is_answered)
+            response = await request(server, get("/still-serving"))
+            assert (response.status, response.body) == (200, b"ok")
+            await no_connections(server)
+    finally:
+        sidelink_logger.removeHandler(caplog.handler)
+    errors = [r for r in caplog.records if r.name.startswith("sidelink") and r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+# --- leaks -------------------------------------------------------------------------------
+
+
+async def test_a_refused_request_leaks_no_connection() -> None:
+    async with raw_upstream(answer_ok) as up, running_server(config(port=up.port)) as server:
+        stats = server.routes["app1"].stats
+        before = Scrape(server)
+        clients = []
+        for _ in range(5):
+            clients.append(await asyncio.open_connection(*route_address(server)))
+        await until(lambda: stats.active_downstream == 5, ANSWER_DEADLINE)
+        assert Scrape(server).get("sidelink_connections_active", side="downstream") == 5
+        for reader, writer in clients:
+            writer.write(b"GET /bad path HTTP/1.1\r\nHost: app1\r\n\r\n")
+            assert_error(await read_response(reader), 400, "bad_request")
+            writer.close()
+        await no_connections(server)
+        after = Scrape(server)
+        assert after.get("sidelink_connections_active", side="downstream") == 0
+        assert after.get("sidelink_connections_active", side="upstream") == 0
+        assert after.get("sidelink_pool_idle_connections") == 0
+        assert grew(before, server, "sidelink_connections_opened_total", side="upstream") == 0
+        assert up.connections == 0
+        assert requests_by_code(before, server) == {"400": 5}
+
+
+async def read_head_then_wait(
+    up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+) -> None:
+    """Reads a request head, then reads on (a body that may never end) and never answers."""
+    await up.next_request(reader)
+    await reader.read()
+
+
+async def test_a_body_broken_mid_request_is_400_at_once_and_not_blamed_on_upstream() -> None:
+    async with (
+        raw_upstream(read_head_then_wait) as up,
+        running_server(config(port=up.port, **PATIENT)) as server,
+    ):
+        stats = server.routes["app1"].stats
+        before = Scrape(server)
+        async with client(server) as (reader, writer):
+            writer.write(
+                b"POST /upload HTTP/1.1\r\nHost: app1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n"
+            )
+            # The head and the first chunk have gone upstream; then a bad chunk size.
+            await until(lambda: stats.active_upstream == 1, ANSWER_DEADLINE)
+            started = time.monotonic()
+            writer.write(b"zz\r\n")
+            response = await read_response(reader)
+            assert_error(response, 400, "bad_request")
+            assert time.monotonic() - started < 0.5  # not after request_timeout
+            assert await closed_by_peer(reader)
+        assert requests_by_code(before, server) == {"400": 1}
+        assert upstream_errors(before, server) == {}
+        # The upstream has half a request: that connection can never be reused.
+        await until(lambda: stats.active_upstream == 0, ANSWER_DEADLINE)
+        assert stats.pool_idle == 0
+        await no_connections(server)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_body_that_stalls_past_request_timeout_gets_one_504() -> None:
+    async with (
+        raw_upstream(read_head_then_wait) as up,
+        running_server(config(port=up.port)) as server,
+        client(server) as (reader, writer),
+    ):
+        before = Scrape(server)
+        writer.write(post("/upload", b"0123456789")[:-5])  # half the body, then nothing
+        response = await read_response(reader)
+        assert_error(response, 504, "timeout")
+        # Twice request_timeout later still nothing more: the request was answered once.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 1.0)
+        assert upstream_errors(before, server) == {"timeout": 1}
+        assert requests_by_code(before, server) == {"504": 1}
+        # The rest of the body is read and dropped; then the connection serves again.
+        writer.write(b"56789" + get("/next"))
+        assert_error(await read_response(reader), 504, "timeout")
+        assert up.connections == 2
+        assert up.requests[-1].target == "/next"
