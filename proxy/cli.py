@@ -21,18 +21,10 @@ from proxy.config import (
     Overrides,
     join_host_port,
 )
-from proxy.demo import run_demo
-from proxy.inject import DEFAULT_IMAGE, InjectError, inject
 from proxy.logs import configure_logging
-from proxy.resolver import DnsError, Resolver
-from proxy.server import Server, StartupError
 
-try:
-    import uvloop
-
-    new_event_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-except ImportError:  # uvloop is optional: the default loop works, slower
-    new_event_loop = asyncio.new_event_loop
+# The commands import what they need (aiohttp, dnspython, the forwarders) themselves,
+# so `check`, `inject` and `--version` start fast.
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -113,6 +105,8 @@ def _route_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.server import Server, StartupError
+
     source = ConfigSource.discover(
         args.config, args.route, Overrides(args.admin, args.log_level, args.log_format)
     )
@@ -123,15 +117,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         server = Server(config, source)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, server.shutdown)
+        loop.add_signal_handler(signal.SIGINT, server.shutdown)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
         try:
             await server.start()
         except StartupError as e:
             log.error("cannot start: %s", e)
             return EXIT_FAILURE
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, server.shutdown)
-        loop.add_signal_handler(signal.SIGINT, server.shutdown)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
         await server.serve_until_shutdown()
         log.info("sidelink stopped")
         return EXIT_OK
@@ -147,6 +141,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
+    from proxy.resolver import DnsError, Resolver
+
     config = ConfigSource.discover(args.config).load()
     port: int | str = int(args.port) if args.port.isdigit() else args.port
     resolver = Resolver(config.resolver)
@@ -178,6 +174,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
+    from proxy.inject import DEFAULT_IMAGE, InjectError, inject
+
     try:
         if args.file == "-":
             text, source = sys.stdin.read(), "<stdin>"
@@ -204,10 +202,18 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
     return run_async(run_demo(args.duration))
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+
+        new_event_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    except ImportError:  # uvloop is optional: the default loop works, slower
+        new_event_loop = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(coro)

@@ -315,6 +315,14 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -563,6 +571,10 @@ class _Reader:
             settings=self.settings_from(nodes, path, defaults),
         )
         self.check_exposure(route, nodes.get("listen"), f"{path}.listen")
+        if isinstance(route.port, str) and _is_ip(route.service):
+            self.problem(
+                nodes.get("port"), f"{path}.port", "a port name needs a DNS name as service (SRV)"
+            )
         if "listen" not in nodes or "service" not in nodes:
             return None
         self.route_origins.append(
@@ -588,6 +600,8 @@ class _Reader:
         service = m["service"]
         if not valid_service(service):
             problems.append(f"service: not a DNS name or IP address: {service!r}")
+        elif _is_ip(service) and m["port"] and not m["port"].isdigit():
+            problems.append("port: a port name needs a DNS name as service (SRV)")
         port: int | str = 80
         try:
             port = _upstream_port(m["port"]) if m["port"] else 80

@@ -25,12 +25,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """(Re)configure the ``sidelink`` loggers; safe to call again on reload."""
+    """(Re)configure logging; safe to call again on reload."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger("sidelink")
+    # The root logger, so asyncio's and aiohttp's messages share the format; sidelink's
+    # own level applies to sidelink, other libraries speak at warning and above.
+    root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    logging.getLogger("sidelink").setLevel(level.upper())

@@ -42,6 +42,18 @@ class StartupError(Exception):
     """Something outside the config stopped the server from starting (a port in use)."""
 
 
+class BindError(OSError):
+    """A listener that cannot bind, said in one line: who, where, why."""
+
+    @classmethod
+    def of(cls, e: OSError, who: str, address: str) -> BindError:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        return cls(e.errno, f"{who}: cannot listen on {address}: {why}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class Acceptor:
     """A listener's protocol factory; a reload may point it at a new Route in place."""
 
@@ -89,9 +101,12 @@ class Server:
             for rc in self.config.routes:
                 await self._add_route(rc)
             self._admin = admin.AdminServer(self)
-            self.admin_address = await self._admin.start(
-                self.config.admin.host, self.config.admin.port
-            )
+            try:
+                self.admin_address = await self._admin.start(
+                    self.config.admin.host, self.config.admin.port
+                )
+            except OSError as e:
+                raise BindError.of(e, "admin", self.config.admin.listen) from e
         except OSError as e:
             await self._close_everything()
             raise StartupError(str(e)) from e
@@ -131,9 +146,7 @@ class Server:
             await route.listen(acceptor)
         except OSError as e:
             route.close()
-            raise OSError(
-                e.errno, f"route {rc.name}: cannot listen on {rc.listen}: {e.strerror}"
-            ) from e
+            raise BindError.of(e, f"route {rc.name}", rc.listen) from e
         return route, acceptor
 
     # --- state for admin ------------------------------------------------------------

@@ -27,7 +27,9 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 def require_tool(name: str) -> str:
     """The path of a system tool; skip without it, except in CI where it must be present."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
     if path is None:
         if IN_CI:
             pytest.fail(f"{name} is required in CI (.ci/run installs it)")

@@ -356,10 +356,6 @@ RUN_ADMIN_TAKEN = case(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py: the admin bind error shows ('127.0.0.1', P) and does not say 'admin'",
-)
 def test_run_exits_1_when_the_admin_port_is_taken(results: Results) -> None:
     result = results[RUN_ADMIN_TAKEN]
     assert result.returncode == 1, result.stderr

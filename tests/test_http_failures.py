@@ -188,7 +188,9 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def client(server: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def client(
+    server: Server,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     reader, writer = await asyncio.open_connection(*route_address(server))
     try:
         yield reader, writer
@@ -431,7 +433,9 @@ async def test_upstream_closing_mid_response_closes_the_client() -> None:
 
 
 async def test_upstream_closing_before_any_byte_fails_a_post_with_502_reset() -> None:
-    async def hang_up(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def hang_up(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
         await up.next_request(reader)
 
     async with raw_upstream(hang_up) as up, running_server(config(port=up.port)) as server:
@@ -446,7 +450,9 @@ async def test_upstream_closing_before_any_byte_fails_a_post_with_502_reset() ->
 
 
 async def test_garbage_instead_of_http_is_502_protocol() -> None:
-    async def garbage(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def garbage(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
         await up.next_request(reader)
         w.write(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01\x02 not http at all\r\n\r\n")
         await w.drain()
@@ -573,7 +579,9 @@ def stale_after_one(counts: list[int]) -> RawHandler:
     client reuses it, made deterministic. `counts` gets the requests seen per connection.
     """
 
-    async def handler(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def handler(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
         index = len(counts)
         counts.append(0)
         if await up.next_request(reader) is None:
@@ -653,7 +661,9 @@ class Neighbour:
         self.writer.write(get("/warmup"))
         assert (await read_response(self.reader)).status == 200
         # Half a request is in: sidelink has forwarded the head and waits for the body.
-        self.writer.write(b"POST /neighbour HTTP/1.1\r\nHost: app1\r\nContent-Length: 8\r\n\r\nhalf")
+        self.writer.write(
+            b"POST /neighbour HTTP/1.1\r\nHost: app1\r\nContent-Length: 8\r\n\r\nhalf"
+        )
         await self.writer.drain()
 
     async def finish(self) -> None:
@@ -843,39 +853,100 @@ METHODS = (
 )
 TARGETS = (
     ["/", "/x?y=1", "/a/b%20c", "*", "http://app1/ok", "http://127.0.0.2/x"],
-    ["http://evil.example/", "//evil.example/", "/%00", "/\x00", "/ /", "", "evil.example:443",
-     "/" + "a" * (70 * KIB), "https://app1/", "/\r\nX-Injected: 1", "/\xff", "http://@evil/"],
+    [
+        "http://evil.example/",
+        "//evil.example/",
+        "/%00",
+        "/\x00",
+        "/ /",
+        "",
+        "evil.example:443",
+        "/" + "a" * (70 * KIB),
+        "https://app1/",
+        "/\r\nX-Injected: 1",
+        "/\xff",
+        "http://@evil/",
+    ],
 )
 VERSIONS = (
     ["HTTP/1.1", "HTTP/1.0"],
     ["HTTP/2.0", "HTTP/0.9", "HTTP/1.1x", "", "http/1.1", "HTTP/9.9", "HTTP/1", "HTTP/1.1 x"],
 )
 NAMES = (
-    ["Host", "Content-Length", "Transfer-Encoding", "Connection", "Upgrade", "Expect", "TE",
-     "Keep-Alive", "X-Ok", "Trailer", "Proxy-Connection"],
+    [
+        "Host",
+        "Content-Length",
+        "Transfer-Encoding",
+        "Connection",
+        "Upgrade",
+        "Expect",
+        "TE",
+        "Keep-Alive",
+        "X-Ok",
+        "Trailer",
+        "Proxy-Connection",
+    ],
     ["X Space", "X:Colon", "X\x00Nul", "", ":", "\xff", "N" * 5000, "Content-Length ", " Host"],
 )
 VALUES = (
-    ["app1", "0", "3", "5", "chunked", "close", "keep-alive", "keep-alive, x-ok", "upgrade",
-     "websocket", "100-continue", "trailers", "x"],
-    ["evil.example", "-1", "99999999999999999999", "gzip, chunked", "chunked, gzip",
-     "a\r\nX-Injected: 1", "a\nX-Injected: 1", "a\x00b", "a\r\n folded", "\t", "v" * 5000,
-     "0x10", "1 2", "v" * (70 * KIB), "content-length"],
+    [
+        "app1",
+        "0",
+        "3",
+        "5",
+        "chunked",
+        "close",
+        "keep-alive",
+        "keep-alive, x-ok",
+        "upgrade",
+        "websocket",
+        "100-continue",
+        "trailers",
+        "x",
+    ],
+    [
+        "evil.example",
+        "-1",
+        "99999999999999999999",
+        "gzip, chunked",
+        "chunked, gzip",
+        "a\r\nX-Injected: 1",
+        "a\nX-Injected: 1",
+        "a\x00b",
+        "a\r\n folded",
+        "\t",
+        "v" * 5000,
+        "0x10",
+        "1 2",
+        "v" * (70 * KIB),
+        "content-length",
+    ],
 )
-BODIES = [b"", b"abc", b"0\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"-1\r\n",
-          b"ffffffffffffffffffff\r\nx\r\n", b"5;ext=1\r\nhello\r\n0\r\nT: 1\r\n\r\n",
-          b"5\r\nhelloXX", b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app1\r\n\r\n",
-          b"3\nabc\n0\n\n"]
+BODIES = [
+    b"",
+    b"abc",
+    b"0\r\n\r\n",
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"zz\r\n",
+    b"-1\r\n",
+    b"ffffffffffffffffffff\r\nx\r\n",
+    b"5;ext=1\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+    b"5\r\nhelloXX",
+    b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app1\r\n\r\n",
+    b"3\nabc\n0\n\n",
+]
 
 
 def mostly(parts: tuple[list[str], list[str]]) -> st.SearchStrategy[str]:
     valid, hostile = parts
     return st.integers(0, 9).flatmap(
-        lambda n: st.sampled_from(valid)
-        if n < 6
-        else st.sampled_from(hostile)
-        if n < 9
-        else st.text(max_size=30)
+        lambda n: (
+            st.sampled_from(valid)
+            if n < 6
+            else st.sampled_from(hostile)
+            if n < 9
+            else st.text(max_size=30)
+        )
     )
 
 
@@ -895,7 +966,9 @@ def hostile_heads(draw: st.DrawFn) -> bytes:
     return raw
 
 
-RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 (\d{3}) [\t -~]*\r\n(?:[!#-'*+.0-9A-Z^_`a-z|~-]+: [\t -~]*\r\n)*\r\n")
+RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.1 (\d{3}) [\t -~]*\r\n(?:[!#-'*+.0-9A-Z^_`a-z|~-]+: [\t -~]*\r\n)*\r\n"
+)
 
 
 def parse_responses(data: bytes) -> list[int]:
@@ -957,7 +1030,9 @@ async def test_hostile_heads_get_an_answer_or_a_close(caplog: pytest.LogCaptureF
             await no_connections(server)
     finally:
         sidelink_logger.removeHandler(caplog.handler)
-    errors = [r for r in caplog.records if r.name.startswith("sidelink") and r.levelno >= logging.ERROR]
+    errors = [
+        r for r in caplog.records if r.name.startswith("sidelink") and r.levelno >= logging.ERROR
+    ]
     assert not errors, [r.getMessage() for r in errors]
 
 

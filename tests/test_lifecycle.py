@@ -203,6 +203,11 @@ def routes_by_name(proc: Sidelink) -> dict[str, dict[str, object]]:
     return {cast(str, r["name"]): r for r in routes}
 
 
+def in_flight(proc: Sidelink, route: str) -> list[object]:
+    endpoints = cast(list[dict[str, object]], routes_by_name(proc)[route]["endpoints"])
+    return [ep["in_flight"] for ep in endpoints]
+
+
 def wait_ready(proc: Sidelink, timeout: float = 5.0) -> None:
     proc.wait_admin()
     until_sync(lambda: proc.get("/readyz")[0] == 200, timeout, "/readyz 200")
@@ -298,11 +303,7 @@ def test_readyz_waits_for_dns_and_routes_lists_every_field(
 
         client = Client(listen)
         assert client.ask() == "A ping\n"
-        until_sync(
-            lambda: routes_by_name(proc)["orders"]["endpoints"][0]["in_flight"] == 1,  # type: ignore[index]
-            2,
-            "in_flight 1 in /routes",
-        )
+        until_sync(lambda: in_flight(proc, "orders") == [1], 2, "in_flight 1 in /routes")
         client.close()
 
 
@@ -348,7 +349,7 @@ def test_sigterm_drains_in_order(tdns: ThreadedDnsServer, pod_a: EchoServer, cfg
     tdns.set_a(APP1, [POD_A], ttl=30)
     listen = free_port()
     cfg.write_text(
-        config_text(tdns.port, [("orders", listen, "app1", pod_a.port)], drain_delay="1s")
+        config_text(tdns.port, [("orders", listen, "app1", pod_a.port)], drain_delay="2s")
     )
     with sidelink(["run", "-c", str(cfg)]) as proc:
         wait_ready(proc)
@@ -356,14 +357,14 @@ def test_sigterm_drains_in_order(tdns: ThreadedDnsServer, pod_a: EchoServer, cfg
         assert held.ask("before") == "A before\n"
 
         proc.signal(signal.SIGTERM)
-        until_sync(lambda: proc.get("/readyz")[0] == 503, 0.5, "/readyz 503 right after SIGTERM")
+        until_sync(lambda: proc.get("/readyz")[0] == 503, 1, "/readyz 503 right after SIGTERM")
         _, body = proc.get_json("/readyz")
         assert any("drain" in r for r in cast(list[str], body["reasons"])), body
         assert proc.get("/healthz")[0] == 200
         # Within drain_delay the listener still takes new connections and serves them.
         assert ask_once(listen, "during delay") == "A during delay\n"
 
-        until_sync(lambda: refused(listen), 3, "the listener to close after drain_delay")
+        until_sync(lambda: refused(listen), 4, "the listener to close after drain_delay")
         assert proc.proc.poll() is None, "exited with a connection still open"
         assert held.ask("after") == "A after\n"
         assert proc.get("/readyz")[0] == 503
@@ -470,13 +471,22 @@ def test_exit_code_2_on_missing_config_file(tmp_path: Path) -> None:
         assert "nope.yaml" in proc.stderr()
 
 
-def test_exit_code_1_when_the_port_is_taken(tdns: ThreadedDnsServer, cfg: Path) -> None:
+@pytest.mark.parametrize("taken_by", ["route", "admin"])
+def test_exit_code_1_when_a_port_is_taken(
+    tdns: ThreadedDnsServer, cfg: Path, taken_by: str
+) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        cfg.write_text(config_text(tdns.port, [("orders", port, "app1", 80)]))
-        with sidelink(["run", "-c", str(cfg)]) as proc:
-            assert proc.wait(10) == 1
-            err = proc.stderr()
+        listen = port if taken_by == "route" else free_port()
+        cfg.write_text(config_text(tdns.port, [("orders", listen, "app1", 80)]))
+        if taken_by == "route":
+            with sidelink(["run", "-c", str(cfg)]) as proc:
+                code = proc.wait(10)
+                err = proc.stderr()
+        else:  # the helper picks a free admin port: run the command directly
+            done = run_cli("run", "-c", str(cfg), "--admin", f"127.0.0.1:{port}")
+            code, err = done.returncode, done.stderr
+    assert code == 1, err
     assert str(port) in err, err
     assert "Traceback" not in err
 

@@ -9,7 +9,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from helpers import free_port, require_tool, resolver_yaml, running_server, until
+from helpers import free_port, require_tool, resolver_yaml, running_server
 
 from proxy.dnsserver import DnsServer
 
@@ -35,13 +35,11 @@ async def test_prometheus_scrapes_sidelink(tmp_path: Path, dns: DnsServer) -> No
             "scrape_configs:\n  - job_name: sidelink\n    static_configs:\n"
             f"      - targets: ['127.0.0.1:{admin_port}']\n"
         )
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
+        proc = await asyncio.create_subprocess_exec(
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -69,7 +67,7 @@ async def test_prometheus_scrapes_sidelink(tmp_path: Path, dns: DnsServer) -> No
             assert ok, "the DNS lookups were counted and scraped"
             opened = await series('sidelink_connections_opened_total{side="downstream"}')
             assert opened, "per-route series are scraped"
-            await until(lambda: proc.poll() is None, what="prometheus still running")
+            assert proc.returncode is None, "prometheus is still running"
         finally:
             proc.terminate()
-            proc.wait(10)
+            await asyncio.wait_for(proc.wait(), 10)

@@ -240,6 +240,20 @@ def held_by_a_process(local: tuple[str, int], remote: tuple[str, int]) -> bool:
     return False
 
 
+def stall_bound() -> int:
+    """The most a fast writer can get accepted while the reader on the far side reads nothing.
+
+    That is sidelink's own buffer (one high-water mark plus the read that crossed it), the
+    kernel's autotuning limits for sidelink's receiving and sending sockets, the test's own
+    small socket buffers (which the kernel doubles) and two chunks of the writer's stride.
+    """
+    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+        rmem_max = int(f.read().split()[2])
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        wmem_max = int(f.read().split()[2])
+    return WRITE_HIGH_WATER + MAX_READ + rmem_max + wmem_max + 4 * TEST_SOCKET_BUFFER + 2 * CHUNK
+
+
 def rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -488,7 +502,12 @@ async def test_slow_reader_keeps_buffering_bounded(dns: DnsServer, direction: st
             await until(lambda: fast.flow is not None and fast.flow.read_paused, 10.0)
             stalled_at = await settled(lambda: progress)
             grown = rss() - before
-            assert 0 < stalled_at < 16 * MB, f"{stalled_at / MB:.1f} MB accepted by a stalled path"
+            # Typically about 5 MB; kernel autotuning of sidelink's two sockets can add more
+            # under load, so the bound is what sidelink may hold at most.
+            bound = stall_bound()
+            assert 0 < stalled_at < bound, (
+                f"{stalled_at / MB:.1f} MB accepted by a stalled path (bound {bound / MB:.1f} MB)"
+            )
             assert grown < 64 * MB, f"RSS grew {grown / MB:.1f} MB with a stalled reader"
             assert fast.flow is not None and fast.flow.read_paused
             # ... and holds about one high-water mark (plus the read that crossed it).
