@@ -183,6 +183,14 @@ class HttpDownstream(asyncio.Protocol):
             f"queued={len(self.queue)}>"
         )
 
+    @property
+    def last_response(self) -> bool:
+        """The connection closes after this response: asked to, and nothing queued behind.
+
+        (Requests pipelined before a client's half-close are still answered.)
+        """
+        return self.close_after_response and not self.queue
+
     # --- asyncio callbacks ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -318,7 +326,7 @@ class HttpDownstream(asyncio.Protocol):
         self.parsing = None
         ex.complete = True
         if ex.failed:
-            self._finish(ex, ex.keep_alive and not self.close_after_response)
+            self._finish(ex, ex.keep_alive and not self.last_response)
         elif ex.chunked:
             self._send(ex, LAST_CHUNK + b"".join(ex.trailers) + CRLF)
 
@@ -487,7 +495,7 @@ class HttpDownstream(asyncio.Protocol):
         self.active = None
         if self.route.access_log:
             self._log(ex)
-        if not keep_alive or self.close_after_response:
+        if not keep_alive or self.last_response:
             self._close()
             return
         if self.queue:
@@ -589,7 +597,7 @@ class HttpDownstream(asyncio.Protocol):
         ex.status = error.status
         self.stats.request_duration.observe(time.perf_counter() - ex.started)
         self.stats.count_request(ex.method_label, error.status)
-        keep_alive = ex.keep_alive and not self.close_after_response and not ex.upgrade
+        keep_alive = ex.keep_alive and not self.last_response and not ex.upgrade
         self.write(error_response(error.status, error.reason, error.detail, keep_alive))
         if ex.complete:
             self._finish(ex, keep_alive)
@@ -823,7 +831,7 @@ class Upstream(asyncio.Protocol):
             if not ex.http10:  # HTTP/1.0 clients do not know interim responses
                 self.out.append(self._head(status, b"", close=False))
             return
-        keep_alive = ex.keep_alive and not down.close_after_response
+        keep_alive = ex.keep_alive and not down.last_response
         self.rechunk = self.until_close = False
         if not (ex.method == b"HEAD" or status in (204, 304) or status == 101):
             has_length = chunked = False

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from proxy.config import RouteConfig
+from proxy.config import RouteConfig, join_host_port
 from proxy.endpoints import Endpoint, EndpointSet
 from proxy.errors import NoEndpoints, UpstreamError, connect_error
 from proxy.metrics import Metrics
@@ -74,8 +74,9 @@ class Route:
         )
 
     def __repr__(self) -> str:
+        listen = join_host_port(*self.bound) if self.bound else self.config.listen
         return (
-            f"<Route {self.config.name} {self.config.listen} -> {self.config.service}:"
+            f"<Route {self.config.name} {listen} -> {self.config.service}:"
             f"{self.config.port}/{self.config.protocol} connections={len(self.connections)}>"
         )
 

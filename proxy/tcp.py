@@ -79,8 +79,10 @@ class TcpDownstream(asyncio.Protocol):
         self.endpoint = ep
         self.upstream = upstream
         if self.pending:
-            transport.write(b"".join(self.pending))
+            data = b"".join(self.pending)
             self.pending.clear()
+            self.stats.bytes_to_upstream += len(data)
+            transport.write(data)
         if self.eof_down:
             # The client finished sending while we were connecting: pass its EOF on now.
             if self.eof_up:
@@ -93,9 +95,10 @@ class TcpDownstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.stats.bytes_to_upstream += len(data)
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
+            # Counted when forwarded: bytes held in `pending` are lost if the connect fails.
+            self.stats.bytes_to_upstream += len(data)
             upstream.transport.write(data)
             self.last_active = upstream.loop.time()
         else:

@@ -569,13 +569,16 @@ async def test_every_endpoint_refusing_closes_the_client(dns: DnsServer) -> None
         routes = {"name": "dead", "service": DEAD, "port": p.port}
         async with running_server(config(dns, routes)) as server:
             reader, writer = await connect(server)
-            assert await asyncio.wait_for(reader.read(), 2.0) == b""
+            writer.write(b"lost")
+            with contextlib.suppress(ConnectionResetError):  # unread bytes: maybe a reset
+                assert await asyncio.wait_for(reader.read(), 2.0) == b""
             await closed(writer)
             await no_connections(server, "dead")
             stats = server.routes["dead"].stats
             assert stats.errors["connect_refused"] == 1
             assert stats.errors["no_endpoints"] == 1
             assert stats.opened_upstream == 0
+            assert stats.bytes_to_upstream == 0
             assert endpoint_states(server, "dead") == {DEAD: "ejected"}
 
 
@@ -673,6 +676,10 @@ async def test_name_that_never_resolves_closes_promptly(dns: DnsServer) -> None:
             )
             assert errors == 2
             assert server.routes["ghost"].stats.opened_upstream == 0
+            # Bytes sidelink took from the client but never forwarded are not "forwarded".
+            assert (
+                metric(server, "sidelink_bytes_total", route="ghost", direction="to_upstream") == 0
+            )
             (not_ready,) = server.readiness()
             assert not_ready.startswith("route ghost:")
             # The other route is unaffected.
@@ -770,7 +777,10 @@ async def test_reprs_are_informative(dns: DnsServer) -> None:
             reader, writer = await connect(server)
             landed = (await ask(reader, writer, "x")).split()[0]
 
-            assert repr(route) == f"<Route app1 127.0.0.1:0 -> app1:{p.port}/tcp connections=1>"
+            port = route_address(server)[1]
+            assert repr(route) == (
+                f"<Route app1 127.0.0.1:{port} -> app1:{p.port}/tcp connections=1>"
+            )
             assert repr(route.endpoints) == (
                 "<EndpointSet app1 active=2 ejected=0 draining=0 balance=p2c>"
             )
