@@ -1,0 +1,254 @@
+"""``python -m benchmarks``: options, the run, and the report. The only place that exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import diagnose, report
+from benchmarks.load import IDLE_REQUEST, WRK_THREADS, write_wrk_script
+from benchmarks.procs import (
+    BenchError,
+    load_average,
+    machine_cpu_seconds,
+    own_cpu_seconds,
+    raise_nofile_limit,
+)
+from benchmarks.scenarios import IDLE_CONNECTIONS, Results, Runner
+from benchmarks.servers import PROXIES, REPO, Lab
+from benchmarks.tools import INSTALL_HINT, find_tools, git_revision, machine, versions
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the benchmark could not run, or a proxy failed to start
+EXIT_USAGE = 2  # bad options or a missing tool
+EXIT_INTERRUPTED = 130
+
+# A 1-minute load average above this means other work shares the machine.
+BUSY_LOAD = 1.0
+DEFAULT_ROUNDS = 3
+DEFAULT_DURATION = 5
+QUICK_DURATION = 2
+MIB = 1024**2
+GIB = 1024**3
+QUICK_BULK_MIB = 256  # keeps --quick under a minute; the full run moves 1 GiB
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    proxies = tuple(p for p in PROXIES if p in args.proxies.split(","))
+    unknown = set(args.proxies.split(",")) - set(PROXIES)
+    if unknown or not proxies:
+        print(f"--proxies: choose from {','.join(PROXIES)}", file=sys.stderr)
+        return EXIT_USAGE
+    rounds = _pick(args.rounds, 1 if args.quick else DEFAULT_ROUNDS)
+    duration = _pick(args.duration, QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    bulk_mib = _pick(args.bulk_mib, QUICK_BULK_MIB if args.quick else 1024)
+    if rounds < 1 or duration < 1 or bulk_mib < 1:
+        print("--rounds, --duration and --bulk-mib must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+
+    tools, missing = find_tools(need_haproxy="haproxy" in proxies)
+    if tools is None:
+        print(f"missing tool(s): {', '.join(missing)}", file=sys.stderr)
+        print(f"install them with: {INSTALL_HINT}", file=sys.stderr)
+        return EXIT_USAGE
+
+    nofile = raise_nofile_limit()
+    started = datetime.now(UTC)
+    clock = time.monotonic()
+    busy_before, steal_before = machine_cpu_seconds()
+    own_before = own_cpu_seconds()
+    load_at_start = load_average()
+    meta: dict[str, Any] = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python -m benchmarks", *argv]),
+        "rounds": rounds,
+        "duration_s": duration,
+        "bulk_bytes": bulk_mib * MIB,
+        "wrk_threads": WRK_THREADS,
+        "nofile": nofile,
+        "machine": machine(),
+        "versions": versions(tools),
+        "revision": git_revision(REPO),
+    }
+    if load_at_start > BUSY_LOAD:
+        _progress(
+            f"note: load average {load_at_start:.1f} before starting: something else is running"
+            " on this machine, and the numbers will be noisier"
+        )
+    _progress(
+        f"sidelink benchmark: {rounds} round(s) of {duration}s per wrk run; wrk -t{WRK_THREADS}"
+        f" on {meta['machine']['cores']} cores (load generator and proxy share the machine)"
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix="sidelink-bench-"))
+    lab = Lab(tools, tmp, proxies, meta["bulk_bytes"], nofile)
+    sidelink: dict[str, Any] = {}
+    try:
+        lab.start()
+        for name, why in lab.failed.items():
+            _progress(f"{name} FAILED TO START: {why}")
+        for target in lab.targets:
+            suffix = f" ({'; '.join(target.notes)})" if target.notes else ""
+            tcp = target.tcp_port if target.tcp_port is not None else "n/a"
+            _progress(f"{target.name:<9} http 127.0.0.1:{target.http_port} tcp {tcp}{suffix}")
+        runner = Runner(lab, write_wrk_script(tmp), duration, rounds, _progress)
+        results = runner.run_all()
+        if lab.sidelink_admin_port is not None:
+            sidelink = {
+                "log": diagnose.log_summary(tmp / "sidelink.log"),
+                "metrics": diagnose.metrics(lab.sidelink_admin_port),
+            }
+    except BenchError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        lab.stop()
+        if args.keep_tmp:
+            _progress(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    elapsed = time.monotonic() - clock
+    meta["elapsed_s"] = round(elapsed, 1)
+    busy_after, steal_after = machine_cpu_seconds()
+    # Everything the machine did that was neither this harness nor a process it started.
+    other = (busy_after - busy_before) - (own_cpu_seconds() - own_before)
+    meta["machine_load"] = {
+        "load_average_at_start": load_at_start,
+        "other_work_cores": round(max(other, 0.0) / elapsed, 2),
+        "steal_cores": round((steal_after - steal_before) / elapsed, 2),
+    }
+    no_tcp = {t.name for t in lab.targets if t.tcp_port is None}
+    columns = [*proxies, "direct"]
+    rows = report.build_rows(
+        results, columns, no_tcp=no_tcp, failed=set(lab.failed), bulk=_size(meta["bulk_bytes"])
+    )
+    document = _document(
+        meta, rows=rows, columns=columns, results=results, sidelink=sidelink, failed=lab.failed
+    )
+    print()
+    print(document)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(document)
+    payload = {
+        **meta,
+        "columns": columns,
+        "rows": [row.as_json() for row in rows],
+        "samples": report.samples_json(results),
+        "errors": report.error_details(results),
+        "notes": results.notes,
+        "failed_to_start": lab.failed,
+        "sidelink": sidelink,
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    _progress(f"wrote {out / 'results.md'} and {out / 'results.json'} ({meta['elapsed_s']}s)")
+    return EXIT_FAILURE if lab.failed else EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="sidelink vs HAProxy vs NGINX vs the direct path, on loopback.",
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round of 2s runs (< 60s)")
+    parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {DEFAULT_ROUNDS})")
+    parser.add_argument(
+        "--duration", type=int, help=f"seconds per wrk run (default {DEFAULT_DURATION})"
+    )
+    parser.add_argument(
+        "--bulk-mib",
+        type=int,
+        help=f"bulk body size in MiB (default 1024; --quick: {QUICK_BULK_MIB})",
+    )
+    parser.add_argument(
+        "--proxies",
+        default=",".join(PROXIES),
+        help=f"comma-separated subset of {','.join(PROXIES)} (default: all)",
+    )
+    parser.add_argument("--out", default=str(OUT), help="output folder (default benchmarks/out)")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    return parser
+
+
+def _document(
+    meta: dict[str, Any],
+    *,
+    rows: list[report.TableRow],
+    columns: list[str],
+    results: Results,
+    sidelink: dict[str, Any],
+    failed: dict[str, str],
+) -> str:
+    m, v, load = meta["machine"], meta["versions"], meta["machine_load"]
+    lines = [
+        "# sidelink benchmark results",
+        "",
+        f"- date: {meta['date']}; command: `{meta['command']}`; took {meta['elapsed_s']}s",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['kernel']}, {m['python']}",
+        "- versions: " + "; ".join(f"{k} {val}" for k, val in v.items()),
+        f"- sidelink revision: {meta['revision']}",
+        f"- method: medians of {meta['rounds']} interleaved round(s); wrk runs of"
+        f" {meta['duration_s']}s with **one wrk thread** (-t{meta['wrk_threads']}), so one core"
+        " drives load and the proxy shares the other with the nginx upstream; bulk: curl,"
+        f" {_size(meta['bulk_bytes'])} body per transfer",
+        f"- other work on the machine during the run: {load['other_work_cores']:.2f} of"
+        f" {m['cores']} cores on average (CPU stolen by the host: {load['steal_cores']:.2f};"
+        f" load average at start {load['load_average_at_start']:.1f})",
+        f"- ratio = sidelink ÷ other; for ↑ rows below 1.00x means sidelink is slower, for ↓ rows"
+        f" above 1.00x means sidelink costs more. Errors are wrk's socket errors + non-2xx/3xx"
+        f" answers (bulk: failed transfers; memory: failed idle connections of"
+        f" {IDLE_CONNECTIONS:,}), summed over rounds.",
+        "",
+        report.markdown(rows, columns),
+        "Spread over rounds (min-max) of scenario 1 throughput, req/s: "
+        + report.spread_line(rows, "http_keepalive", "rps")
+        + ". Differences smaller than that spread are noise.",
+        "",
+    ]
+    for name, why in failed.items():
+        lines += [f"**{name} failed to start:**", "", "```", *why.splitlines()[-20:], "```", ""]
+    details = report.error_details(results)
+    if details:
+        lines += ["## Errors seen", "", *(f"- {line}" for line in details), ""]
+    if results.notes:
+        lines += ["## Notes", "", *(f"- {note.splitlines()[0]}" for note in results.notes), ""]
+    if sidelink:
+        log = sidelink["log"]
+        lines += ["## sidelink's own view", ""]
+        lines.append(f"- log lines at WARNING or worse: {log.get('problem_lines')}")
+        lines += [f"  - `{example}`" for example in log.get("examples", [])]
+        for name, value in sidelink["metrics"].items():
+            lines.append(f"- `{name}` {value:,.0f}")
+        lines.append("")
+    lines.append(
+        f"Idle connections each made one `{IDLE_REQUEST.split(b' ')[0].decode()} /` first."
+        " nginx RSS is master + worker summed."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _pick(given: int | None, default: int) -> int:
+    return default if given is None else given
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:g} GiB" if n >= GIB else f"{n / MIB:g} MiB"
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
