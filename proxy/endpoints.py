@@ -115,6 +115,19 @@ class EndpointSet:
         candidates = self.endpoints
         if not candidates:
             return None
+        n = len(candidates)
+        if not exclude and (n == 1 or self.balance == "p2c"):
+            # The common case in one step: two distinct random endpoints, both active.
+            i = random.randrange(n)
+            a = candidates[i]
+            if n == 1:
+                if a.state == ACTIVE:
+                    return a
+            else:
+                j = random.randrange(n - 1)
+                b = candidates[j + 1 if j >= i else j]
+                if a.state == ACTIVE and b.state == ACTIVE:
+                    return a if a.in_flight <= b.in_flight else b
         now = time.monotonic()
         usable = [ep for ep in candidates if ep not in exclude and self._usable(ep, now)]
         if not usable:

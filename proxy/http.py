@@ -53,6 +53,10 @@ METHOD_LABELS = {
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n"
+# How a response body is delimited.
+FRAMING_LENGTH = 0
+FRAMING_CHUNKED = 1
+FRAMING_CLOSE = 2
 
 
 class ClientError(Exception):
@@ -461,11 +465,14 @@ class HttpDownstream(asyncio.Protocol):
         conn.exchange = ex
         conn.downstream = self
         assert conn.transport is not None
-        data = [ex.head, *ex.buffer]
-        ex.buffer = []
-        ex.buffered = 0
-        conn.transport.writelines(data)
-        self.stats.bytes_to_upstream += sum(map(len, data))
+        if ex.buffer:
+            data = b"".join((ex.head, *ex.buffer))
+            ex.buffer = []
+            ex.buffered = 0
+        else:
+            data = ex.head
+        conn.transport.write(data)
+        self.stats.bytes_to_upstream += len(data)
         ex.sent_at = self.loop.time()
         if self.write_paused and conn.flow is not None:
             conn.flow.pause_reading()
@@ -505,13 +512,14 @@ class HttpDownstream(asyncio.Protocol):
         self._maybe_resume()
 
     def _maybe_resume(self) -> None:
-        if self.flow is None or self.closed or self.rejected is not None:
+        flow = self.flow
+        if flow is None or not flow.read_paused or self.closed or self.rejected is not None:
             return
         ex = self.parsing
         if len(self.queue) < MAX_PIPELINED and (ex is None or ex.buffered <= BUFFER_LIMIT):
             upstream = self.active.upstream if self.active is not None else None
             if upstream is None or not upstream.write_paused:
-                self.flow.resume_reading()
+                flow.resume_reading()
 
     # --- responses (called by Upstream) ----------------------------------------------
 
@@ -826,36 +834,39 @@ class Upstream(asyncio.Protocol):
         assert ex is not None and down is not None
         status = self.parser.get_status_code()
         ex.status = status
-        self.interim = 100 <= status < 200 and status != 101
-        if self.interim:
+        lines, framing = self._head_lines(status)
+        self.headers = []  # what on_header collects from now on are trailers
+        if 100 <= status < 200 and status != 101:
+            self.interim = True
             if not ex.http10:  # HTTP/1.0 clients do not know interim responses
-                self.out.append(self._head(status, b"", close=False))
+                lines.append(CRLF)
+                self.out.append(b"".join(lines))
             return
         keep_alive = ex.keep_alive and not down.last_response
         self.rechunk = self.until_close = False
-        if not (ex.method == b"HEAD" or status in (204, 304) or status == 101):
-            has_length = chunked = False
-            for name, value in self.headers:
-                lname = name.lower()
-                if lname == b"content-length":
-                    has_length = True
-                elif lname == b"transfer-encoding":
-                    chunked = chunked or b"chunked" in value.lower()
-            self.until_close = not chunked and not has_length
-            if chunked or self.until_close:
-                # Re-frame as chunked for HTTP/1.1 clients; 1.0 clients read to the close.
-                self.rechunk = not ex.http10
-                keep_alive = keep_alive and self.rechunk
+        if framing != FRAMING_LENGTH and not (
+            ex.method == b"HEAD" or status in (204, 304) or status == 101
+        ):
+            # Chunked or delimited by the close: re-frame as chunked for HTTP/1.1 clients;
+            # 1.0 clients read to the close.
+            self.until_close = framing == FRAMING_CLOSE
+            self.rechunk = not ex.http10
+            if self.rechunk:
+                lines.append(b"transfer-encoding: chunked\r\n")
+            else:
+                keep_alive = False
         if status == 101:
             keep_alive = self.tunnel = True
         elif ex.upgrade:
             keep_alive = False  # the client's stream is raw bytes after an Upgrade request
         self.keep_alive_down = keep_alive
-        extra = b"transfer-encoding: chunked\r\n" if self.rechunk else b""
-        if ex.http10 and keep_alive:
-            extra += b"connection: keep-alive\r\n"
-        self.out.append(self._head(status, extra, close=not keep_alive))
-        self.headers = []  # what on_header collects from now on are trailers
+        if not keep_alive:
+            lines.append(b"connection: close\r\n\r\n")
+        elif ex.http10:
+            lines.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            lines.append(CRLF)
+        self.out.append(b"".join(lines))
         down.count_response(ex)
         if status == 101:
             down.switch_to_tunnel(ex)
@@ -888,31 +899,36 @@ class Upstream(asyncio.Protocol):
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _head(self, status: int, extra: bytes, close: bool) -> bytes:
+    def _head_lines(self, status: int) -> tuple[list[bytes], int]:
+        """The response head for the client, less its last line, and how the body is framed.
+
+        One pass over the headers: hop-by-hop ones are dropped (the framing is redone
+        for the client), end-to-end ones kept as they came.
+        """
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))]
-        upgrade = status == 101
+        framing = FRAMING_CLOSE
         named: set[bytes] | None = None
         for name, value in self.headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP and not (upgrade and lname in (b"upgrade", b"connection")):
-                if lname == b"connection":
+            if lname in HOP_BY_HOP:
+                if lname == b"transfer-encoding":
+                    if b"chunked" in value.lower() and framing == FRAMING_CLOSE:
+                        framing = FRAMING_CHUNKED
+                elif status == 101 and lname in (b"upgrade", b"connection"):
+                    lines.append(b"%s: %s\r\n" % (name, value))
+                elif lname == b"connection" and value.lower() not in (b"keep-alive", b"close"):
                     named = named or set()
                     named.update(t.strip().lower() for t in value.split(b","))
                 continue
+            if lname == b"content-length":
+                framing = FRAMING_LENGTH
             lines.append(b"%s: %s\r\n" % (name, value))
         if named:
             # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1), but never
             # the framing: dropping it would desynchronise the client.
-            named.discard(b"content-length")
-            lines = [lines[0]] + [
-                line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named
-            ]
-        if extra:
-            lines.append(extra)
-        if close:
-            lines.append(b"connection: close\r\n")
-        lines.append(CRLF)
-        return b"".join(lines)
+            named -= {b"content-length", b"keep-alive", b"close", b"upgrade"}
+            lines[1:] = [ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in named]
+        return lines, framing
 
     def _flush(self, down: HttpDownstream) -> None:
         out = self.out

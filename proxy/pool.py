@@ -49,10 +49,15 @@ class Pool(Generic[C]):
     def get(self, now: float) -> C | None:
         """A healthy idle connection, or None; stale ones found on the way are closed."""
         idle = self.idle
+        config = self.config
         while idle:
             conn = idle.pop()
             self.stats.pool_idle -= 1
-            if conn.is_closing() or not self._fresh(conn, now):
+            if (
+                conn.is_closing()
+                or now - conn.idle_since >= config.idle_timeout
+                or now - conn.created >= config.max_lifetime
+            ):
                 conn.close()
                 continue
             self.active += 1
