@@ -116,15 +116,16 @@ class EndpointSet:
         if not candidates:
             return None
         n = len(candidates)
-        if not exclude and (n == 1 or self.balance == "p2c"):
-            # The common case in one step: two distinct random endpoints, both active.
-            i = random.randrange(n)
-            a = candidates[i]
+        if not exclude:
+            # The common cases in one step: a single active endpoint (a ClusterIP), or two
+            # distinct random active ones for p2c.
             if n == 1:
-                if a.state == ACTIVE:
-                    return a
-            else:
-                j = random.randrange(n - 1)
+                if candidates[0].state == ACTIVE:
+                    return candidates[0]
+            elif self.balance == "p2c":
+                i = int(random.random() * n)
+                j = int(random.random() * (n - 1))
+                a = candidates[i]
                 b = candidates[j + 1 if j >= i else j]
                 if a.state == ACTIVE and b.state == ACTIVE:
                     return a if a.in_flight <= b.in_flight else b

@@ -84,7 +84,7 @@ class RouteStats:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.requests: dict[tuple[str, str], int] = {}
+        self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
         self.request_duration = Histogram()
         self.connect_duration = Histogram()
         self.opened_downstream = 0
@@ -99,8 +99,9 @@ class RouteStats:
         self.ejections = 0
 
     def count_request(self, method: str, code: int) -> None:
-        key = (method, str(code))
-        self.requests[key] = self.requests.get(key, 0) + 1
+        key = (method, code)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
 
 
 class ServiceStats:
@@ -166,7 +167,7 @@ class _Collector:
         )
         for r in routes:
             for (method, code), n in r.requests.items():
-                requests.add_metric([r.name, method, code], n)
+                requests.add_metric([r.name, method, str(code)], n)
         yield requests
 
         for name, doc, attr in (
