@@ -202,9 +202,12 @@ class Route:
             self.endpoints.succeeded(ep)
             return ep, transport, protocol
         if error is None or len(tried) >= len(self.endpoints):
+            # Nothing to try, or every endpoint failed: the service has no endpoints
+            # (503), as opposed to retries running out with endpoints left (the error).
             stats.errors["no_endpoints"] += 1
             if error is None:
                 raise NoEndpoints(f"{self.config.service} has no endpoints")
+            raise NoEndpoints(f"every endpoint of {self.config.service} failed: {error.detail}")
         raise error
 
     def to_dict(self) -> dict[str, object]:

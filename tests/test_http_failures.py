@@ -517,16 +517,15 @@ async def test_connect_refused_on_every_endpoint_counts_each_failure(
         before = Scrape(server)
         response = await request(server, get("/"))
         # Each endpoint refused once (retries: 2 lets three be tried), then nothing is
-        # left. What sidelink sends is 502 connect_refused (the upstream failed); the
-        # metric counts every refusal and, as the SPEC's table says for "every endpoint
-        # failing", no_endpoints once.
-        assert_error(response, 502, "connect_refused")
+        # left: as the SPEC's table says for "every endpoint failing", that is 503
+        # no_endpoints; the metric counts every refusal and no_endpoints once.
+        assert_error(response, 503, "no_endpoints")
         assert upstream_errors(before, server) == {
             "connect_refused": len(dead),
             "no_endpoints": 1,
         }
         assert grew(before, server, "sidelink_retries_total") == len(dead) - 1
-        assert requests_by_code(before, server) == {"502": 1}
+        assert requests_by_code(before, server) == {"503": 1}
         assert grew(before, server, "sidelink_endpoint_ejections_total") == len(dead)
 
 
@@ -549,7 +548,7 @@ def full_backlog(host: str) -> Iterator[int]:
         listener.close()
 
 
-async def test_a_connect_that_hangs_is_504_connect_timeout() -> None:
+async def test_a_connect_that_hangs_is_counted_as_connect_timeout() -> None:
     with full_backlog(POD) as port:
         try:
             await asyncio.wait_for(asyncio.open_connection(POD, port), 0.2)
@@ -562,11 +561,13 @@ async def test_a_connect_that_hangs_is_504_connect_timeout() -> None:
             started = time.monotonic()
             response = await request(server, get("/"))
             elapsed = time.monotonic() - started
-            assert_error(response, 504, "connect_timeout")
+            # The one endpoint failed: counted as such, and as "every endpoint failing",
+            # which the client hears as 503 no_endpoints (the detail says why).
+            assert_error(response, 503, "no_endpoints")
+            assert b"timed out" in response.body
             assert elapsed < 2.0  # connect_timeout is 300ms; one endpoint, nothing to retry
-            # The one endpoint failed: counted as such, and as "every endpoint failing".
             assert upstream_errors(before, server) == {"connect_timeout": 1, "no_endpoints": 1}
-            assert requests_by_code(before, server) == {"504": 1}
+            assert requests_by_code(before, server) == {"503": 1}
 
 
 async def test_an_upstream_that_never_answers_is_504_and_the_client_connection_lives_on() -> None:
