@@ -41,6 +41,8 @@ REPLAY_LIMIT = 64 * 1024
 # another request) before the client is paused.
 BUFFER_LIMIT = 256 * 1024
 MAX_PIPELINED = 32
+# After refusing a request, how long to read and drop what the client still sends.
+LINGER_TIMEOUT = 2.0
 
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade")
@@ -178,6 +180,7 @@ class HttpDownstream(asyncio.Protocol):
         self.write_paused = False
         self.tunnel: bytes | None = None  # after an Upgrade request: raw bytes for upstream
         self.rejected: ClientError | None = None
+        self.linger_until = float("inf")
         self.close_after_response = False
         self.closed = False
 
@@ -305,7 +308,10 @@ class HttpDownstream(asyncio.Protocol):
         ex = Exchange(method, self.url, time.perf_counter())
         if method == b"CONNECT":
             raise ClientError(405, "method_not_allowed", "CONNECT is not allowed")
-        ex.http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ClientError(505, "version_not_supported", f"HTTP/{version} is not supported")
+        ex.http10 = version == "1.0"
         ex.keep_alive = parser.should_keep_alive()
         ex.upgrade = parser.should_upgrade()
         ex.head = self._request_head(ex)
@@ -641,7 +647,17 @@ class HttpDownstream(asyncio.Protocol):
             method = "OTHER"
         self.stats.count_request(method, error.status)
         self.write(error_response(error.status, error.reason, error.detail, keep_alive=False))
-        self._close()
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            self._close()
+            return
+        # Lingering close: send our FIN after the answer, then read and drop whatever the
+        # client still sends, so a close with unread bytes (a reset) does not destroy
+        # the answer before the client has read it.
+        transport.write_eof()
+        self.linger_until = self.loop.time() + LINGER_TIMEOUT
+        if self.flow is not None:
+            self.flow.resume_reading()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -651,9 +667,9 @@ class HttpDownstream(asyncio.Protocol):
         settings = self.settings
         if ex is None:
             if self.rejected is not None:
-                # Refused and closing; a client that does not read the refusal is
-                # dropped after idle_timeout (and never refused twice).
-                if now - self.last_active > settings.idle_timeout:
+                # Refused and lingering (never refused twice): closed when the client
+                # hangs up, or at the end of the linger time.
+                if now > self.linger_until:
                     self._close()
             elif self.in_head and now - self.head_started > settings.head_timeout:
                 self._reject(ClientError(408, "head_timeout", "request head too slow"))

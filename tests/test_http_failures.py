@@ -1253,3 +1253,30 @@ async def test_a_header_line_that_never_ends_is_cut_at_64_kib() -> None:
         await until(lambda: requests_by_code(before, server) == {"431": 1}, ANSWER_DEADLINE)
         assert up.connections == 0
         await no_connections(server)
+
+
+# --- refusals reach the client whole ---------------------------------------------------------
+
+
+async def test_an_unsupported_http_version_is_505() -> None:
+    async with running_server(config(port=free_port(POD))) as server:
+        before = Scrape(server)
+        response = await request(server, b"GET / HTTP/2.0\r\nHost: app1\r\n\r\n")
+        assert_error(response, 505, "version_not_supported")
+        assert requests_by_code(before, server) == {"505": 1}
+
+
+async def test_a_refused_client_still_sending_gets_the_whole_answer() -> None:
+    """Lingering close: the refusal is not destroyed by a reset when the client sends on."""
+    async with running_server(config(port=free_port(POD))) as server:
+        async with client(server) as (reader, writer):
+            writer.write(b"CONNECT evil:443 HTTP/1.1\r\nHost: evil\r\n\r\n")
+            await writer.drain()
+            # The client goes on sending (a body sidelink will never read) after the refusal.
+            for _ in range(20):
+                writer.write(b"x" * 16384)
+                await asyncio.sleep(0)
+            response = await read_response(reader)
+            assert_error(response, 405, "method_not_allowed")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), ANSWER_DEADLINE) == b""
