@@ -1268,15 +1268,17 @@ async def test_an_unsupported_http_version_is_505() -> None:
 
 async def test_a_refused_client_still_sending_gets_the_whole_answer() -> None:
     """Lingering close: the refusal is not destroyed by a reset when the client sends on."""
-    async with running_server(config(port=free_port(POD))) as server:
-        async with client(server) as (reader, writer):
-            writer.write(b"CONNECT evil:443 HTTP/1.1\r\nHost: evil\r\n\r\n")
-            await writer.drain()
-            # The client goes on sending (a body sidelink will never read) after the refusal.
-            for _ in range(20):
-                writer.write(b"x" * 16384)
-                await asyncio.sleep(0)
-            response = await read_response(reader)
-            assert_error(response, 405, "method_not_allowed")
-            writer.write_eof()
-            assert await asyncio.wait_for(reader.read(), ANSWER_DEADLINE) == b""
+    async with (
+        running_server(config(port=free_port(POD))) as server,
+        client(server) as (reader, writer),
+    ):
+        writer.write(b"CONNECT evil:443 HTTP/1.1\r\nHost: evil\r\n\r\n")
+        await writer.drain()
+        # The client goes on sending (a body sidelink will never read) after the refusal.
+        for _ in range(20):
+            writer.write(b"x" * 16384)
+            await asyncio.sleep(0)
+        response = await read_response(reader)
+        assert_error(response, 405, "method_not_allowed")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), ANSWER_DEADLINE) == b""
