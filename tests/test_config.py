@@ -149,7 +149,7 @@ def test_bare_listen_port_binds_loopback_and_resolver_lists_are_read() -> None:
             routes:
               - {listen: 8081, service: svc}
               - {listen: "8082", service: svc.ns, port: "8080"}
-              - {listen: "[::1]:8083", service: "10.1.2.3", port: grpc-web}
+              - {listen: "[::1]:8083", service: "grpc.ns", port: grpc-web}
             """
         ),
         FILE,
@@ -1115,7 +1115,7 @@ ROUND_TRIP = yml(
       - {name: app1, listen: 8081, service: app1-service.namespace-a, protocol: http, retries: 4}
       - listen: "0.0.0.0:8082"
         expose: true
-        service: 10.0.0.7
+        service: grpc-backend.ns
         port: grpc
         pool: {max_idle: 7}
       - {listen: "[::1]:8083", service: "svc.ns.svc.cluster.local.", host: api.example}
@@ -1158,7 +1158,7 @@ def test_to_dict_is_normalised() -> None:
         "250ms",
     )
     assert (ip["name"], ip["expose"], ip["port"], ip["pool"]["max_idle"]) == (
-        "10.0.0.7",
+        "grpc-backend.ns",
         True,
         "grpc",
         7,
@@ -1170,3 +1170,16 @@ def test_to_dict_is_normalised() -> None:
         80,
         "tcp",
     )
+
+
+def test_a_port_name_needs_a_dns_service() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse("routes:\n  - {listen: 8081, service: 10.0.0.7, port: http}\n", "s.yaml")
+    assert e.value.problems == [
+        "s.yaml:2: routes[0].port: a port name needs a DNS name as service (SRV)"
+    ]
+    with pytest.raises(ConfigError) as e:
+        parse(None, "s.yaml", ["8081=10.0.0.7:http"])
+    assert e.value.problems == [
+        "--route[0]: port: a port name needs a DNS name as service (SRV) (in '8081=10.0.0.7:http')"
+    ]
