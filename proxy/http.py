@@ -434,10 +434,10 @@ class HttpDownstream(asyncio.Protocol):
             if ep is None:
                 self._fail(ex, NoEndpoints(f"{route.config.service} has no endpoints"))
                 return
-            pool = route.pool(ep)
+            pool = ep.pool or route.pool(ep)
             conn = pool.get(self.loop.time())
             if conn is not None:
-                endpoints.acquire(ep)
+                ep.in_flight += 1
                 ex.reused = True
                 self._attach(ex, ep, conn)
                 return
@@ -492,7 +492,7 @@ class HttpDownstream(asyncio.Protocol):
         if conn is not None:
             conn.exchange = None
             conn.downstream = None
-            if conn.flow is not None:
+            if conn.flow is not None and conn.flow.read_paused:
                 conn.flow.resume_reading()  # an idle connection must notice a server close
             if conn.pool is not None:
                 reusable = reusable and ep is not None and ep.state != DRAINING
@@ -837,11 +837,9 @@ class Upstream(asyncio.Protocol):
 
     # --- httptools callbacks (response parser) -------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.headers = []
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Before the head completes these are headers; after it, trailers.
+        # Before the head completes these are headers; after it, trailers. (The list is
+        # emptied after each head and each message.)
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
