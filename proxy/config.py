@@ -315,7 +315,7 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
         return True
@@ -332,11 +332,8 @@ def is_loopback(host: str) -> bool:
 
 def valid_service(name: str) -> bool:
     """A DNS name (``svc``, ``svc.ns``, ``svc.ns.svc.cluster.local.``) or an IP literal."""
-    try:
-        ipaddress.ip_address(name)
+    if is_ip(name):
         return True
-    except ValueError:
-        pass
     labels = name.lower().removesuffix(".").split(".")
     return len(name) <= 253 and all(_DNS_LABEL.match(label) for label in labels)
 
@@ -571,7 +568,7 @@ class _Reader:
             settings=self.settings_from(nodes, path, defaults),
         )
         self.check_exposure(route, nodes.get("listen"), f"{path}.listen")
-        if isinstance(route.port, str) and _is_ip(route.service):
+        if isinstance(route.port, str) and is_ip(route.service):
             self.problem(
                 nodes.get("port"), f"{path}.port", "a port name needs a DNS name as service (SRV)"
             )
@@ -600,7 +597,7 @@ class _Reader:
         service = m["service"]
         if not valid_service(service):
             problems.append(f"service: not a DNS name or IP address: {service!r}")
-        elif _is_ip(service) and m["port"] and not m["port"].isdigit():
+        elif is_ip(service) and m["port"] and not m["port"].isdigit():
             problems.append("port: a port name needs a DNS name as service (SRV)")
         port: int | str = 80
         try:

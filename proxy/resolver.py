@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from proxy.config import ResolverConfig, join_host_port
+from proxy.config import ResolverConfig, is_ip, join_host_port
 from proxy.metrics import Metrics
 
 log = logging.getLogger("sidelink.resolver")
@@ -125,7 +124,7 @@ class Resolver:
         self, service: str, port: int | str, answered_name: str | None = None
     ) -> Resolution:
         """Resolve once. Raises DnsError; counts the result in the service's metrics."""
-        if _is_ip(service):
+        if is_ip(service):
             if isinstance(port, str):
                 raise DnsError("error", f"a port name ({port}) needs a DNS name, not an IP")
             return Resolution(service, (), None, ((service, port),), 0.0, 0, "static")
@@ -167,7 +166,7 @@ class Resolver:
             return ()
         prefix = labels[0].upper().replace("-", "_")
         host = self.environ.get(f"{prefix}_SERVICE_HOST", "")
-        if not _is_ip(host):
+        if not is_ip(host):
             return ()
         if isinstance(port, int):
             return ((host, port),)
@@ -260,7 +259,7 @@ class Watch:
         self._expires = 0.0  # monotonic: end of the current answer's TTL
         self._last_attempt = -EARLY_REFRESH_INTERVAL
         # An IP literal is not looked up: it gets no DNS series.
-        self._stats = None if _is_ip(service) else resolver.metrics.service(service)
+        self._stats = None if is_ip(service) else resolver.metrics.service(service)
         self._listeners: list[Callable[[tuple[Address, ...]], None]] = []
         self._resolved = asyncio.Event()
         self._wake = asyncio.Event()
@@ -303,7 +302,7 @@ class Watch:
             self._wake.set()
 
     def start(self) -> None:
-        if _is_ip(self.service) and isinstance(self.port, int):
+        if is_ip(self.service) and isinstance(self.port, int):
             self.source = "static"
             self._set(((self.service, self.port),))
             return
@@ -415,14 +414,6 @@ def _own_namespace(environ: Mapping[str, str], search: Iterable[dns.name.Name]) 
         if len(labels) >= 3 and labels[1] == "svc":
             return labels[0]
     return None
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _describe(e: BaseException) -> str:

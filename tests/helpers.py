@@ -9,13 +9,16 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -160,3 +163,56 @@ def sidelink(args: Sequence[str], env: dict[str, str] | None = None) -> Iterator
         yield proc
     finally:
         proc.close()
+
+
+# --- pods and clients (threads, for the subprocess tests) -----------------------------
+
+
+class _EchoHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        tag = cast(EchoServer, self.server).tag
+        for line in self.rfile:
+            self.wfile.write(tag + line)
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    """A pod on a loopback address: answers every line with its tag and the line."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, host: str, tag: bytes, port: int = 0) -> None:
+        self.tag = tag
+        super().__init__((host, port), _EchoHandler)
+        self.port: int = self.server_address[1]
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class Client:
+    """A downstream connection to a sidelink listener, speaking the echo servers' lines."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.reader = self.sock.makefile("rb")
+
+    def ask(self, text: str = "ping") -> str:
+        self.sock.sendall(text.encode() + b"\n")
+        return self.reader.readline().decode()
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import getpass
 import signal
-import socket
-import socketserver
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,54 +23,21 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-from helpers import Sidelink, free_port, require_tool, resolver_yaml, sidelink, until_sync
+from helpers import (
+    Client,
+    EchoServer,
+    Sidelink,
+    free_port,
+    require_tool,
+    resolver_yaml,
+    sidelink,
+    until_sync,
+)
 
 SERVICE = "app1.ns1.svc.cluster.local"
 POD_A = "127.0.0.2"
 POD_B = "127.0.0.3"
 TTL = 1
-
-
-class _EchoHandler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        tag = cast(EchoServer, self.server).tag
-        for line in self.rfile:
-            self.wfile.write(tag + line)
-
-
-class EchoServer(socketserver.ThreadingTCPServer):
-    """A pod on a loopback address: answers every line with its tag and the line."""
-
-    allow_reuse_address = True
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, host: str, tag: bytes, port: int = 0) -> None:
-        self.tag = tag
-        super().__init__((host, port), _EchoHandler)
-        self.port: int = self.server_address[1]
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-
-class Client:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.reader = self.sock.makefile("rb")
-
-    def ask(self, text: str = "ping") -> str:
-        self.sock.sendall(text.encode() + b"\n")
-        return self.reader.readline().decode()
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 def pod_pair() -> tuple[EchoServer, EchoServer]:
