@@ -335,6 +335,10 @@ class HttpDownstream(asyncio.Protocol):
         assert ex is not None
         self.parsing = None
         ex.complete = True
+        if ex.upstream is not None:
+            # request_timeout counts from the end of the request: a slow upload is the
+            # client's time (idle_timeout guards a stalled one), not the upstream's.
+            ex.sent_at = self.loop.time()
         if ex.failed:
             self._finish(ex, ex.keep_alive and not self.last_response)
         elif ex.chunked:
@@ -678,13 +682,18 @@ class HttpDownstream(asyncio.Protocol):
             return
         if (
             ex.sent_at
+            and ex.complete
             and not ex.response_started
             and not ex.failed  # already answered (504 or other) while its body still comes
             and now - ex.sent_at > settings.request_timeout
         ):
             self._fail(ex, UpstreamTimeout("upstream did not answer in time"))
         elif now - self.last_active > settings.idle_timeout:
-            self._close()
+            if ex is self.parsing and not ex.response_started:
+                # The client stopped halfway through its request body.
+                self._reject(ClientError(408, "idle_timeout", "request body stalled"))
+            else:
+                self._close()
 
     def shutdown(self) -> None:
         if self.active is None and not self.queue and not self.in_head:
