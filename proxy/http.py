@@ -113,6 +113,7 @@ class Exchange:
         "response_started",
         "reused",
         "sent_at",
+        "served_by",
         "started",
         "status",
         "trailers",
@@ -140,6 +141,7 @@ class Exchange:
         self.upstream: Upstream | None = None
         self.reused = False
         self.sent_at = 0.0
+        self.served_by: Endpoint | None = None  # the last endpoint tried, for the access log
         self.response_started = False
         self.response_done = False
         self.status = 0
@@ -470,7 +472,7 @@ class HttpDownstream(asyncio.Protocol):
         self._attach(ex, ep, conn)
 
     def _attach(self, ex: Exchange, ep: Endpoint, conn: Upstream) -> None:
-        ex.endpoint = ep
+        ex.endpoint = ex.served_by = ep
         ex.upstream = conn
         conn.exchange = ex
         conn.downstream = self
@@ -715,16 +717,16 @@ class HttpDownstream(asyncio.Protocol):
                 self.transport.close()
 
     def _log(self, ex: Exchange) -> None:
-        ep = ex.endpoint
+        ep = ex.served_by
         access_log.info(
-            "http route=%s peer=%s %s %s status=%d upstream=%s duration=%.3f",
+            "http route=%s peer=%s %s %s status=%d upstream=%s duration_ms=%.3f",
             self.route.config.name,
             self.peer,
             ex.method.decode(errors="replace"),
             ex.path.decode(errors="replace"),
             ex.status,
             f"{ep.host}:{ep.port}" if ep else "-",
-            time.perf_counter() - ex.started,
+            (time.perf_counter() - ex.started) * 1000,
         )
 
 
