@@ -190,13 +190,13 @@ class TcpDownstream(asyncio.Protocol):
         self.route.connections.discard(self)
         if self.route.access_log:
             access_log.info(
-                "tcp route=%s peer=%s upstream=%s bytes_in=%d bytes_out=%d duration=%.3f %s",
+                "tcp route=%s peer=%s upstream=%s bytes_in=%d bytes_out=%d duration_ms=%.3f %s",
                 self.route.config.name,
                 self.peer,
                 f"{self.endpoint.host}:{self.endpoint.port}" if self.endpoint else "-",
                 self.bytes_in,
                 self.bytes_out,
-                asyncio.get_running_loop().time() - self.started,
+                (asyncio.get_running_loop().time() - self.started) * 1000,
                 self.outcome,
             )
 
