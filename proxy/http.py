@@ -174,8 +174,8 @@ class HttpDownstream(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
         self.head_raw = 0
+        self.read_size = 0
         self.head_started = 0.0
         self.in_head = False
         self.last_active = 0.0
@@ -222,6 +222,7 @@ class HttpDownstream(asyncio.Protocol):
         if self.rejected is not None:
             return  # a request was refused: the rest of the stream is meaningless
         was_in_head = self.in_head
+        self.read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -239,12 +240,11 @@ class HttpDownstream(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._reject(ClientError(400, "bad_request", f"malformed request: {e}"))
         else:
-            if self.in_head:
-                # httptools holds a partial header line internally: bound it by the bytes
-                # received since the head began (counted from the next read on).
-                if was_in_head:
-                    self.head_raw += len(data)
-                if self.head_raw + self.head_size + len(self.url) > MAX_HEAD_BYTES:
+            if self.in_head and was_in_head:
+                # httptools holds a partial head internally: bound it by the bytes received
+                # since the head began (from the read after the one it began in).
+                self.head_raw += len(data)
+                if self.head_raw > MAX_HEAD_BYTES:
                     self._reject(ClientError(431, "head_too_large", "request head over 64 KiB"))
 
     def eof_received(self) -> bool:
@@ -286,25 +286,24 @@ class HttpDownstream(asyncio.Protocol):
         self.head_started = self.loop.time()
         self.url = b""
         self.headers = []
-        self.head_size = 0
         self.head_raw = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > MAX_HEAD_BYTES:
-            raise ClientError(431, "head_too_large", "request head over 64 KiB")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.parsing is not None:  # after the head: a trailer of a chunked body
             self.parsing.trailers.append(b"%s: %s\r\n" % (name, value))
             return
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size + len(self.url) > MAX_HEAD_BYTES:
-            raise ClientError(431, "head_too_large", "request head over 64 KiB")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        # The head is at most what came since it began; measure it only when that is big.
+        if self.head_raw + self.read_size > MAX_HEAD_BYTES:
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > MAX_HEAD_BYTES:
+                raise ClientError(431, "head_too_large", "request head over 64 KiB")
         parser = self.parser
         method = parser.get_method()
         ex = Exchange(method, self.url, time.perf_counter())
