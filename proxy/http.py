@@ -109,7 +109,6 @@ class Exchange:
         "method",
         "path",
         "replay",
-        "response_done",
         "response_started",
         "reused",
         "sent_at",
@@ -143,7 +142,6 @@ class Exchange:
         self.sent_at = 0.0
         self.served_by: Endpoint | None = None  # the last endpoint tried, for the access log
         self.response_started = False
-        self.response_done = False
         self.status = 0
         self.tried: list[Endpoint] = []
 
@@ -545,13 +543,11 @@ class HttpDownstream(asyncio.Protocol):
             self.stats.bytes_to_downstream += len(data)
 
     def response_complete(self, ex: Exchange, reusable: bool, keep_alive: bool) -> None:
-        ex.response_done = True
         self._detach(ex, reusable and ex.complete)
         self._finish(ex, keep_alive and ex.complete)
 
     def switch_to_tunnel(self, ex: Exchange) -> None:
         """101 Switching Protocols: from now on both connections are one byte pipe."""
-        ex.response_done = True
         pending, self.tunnel = self.tunnel or b"", b""
         conn = ex.upstream
         if pending and conn is not None and conn.transport is not None:
@@ -753,7 +749,6 @@ class Upstream(asyncio.Protocol):
         self.keep_alive_down = True
         self.write_paused = False
         self.tunnel = False
-        self.head_only = False
 
     def __repr__(self) -> str:
         return f"<Upstream {self.endpoint} exchange={self.exchange}>"
