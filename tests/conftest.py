@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import pytest
 import uvloop
@@ -29,3 +30,15 @@ def pytest_asyncio_loop_factories(
 async def dns() -> AsyncIterator[DnsServer]:
     async with DnsServer() as server:
         yield server
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Anything sidelink lets escape to the loop's exception handler fails the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(previous)
+    assert not errors, errors

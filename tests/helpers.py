@@ -165,6 +165,31 @@ def sidelink(args: Sequence[str], env: dict[str, str] | None = None) -> Iterator
         proc.close()
 
 
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def settled(value: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
+    """Wait until value() has not changed for `quiet` seconds; return it."""
+    last = value()
+    since = time.monotonic()
+
+    def still() -> bool:
+        nonlocal last, since
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+            return False
+        return time.monotonic() - since >= quiet
+
+    await until(still, timeout, "the transfer to stall")
+    return last
+
+
 # --- pods and clients (threads, for the subprocess tests) -----------------------------
 
 

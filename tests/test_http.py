@@ -19,7 +19,6 @@ import random
 import re
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,13 +29,13 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from helpers import require_tool, resolver_yaml, route_address, rss, running_server, settled, until
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.dnsserver import DnsServer
 from proxy.server import Server
-from tests.helpers import require_tool, resolver_yaml, route_address, running_server, until
 
-pytestmark = pytest.mark.both_loops
+pytestmark = [pytest.mark.both_loops, pytest.mark.usefixtures("loop_errors")]
 
 APP1 = "app1.ns1.svc.cluster.local"
 POD1 = "127.0.0.2"
@@ -320,31 +319,6 @@ def chunk_of(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def settled(value: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
-    """Wait until value() has not changed for `quiet` seconds; return it."""
-    last = value()
-    since = time.monotonic()
-
-    def still() -> bool:
-        nonlocal last, since
-        now = value()
-        if now != last:
-            last, since = now, time.monotonic()
-            return False
-        return time.monotonic() - since >= quiet
-
-    await until(still, timeout, "the transfer to stall")
-    return last
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 @contextlib.contextmanager
 def peak_rss() -> Iterator[Callable[[], int]]:
     """The highest RSS seen while the block runs, sampled from a thread (not the loop)."""
@@ -363,18 +337,6 @@ def peak_rss() -> Iterator[Callable[[], int]]:
     finally:
         stop.set()
         thread.join()
-
-
-@pytest.fixture(autouse=True)
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """Anything sidelink lets escape to the loop's exception handler fails the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield errors
-    loop.set_exception_handler(previous)
-    assert not errors, errors
 
 
 # --- real clients --------------------------------------------------------------------------

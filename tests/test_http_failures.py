@@ -23,15 +23,15 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
+from helpers import resolver_yaml, route_address, running_server, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.dnsserver import DnsServer
 from proxy.server import Server
-from tests.helpers import resolver_yaml, route_address, running_server, until
 
-pytestmark = pytest.mark.both_loops
+pytestmark = [pytest.mark.both_loops, pytest.mark.usefixtures("loop_errors")]
 
 APP1 = "app1.ns1.svc.cluster.local"
 POD = "127.0.0.2"
@@ -402,18 +402,6 @@ async def pods(*hosts: str) -> AsyncIterator[Pods]:
         yield p
     finally:
         await p.stop()
-
-
-@pytest.fixture(autouse=True)
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """Anything sidelink lets escape to the loop's exception handler fails the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield errors
-    loop.set_exception_handler(previous)
-    assert not errors, errors
 
 
 # --- 502: the upstream failed or sent garbage -------------------------------------------

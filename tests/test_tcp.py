@@ -21,15 +21,15 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import resolver_yaml, route_address, rss, running_server, settled, until
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.dnsserver import DnsServer
 from proxy.flow import WRITE_HIGH_WATER
 from proxy.server import Server
 from proxy.tcp import TcpDownstream
-from tests.helpers import resolver_yaml, route_address, running_server, until
 
-pytestmark = pytest.mark.both_loops
+pytestmark = [pytest.mark.both_loops, pytest.mark.usefixtures("loop_errors")]
 
 APP1 = "app1.ns1.svc.cluster.local"
 DEAD = "127.0.0.5"  # a pod IP nothing listens on: connects are refused
@@ -252,43 +252,6 @@ def stall_bound() -> int:
     with open("/proc/sys/net/ipv4/tcp_wmem") as f:
         wmem_max = int(f.read().split()[2])
     return WRITE_HIGH_WATER + MAX_READ + rmem_max + wmem_max + 4 * TEST_SOCKET_BUFFER + 2 * CHUNK
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-async def settled(value: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
-    """Wait until value() has not changed for `quiet` seconds; return it."""
-    last = value()
-    since = time.monotonic()
-
-    def still() -> bool:
-        nonlocal last, since
-        now = value()
-        if now != last:
-            last, since = now, time.monotonic()
-            return False
-        return time.monotonic() - since >= quiet
-
-    await until(still, timeout, "the transfer to stall")
-    return last
-
-
-@pytest.fixture(autouse=True)
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """Anything sidelink lets escape to the loop's exception handler fails the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield errors
-    loop.set_exception_handler(previous)
-    assert not errors, errors
 
 
 # --- tests --------------------------------------------------------------------------
