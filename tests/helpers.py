@@ -81,7 +81,13 @@ async def running_server(
 ) -> AsyncIterator[Server]:
     """sidelink in this process, admin on a free port; shut down (at once) on exit."""
     config = parse(text, "test.yaml", routes, overrides=Overrides(admin="127.0.0.1:0"))
-    server = Server(config, environ=environ if environ is not None else {})
+    async with serving(Server(config, environ=environ if environ is not None else {})) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def serving(server: Server) -> AsyncIterator[Server]:
+    """Start server; on exit shut it down at once (a second shutdown skips the drain)."""
     await server.start()
     try:
         yield server

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -30,6 +30,7 @@ from helpers import (
     Sidelink,
     free_port,
     resolver_yaml,
+    serving,
     sidelink,
     until,
     until_sync,
@@ -605,18 +606,10 @@ def test_configmap_symlink_swap_is_picked_up(
 # --- in-process: orderings a subprocess cannot show without sleeping --------------------
 
 
-@contextlib.asynccontextmanager
-async def server_from_file(path: Path) -> AsyncIterator[Server]:
+def server_from_file(path: Path) -> contextlib.AbstractAsyncContextManager[Server]:
     """sidelink in this process reading `path` (so it polls the file), admin on a free port."""
     source = ConfigSource(str(path), overrides=Overrides(admin="127.0.0.1:0"))
-    server = Server(source.load(), source, environ={})
-    await server.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.shutdown()
-        await server.serve_until_shutdown()
+    return serving(Server(source.load(), source, environ={}))
 
 
 async def refused_async(port: int) -> bool:
