@@ -30,7 +30,7 @@ from proxy.errors import (
 )
 from proxy.flow import FlowControl
 from proxy.pool import Pool
-from proxy.route import Route, access_log
+from proxy.route import Route, access_log, peer_name
 
 log = logging.getLogger("sidelink.http")
 
@@ -165,7 +165,6 @@ class HttpDownstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.peer = "?"
         # The request being parsed, the one being proxied, and those waiting behind it.
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
@@ -186,7 +185,8 @@ class HttpDownstream(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return (
-            f"<HttpDownstream {self.route.config.name} {self.peer} active={self.active} "
+            f"<HttpDownstream {self.route.config.name} {peer_name(self.transport)} "
+            f"active={self.active} "
             f"queued={len(self.queue)}>"
         )
 
@@ -203,9 +203,6 @@ class HttpDownstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.flow = FlowControl(self.transport)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = f"{peer[0]}:{peer[1]}"
         self.last_active = self.loop.time()
         self.stats.opened_downstream += 1
         self.stats.active_downstream += 1
@@ -716,7 +713,7 @@ class HttpDownstream(asyncio.Protocol):
         access_log.info(
             "http route=%s peer=%s %s %s status=%d upstream=%s duration_ms=%.3f",
             self.route.config.name,
-            self.peer,
+            peer_name(self.transport),
             ex.method.decode(errors="replace"),
             ex.path.decode(errors="replace"),
             ex.status,

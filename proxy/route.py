@@ -229,6 +229,12 @@ class Route:
         }
 
 
+def peer_name(transport: asyncio.BaseTransport | None) -> str:
+    """The client's address, for logs and reprs (looked up only when one is written)."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
 def _iso(wall: float | None) -> str | None:
     if wall is None:
         return None

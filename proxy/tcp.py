@@ -15,7 +15,7 @@ from typing import cast
 from proxy.endpoints import Endpoint
 from proxy.errors import UpstreamError
 from proxy.flow import FlowControl
-from proxy.route import Route, access_log
+from proxy.route import Route, access_log, peer_name
 
 log = logging.getLogger("sidelink.tcp")
 
@@ -30,7 +30,6 @@ class TcpDownstream(asyncio.Protocol):
         self.flow: FlowControl | None = None
         self.upstream: TcpUpstream | None = None
         self.endpoint: Endpoint | None = None
-        self.peer = ""
         self.started = 0.0
         self.last_active = 0.0
         self.bytes_in = 0
@@ -43,7 +42,8 @@ class TcpDownstream(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<TcpDownstream {self.route.config.name} {self.peer} -> {self.endpoint}>"
+        peer = peer_name(self.transport)
+        return f"<TcpDownstream {self.route.config.name} {peer} -> {self.endpoint}>"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -52,8 +52,6 @@ class TcpDownstream(asyncio.Protocol):
         # Read nothing until upstream is connected: the kernel buffers meanwhile. (uvloop
         # may still deliver a first chunk; data_received keeps that in `pending`.)
         self.flow.pause_reading()
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.stats.opened_downstream += 1
         self.stats.active_downstream += 1
         self.route.connections.add(self)
@@ -192,7 +190,7 @@ class TcpDownstream(asyncio.Protocol):
             access_log.info(
                 "tcp route=%s peer=%s upstream=%s bytes_in=%d bytes_out=%d duration_ms=%.3f %s",
                 self.route.config.name,
-                self.peer,
+                peer_name(self.transport),
                 f"{self.endpoint.host}:{self.endpoint.port}" if self.endpoint else "-",
                 self.bytes_in,
                 self.bytes_out,
