@@ -470,6 +470,7 @@ class HttpDownstream(asyncio.Protocol):
         ex.upstream = conn
         conn.exchange = ex
         conn.downstream = self
+        conn.head_bytes = 0
         assert conn.transport is not None
         if ex.buffer:
             data = b"".join((ex.head, *ex.buffer))
@@ -740,6 +741,7 @@ class Upstream(asyncio.Protocol):
         self.idle_since = self.created
         self.headers: list[tuple[bytes, bytes]] = []
         self.out: list[bytes] = []
+        self.head_bytes = 0  # received while waiting for a response head
         self.rechunk = False  # frame the body as chunked for the client
         self.until_close = False  # the body ends when the server closes
         self.interim = False
@@ -802,6 +804,11 @@ class Upstream(asyncio.Protocol):
             return
         if out:
             self._flush(down)
+        if not ex.response_started:
+            # Still no (final) head: bound what httptools holds of it, as for requests.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._protocol_error(down, ex, "response head over 64 KiB")
 
     def eof_received(self) -> bool:
         return False

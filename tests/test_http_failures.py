@@ -1295,3 +1295,23 @@ async def test_a_slow_upload_is_not_cut_by_request_timeout() -> None:
         response = await read_response(reader)
         assert (response.status, response.body) == (200, b"".join(parts))
         assert [r.body for r in up.requests] == [b"".join(parts)]
+
+
+async def test_an_endless_response_head_is_502_protocol() -> None:
+    async def endless(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        await up.next_request(reader)
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for i in range(2000):  # 2000 x 100 bytes: never a blank line
+                w.write(b"X-Filler-%04d: %s\r\n" % (i, b"f" * 83))
+                await w.drain()
+        await reader.read()
+
+    async with raw_upstream(endless) as up, running_server(config(port=up.port)) as server:
+        before = Scrape(server)
+        response = await request(server, get("/"))
+        assert_error(response, 502, "protocol")
+        assert b"64 KiB" in response.body
+        assert upstream_errors(before, server) == {"protocol": 1}
