@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Overrides, parse
 from proxy.server import Server
@@ -95,6 +96,16 @@ async def serving(server: Server) -> AsyncIterator[Server]:
         server.shutdown()
         server.shutdown()
         await server.serve_until_shutdown()
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """One sample of the Prometheus exposition, as a scraper would read it."""
+    body, _ = server.metrics.render(None)
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name}{labels} in\n{body.decode()}")
 
 
 def route_address(server: Server, name: str | None = None) -> tuple[str, int]:

@@ -29,8 +29,16 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from helpers import require_tool, resolver_yaml, route_address, rss, running_server, settled, until
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import (
+    metric,
+    require_tool,
+    resolver_yaml,
+    route_address,
+    rss,
+    running_server,
+    settled,
+    until,
+)
 
 from proxy.dnsserver import DnsServer
 from proxy.server import Server
@@ -196,16 +204,6 @@ def config(*routes: dict[str, Any], dns: DnsServer | None = None) -> str:
 def url(server: Server, path: str = "/", name: str | None = None) -> str:
     host, port = route_address(server, name)
     return f"http://{host}:{port}{path}"
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    """One sample of the Prometheus exposition, as a scraper would read it."""
-    body, _ = server.metrics.render(None)
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"no sample {name}{labels} in\n{body.decode()}")
 
 
 # --- a raw HTTP client -----------------------------------------------------------------

@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import resolver_yaml, route_address, rss, running_server, settled, until
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metric, resolver_yaml, route_address, rss, running_server, settled, until
 
 from proxy.dnsserver import DnsServer
 from proxy.flow import WRITE_HIGH_WATER
@@ -169,16 +168,6 @@ async def closed(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    """One sample of the Prometheus exposition, as a scraper would read it."""
-    body, _ = server.metrics.render(None)
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"no sample {name}{labels} in\n{body.decode()}")
 
 
 def endpoint_states(server: Server, route: str) -> dict[str, str]:
