@@ -332,9 +332,9 @@ class HttpDownstream(asyncio.Protocol):
         self.parsing = None
         ex.complete = True
         if ex.upstream is not None:
-            # request_timeout counts from the end of the request: a slow upload is the
-            # client's time (idle_timeout guards a stalled one), not the upstream's.
-            ex.sent_at = self.loop.time()
+            # request_timeout counts from the end of the request (the read that brought
+            # it): a slow upload is the client's time, guarded by idle_timeout.
+            ex.sent_at = self.last_active
         if ex.failed:
             self._finish(ex, ex.keep_alive and not self.last_response)
         elif ex.chunked:
@@ -443,7 +443,7 @@ class HttpDownstream(asyncio.Protocol):
                 return
         else:
             ep = None
-        self.loop.create_task(self._connect(ex, ep))
+        self.route.spawn(self._connect(ex, ep))
 
     async def _connect(self, ex: Exchange, first: Endpoint | None) -> None:
         route = self.route
@@ -510,7 +510,7 @@ class HttpDownstream(asyncio.Protocol):
         if self.route.access_log:
             self._log(ex)
         if not keep_alive or self.last_response:
-            self._close()
+            self.close()
             return
         if self.queue:
             self._dispatch(self.queue.popleft())
@@ -594,7 +594,7 @@ class HttpDownstream(asyncio.Protocol):
             first = self.route.endpoints.pick(ex.tried)
             if first is None and ep.state != DRAINING:
                 first = ep
-            self.loop.create_task(self._connect(ex, first))
+            self.route.spawn(self._connect(ex, first))
             return
         self._fail(ex, error)
 
@@ -605,7 +605,7 @@ class HttpDownstream(asyncio.Protocol):
             self._detach(ex, reusable=False)
         if ex.response_started:
             # Part of the response is out: the client can only learn of it by a close.
-            self._close()
+            self.close()
             return
         ex.status = error.status
         self.stats.request_duration.observe(time.perf_counter() - ex.started)
@@ -632,7 +632,7 @@ class HttpDownstream(asyncio.Protocol):
                 self._detach(ex, reusable=False)
                 self.active = None
                 if ex.response_started or ex.failed:
-                    self._close()  # the client already has (part of) an answer to it
+                    self.close()  # the client already has (part of) an answer to it
                     return
             elif ex in self.queue:
                 self.queue.remove(ex)
@@ -648,7 +648,7 @@ class HttpDownstream(asyncio.Protocol):
         self.write(error_response(error.status, error.reason, error.detail, keep_alive=False))
         transport = self.transport
         if transport is None or not transport.can_write_eof():
-            self._close()
+            self.close()
             return
         # Lingering close: send our FIN after the answer, then read and drop whatever the
         # client still sends, so a close with unread bytes (a reset) does not destroy
@@ -669,11 +669,11 @@ class HttpDownstream(asyncio.Protocol):
                 # Refused and lingering (never refused twice): closed when the client
                 # hangs up, or at the end of the linger time.
                 if now > self.linger_until:
-                    self._close()
+                    self.close()
             elif self.in_head and now - self.head_started > settings.head_timeout:
                 self._reject(ClientError(408, "head_timeout", "request head too slow"))
             elif not self.in_head and now - self.last_active > settings.idle_timeout:
-                self._close()
+                self.close()
             return
         if (
             ex.sent_at
@@ -688,11 +688,11 @@ class HttpDownstream(asyncio.Protocol):
                 # The client stopped halfway through its request body.
                 self._reject(ClientError(408, "idle_timeout", "request body stalled"))
             else:
-                self._close()
+                self.close()
 
     def shutdown(self) -> None:
         if self.active is None and not self.queue and not self.in_head:
-            self._close()
+            self.close()
         else:
             self.close_after_response = True
 
@@ -700,7 +700,7 @@ class HttpDownstream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.transport is not None and not self.closed:
             if self.transport.is_closing():
                 # Closed before and still not gone: the client has not taken what was
@@ -822,7 +822,7 @@ class Upstream(asyncio.Protocol):
                 self.pool.discard(self)
             return
         if self.tunnel:
-            down._close()
+            down.close()
             return
         if ex.response_started and self.until_close:
             # The body was delimited by the close: this is its normal end.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from proxy.config import RouteConfig, join_host_port
@@ -63,6 +63,7 @@ class Route:
         self.listener: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         # http: the Host header sent upstream (None: the client's), and the names an
         # absolute-form request may target.
         port = config.port
@@ -133,6 +134,13 @@ class Route:
         if self.watch.answered_name:
             names.add(self.watch.answered_name.lower().rstrip("."))
         return names
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's coroutine (a connect), holding it until done: the loop keeps
+        only weak references to tasks, and one collected mid-connect would vanish."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():

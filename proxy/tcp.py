@@ -39,7 +39,6 @@ class TcpDownstream(asyncio.Protocol):
         self.eof_up = False
         self.closed = False
         self.outcome = "ok"
-        self._connect_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         peer = peer_name(self.transport)
@@ -58,7 +57,7 @@ class TcpDownstream(asyncio.Protocol):
         self.route.ensure_ticker()
         loop = asyncio.get_running_loop()
         self.started = self.last_active = loop.time()
-        self._connect_task = loop.create_task(self._connect())
+        self.route.spawn(self._connect())
 
     async def _connect(self) -> None:
         route = self.route
