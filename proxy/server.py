@@ -310,7 +310,7 @@ def _address(rc: RouteConfig) -> tuple[str, int]:
 
 
 def _same_socket(a: RouteConfig, b: RouteConfig) -> bool:
-    return (a.listen_host, a.listen_port, a.protocol) == (b.listen_host, b.listen_port, b.protocol)
+    return _address(a) == _address(b) and a.protocol == b.protocol
 
 
 def _file_signature(path: str) -> tuple[str, int, int, int] | None:
