@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import cast
 
@@ -48,12 +49,9 @@ HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade")
 )
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-METHOD_LABELS = {
-    m: m.decode()
-    for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE")
-}
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 CRLF = b"\r\n"
+NO_ENDPOINTS: tuple[Endpoint, ...] = ()
 LAST_CHUNK = b"0\r\n"
 # How a response body is delimited.
 FRAMING_LENGTH = 0
@@ -101,7 +99,6 @@ class Exchange:
         "buffered",
         "chunked",
         "complete",
-        "endpoint",
         "failed",
         "head",
         "http10",
@@ -132,26 +129,22 @@ class Exchange:
         self.upgrade = False
         self.complete = False
         self.failed = False  # answered with an error before the request was fully read
-        self.buffer: list[bytes] = []  # request bytes not yet written upstream
+        self.buffer: list[bytes] | None = None  # request bytes not yet written upstream
         self.buffered = 0
-        self.replay: list[bytes] | None = [] if method in IDEMPOTENT else None
-        self.trailers: list[bytes] = []
-        self.endpoint: Endpoint | None = None
+        # The body kept to replay an idempotent request (None: it cannot be replayed).
+        self.replay: bytes | None = b"" if method in IDEMPOTENT else None
+        self.trailers: list[bytes] | None = None
         self.upstream: Upstream | None = None
         self.reused = False
         self.sent_at = 0.0
         self.served_by: Endpoint | None = None  # the last endpoint tried, for the access log
         self.response_started = False
         self.status = 0
-        self.tried: list[Endpoint] = []
+        self.tried: Sequence[Endpoint] = NO_ENDPOINTS
 
     def __repr__(self) -> str:
         path = self.path.decode(errors="replace")
         return f"<Exchange {self.method.decode()} {path} status={self.status}>"
-
-    @property
-    def method_label(self) -> str:
-        return METHOD_LABELS.get(self.method, "OTHER")
 
 
 class HttpDownstream(asyncio.Protocol):
@@ -254,11 +247,9 @@ class HttpDownstream(asyncio.Protocol):
         self.stats.active_downstream -= 1
         self.route.connections.discard(self)
         ex = self.active
-        if ex is not None and ex.upstream is not None:
+        if ex is not None:
             # The client left mid-exchange: the upstream connection's state is unknown.
             self._detach(ex, reusable=False)
-        elif ex is not None and ex.endpoint is not None:
-            self.route.endpoints.release(ex.endpoint)
         self.active = None
         self.queue.clear()
 
@@ -278,7 +269,7 @@ class HttpDownstream(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self.head_started = self.loop.time()
+        self.head_started = self.last_active
         self.url = b""
         self.headers = []
         self.head_raw = 0
@@ -288,7 +279,10 @@ class HttpDownstream(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.parsing is not None:  # after the head: a trailer of a chunked body
-            self.parsing.trailers.append(b"%s: %s\r\n" % (name, value))
+            trailers = self.parsing.trailers
+            if trailers is None:
+                trailers = self.parsing.trailers = []
+            trailers.append(b"%s: %s\r\n" % (name, value))
             return
         self.headers.append((name, value))
 
@@ -311,8 +305,6 @@ class HttpDownstream(asyncio.Protocol):
         ex.keep_alive = parser.should_keep_alive()
         ex.upgrade = parser.should_upgrade()
         ex.head = self._request_head(ex)
-        if ex.replay is not None:
-            ex.replay.append(ex.head)
         self.parsing = ex
         if self.active is None:
             self._dispatch(ex)
@@ -338,7 +330,7 @@ class HttpDownstream(asyncio.Protocol):
         if ex.failed:
             self._finish(ex, ex.keep_alive and not self.last_response)
         elif ex.chunked:
-            self._send(ex, LAST_CHUNK + b"".join(ex.trailers) + CRLF)
+            self._send(ex, LAST_CHUNK + b"".join(ex.trailers or ()) + CRLF)
 
     # --- requests -------------------------------------------------------------------
 
@@ -409,16 +401,16 @@ class HttpDownstream(asyncio.Protocol):
         """Request bytes for upstream: written now, or held until a connection is attached."""
         if ex.failed:
             return
-        if ex.replay is not None:
-            if sum(map(len, ex.replay)) + len(data) <= REPLAY_LIMIT:
-                ex.replay.append(data)
-            else:
-                ex.replay = None
+        replay = ex.replay
+        if replay is not None:
+            ex.replay = replay + data if len(replay) + len(data) <= REPLAY_LIMIT else None
         upstream = ex.upstream
         if upstream is not None and ex is self.active and upstream.transport is not None:
             upstream.transport.write(data)
             self.stats.bytes_to_upstream += len(data)
             return
+        if ex.buffer is None:
+            ex.buffer = []
         ex.buffer.append(data)
         ex.buffered += len(data)
         if ex.buffered > BUFFER_LIMIT and self.flow is not None:
@@ -428,29 +420,25 @@ class HttpDownstream(asyncio.Protocol):
         """Send ex upstream: a pooled connection at once, else connect in a task."""
         self.active = ex
         route = self.route
-        endpoints = route.endpoints
-        if route.watch.resolved:
-            ep = endpoints.pick(ex.tried)
-            if ep is None:
-                self._fail(ex, NoEndpoints(f"{route.config.service} has no endpoints"))
-                return
-            pool = ep.pool or route.pool(ep)
-            conn = pool.get(self.loop.time())
+        ep = route.endpoints.pick(ex.tried)
+        if ep is not None:
+            now = self.last_active  # (of the read that brought ex, or of its turn)
+            conn = (ep.pool or route.pool(ep)).get(now)
             if conn is not None:
                 ep.in_flight += 1
                 ex.reused = True
-                self._attach(ex, ep, conn)
+                self._attach(ex, ep, conn, now)
                 return
-        else:
-            ep = None
-        self.route.spawn(self._connect(ex, ep))
+        elif route.watch.resolved:
+            self._fail(ex, NoEndpoints(f"{route.config.service} has no endpoints"))
+            return
+        route.spawn(self._connect(ex, ep))
 
     async def _connect(self, ex: Exchange, first: Endpoint | None) -> None:
         route = self.route
+        tried = ex.tried = list(ex.tried)  # route.connect adds the endpoints that fail
         try:
-            ep, _, conn = await route.connect(
-                lambda: Upstream(route), exclude=ex.tried, first=first
-            )
+            ep, _, conn = await route.connect(lambda: Upstream(route), exclude=tried, first=first)
         except UpstreamError as e:
             if ex is self.active and not self.closed:
                 self._fail(ex, e, counted=True)
@@ -463,24 +451,25 @@ class HttpDownstream(asyncio.Protocol):
             conn.pool.put(conn, self.loop.time(), reusable=True)
             return
         ex.reused = False
-        self._attach(ex, ep, conn)
+        self._attach(ex, ep, conn, self.loop.time())
 
-    def _attach(self, ex: Exchange, ep: Endpoint, conn: Upstream) -> None:
-        ex.endpoint = ex.served_by = ep
+    def _attach(self, ex: Exchange, ep: Endpoint, conn: Upstream, now: float) -> None:
+        ex.served_by = ep
         ex.upstream = conn
         conn.exchange = ex
         conn.downstream = self
         conn.head_bytes = 0
         assert conn.transport is not None
-        if ex.buffer:
-            data = b"".join((ex.head, *ex.buffer))
-            ex.buffer = []
+        buffer = ex.buffer
+        if buffer:
+            data = b"".join((ex.head, *buffer))
+            ex.buffer = None
             ex.buffered = 0
         else:
             data = ex.head
         conn.transport.write(data)
         self.stats.bytes_to_upstream += len(data)
-        ex.sent_at = self.loop.time()
+        ex.sent_at = now
         if self.write_paused and conn.flow is not None:
             conn.flow.pause_reading()
         self._maybe_resume()
@@ -488,20 +477,22 @@ class HttpDownstream(asyncio.Protocol):
     def _detach(self, ex: Exchange, reusable: bool) -> None:
         """Give ex's upstream connection back (or close it) and release its endpoint."""
         conn = ex.upstream
-        ep = ex.endpoint
+        if conn is None:
+            return
         ex.upstream = None
-        if conn is not None:
-            conn.exchange = None
-            conn.downstream = None
-            if conn.flow is not None and conn.flow.read_paused:
-                conn.flow.resume_reading()  # an idle connection must notice a server close
-            if conn.pool is not None:
-                reusable = reusable and ep is not None and ep.state != DRAINING
-                conn.pool.put(conn, self.loop.time(), reusable)
-            else:
-                conn.close()
+        conn.exchange = None
+        conn.downstream = None
+        flow = conn.flow
+        if flow is not None and flow.read_paused:
+            flow.resume_reading()  # an idle connection must notice a server close
+        ep = conn.endpoint
+        pool = conn.pool
+        if pool is not None and ep is not None:
+            # (last_active: the time of the read that completed the exchange, if any)
+            pool.put(conn, self.last_active, reusable and ep.state != DRAINING)
+        else:
+            conn.close()
         if ep is not None:
-            ex.endpoint = None
             self.route.endpoints.release(ep)
 
     def _finish(self, ex: Exchange, keep_alive: bool) -> None:
@@ -533,7 +524,7 @@ class HttpDownstream(asyncio.Protocol):
     def count_response(self, ex: Exchange) -> None:
         ex.response_started = True
         self.stats.request_duration.observe(time.perf_counter() - ex.started)
-        self.stats.count_request(ex.method_label, ex.status)
+        self.stats.count_request(ex.method, ex.status)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -588,9 +579,9 @@ class HttpDownstream(asyncio.Protocol):
             assert conn is not None and conn.endpoint is not None
             self.stats.retries += 1
             ep = conn.endpoint
-            ex.tried.append(ep)
-            ex.buffer = list(ex.replay[1:])
-            ex.buffered = sum(map(len, ex.buffer))
+            ex.tried = [*ex.tried, ep]
+            ex.buffer = [ex.replay] if ex.replay else None
+            ex.buffered = len(ex.replay)
             first = self.route.endpoints.pick(ex.tried)
             if first is None and ep.state != DRAINING:
                 first = ep
@@ -601,15 +592,14 @@ class HttpDownstream(asyncio.Protocol):
     def _fail(self, ex: Exchange, error: UpstreamError, counted: bool = False) -> None:
         if not counted:
             self.stats.errors[error.reason] += 1
-        if ex.upstream is not None or ex.endpoint is not None:
-            self._detach(ex, reusable=False)
+        self._detach(ex, reusable=False)
         if ex.response_started:
             # Part of the response is out: the client can only learn of it by a close.
             self.close()
             return
         ex.status = error.status
         self.stats.request_duration.observe(time.perf_counter() - ex.started)
-        self.stats.count_request(ex.method_label, error.status)
+        self.stats.count_request(ex.method, error.status)
         keep_alive = ex.keep_alive and not self.last_response and not ex.upgrade
         self.write(error_response(error.status, error.reason, error.detail, keep_alive))
         if ex.complete:
@@ -641,9 +631,9 @@ class HttpDownstream(asyncio.Protocol):
 
     def _send_rejection(self, error: ClientError) -> None:
         try:
-            method = METHOD_LABELS.get(self.parser.get_method(), "OTHER")
+            method = self.parser.get_method()
         except httptools.HttpParserError:
-            method = "OTHER"
+            method = b"OTHER"
         self.stats.count_request(method, error.status)
         self.write(error_response(error.status, error.reason, error.detail, keep_alive=False))
         transport = self.transport
@@ -739,6 +729,7 @@ class Upstream(asyncio.Protocol):
         self.downstream: HttpDownstream | None = None
         self.created = self.loop.time()
         self.idle_since = self.created
+        self.closed = False  # closed or closing: never handed out again
         self.headers: list[tuple[bytes, bytes]] = []
         self.out: list[bytes] = []
         self.head_bytes = 0  # received while waiting for a response head
@@ -752,10 +743,8 @@ class Upstream(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<Upstream {self.endpoint} exchange={self.exchange}>"
 
-    def is_closing(self) -> bool:
-        return self.transport is None or self.transport.is_closing()
-
     def close(self) -> None:
+        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -811,9 +800,11 @@ class Upstream(asyncio.Protocol):
                 self._protocol_error(down, ex, "response head over 64 KiB")
 
     def eof_received(self) -> bool:
+        self.closed = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         self.stats.active_upstream -= 1
         ex = self.exchange
         down = self.downstream

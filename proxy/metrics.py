@@ -54,6 +54,11 @@ UPSTREAM_ERROR_REASONS = (
     "protocol",
 )
 DNS_RESULTS = ("ok", "nxdomain", "error", "timeout")
+# Methods counted under their own label (requests are counted by the method as sent).
+METHOD_LABELS = {
+    m: m.decode()
+    for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE")
+}
 
 
 class Histogram:
@@ -84,7 +89,7 @@ class RouteStats:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
+        self.requests: dict[tuple[bytes, int], int] = {}  # (method, status) -> count
         self.request_duration = Histogram()
         self.connect_duration = Histogram()
         self.opened_downstream = 0
@@ -98,7 +103,7 @@ class RouteStats:
         self.pool_idle = 0
         self.ejections = 0
 
-    def count_request(self, method: str, code: int) -> None:
+    def count_request(self, method: bytes, code: int) -> None:
         key = (method, code)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
@@ -166,8 +171,12 @@ class _Collector:
             labels=["route", "method", "code"],
         )
         for r in routes:
+            by_label: dict[tuple[str, int], int] = {}
             for (method, code), n in r.requests.items():
-                requests.add_metric([r.name, method, str(code)], n)
+                key = (METHOD_LABELS.get(method, "OTHER"), code)
+                by_label[key] = by_label.get(key, 0) + n
+            for (label, code), n in by_label.items():
+                requests.add_metric([r.name, label, str(code)], n)
         yield requests
 
         for name, doc, attr in (

@@ -18,8 +18,7 @@ from proxy.metrics import RouteStats
 class Pooled(Protocol):
     created: float
     idle_since: float
-
-    def is_closing(self) -> bool: ...
+    closed: bool  # closed or closing
 
     def close(self) -> None: ...
 
@@ -54,7 +53,7 @@ class Pool(Generic[C]):
             conn = idle.pop()
             self.stats.pool_idle -= 1
             if (
-                conn.is_closing()
+                conn.closed
                 or now - conn.idle_since >= config.idle_timeout
                 or now - conn.created >= config.max_lifetime
             ):
@@ -74,7 +73,7 @@ class Pool(Generic[C]):
         if (
             reusable
             and len(self.idle) < self.config.max_idle
-            and not conn.is_closing()
+            and not conn.closed
             and now - conn.created < self.config.max_lifetime
         ):
             conn.idle_since = now
@@ -95,7 +94,7 @@ class Pool(Generic[C]):
         """Close idle connections past their idle timeout or lifetime."""
         if not self.idle:
             return
-        keep = [c for c in self.idle if self._fresh(c, now) and not c.is_closing()]
+        keep = [c for c in self.idle if self._fresh(c, now) and not c.closed]
         if len(keep) != len(self.idle):
             for conn in self.idle:
                 if conn not in keep:

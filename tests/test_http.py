@@ -464,7 +464,7 @@ async def test_upstream_closing_idle_connections_never_costs_a_request() -> None
             # The spacing is the stimulus, not a wait for a condition.
             await asyncio.sleep(0.3)
         assert len(up.connections) == 4
-        assert stats.requests == {("GET", 200): 4}
+        assert stats.requests == {(b"GET", 200): 4}
         await until(lambda: stats.pool_idle == 0, what="the closed idle connections to leave")
 
 
