@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from proxy import __version__
+from proxy import __version__, build
 from proxy.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidelink", description="A sidecar proxy for stable pod-to-service calls."
     )
-    parser.add_argument("--version", action="version", version=f"sidelink {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"sidelink {__version__} ({build()})"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")

@@ -394,8 +394,11 @@ class HttpDownstream(asyncio.Protocol):
         host = (url.host or b"").decode(errors="replace").lower().rstrip(".")
         if host not in self.route.own_hosts():
             raise ClientError(400, "forbidden_host", f"{host} is not this route's service")
-        path = url.path or b"/"
-        return path + b"?" + url.query if url.query else path
+        path: bytes | None = url.path  # (typed: compiled code checks what it is given)
+        query: bytes | None = url.query
+        if not path:
+            path = b"/"
+        return path + b"?" + query if query else path
 
     def _send(self, ex: Exchange, data: bytes) -> None:
         """Request bytes for upstream: written now, or held until a connection is attached."""

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from proxy import admin
+from proxy import __version__, admin, build
 from proxy.config import Config, ConfigError, ConfigSource, RouteConfig
 from proxy.http import HttpDownstream
 from proxy.logs import configure_logging
@@ -116,7 +116,9 @@ class Server:
                 self._watch_config(self.source.path)
             )
         log.info(
-            "sidelink serving %d route(s)%s",
+            "sidelink %s (%s) serving %d route(s)%s",
+            __version__,
+            build(),
             len(self.routes),
             f", admin on {self.admin_address[0]}:{self.admin_address[1]}"
             if self.admin_address

@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
+from proxy import build
 from proxy.dnsserver import DnsServer
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
+
+
+def pytest_report_header() -> str:
+    return f"sidelink hot path: {build()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compiled modules older than their source would test yesterday's code."""
+    package = Path(__file__).parent.parent / "proxy"
+    stale = sorted(
+        source.name
+        for built in package.glob("*.so")
+        if (source := package / f"{built.name.split('.')[0]}.py").exists()
+        and built.stat().st_mtime < source.stat().st_mtime
+    )
+    if stale:
+        raise pytest.UsageError(
+            f"compiled modules older than {', '.join(stale)}: run "
+            "`.venv/bin/pip install -e .` again (SIDELINK_COMPILE=0 for pure Python)"
+        )
 
 
 def pytest_asyncio_loop_factories(
