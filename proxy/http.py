@@ -155,9 +155,11 @@ class HttpDownstream(asyncio.Protocol):
         self.stats = route.stats
         self.settings = route.settings
         self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time  # (bound once: called for every read)
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.parser = httptools.HttpRequestParser(self)
+        self.feed = self.parser.feed_data
         # The request being parsed, the one being proxied, and those waiting behind it.
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
@@ -203,7 +205,7 @@ class HttpDownstream(asyncio.Protocol):
         self.route.ensure_ticker()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
+        self.last_active = self.clock()
         if self.tunnel is not None:
             self._tunnel_data(data)
             return
@@ -212,7 +214,7 @@ class HttpDownstream(asyncio.Protocol):
         was_in_head = self.in_head
         self.read_size = len(data)
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as e:
             self.tunnel = b""
             self._tunnel_data(data[e.args[0] :])
@@ -723,9 +725,11 @@ class Upstream(asyncio.Protocol):
         self.route = route
         self.stats = route.stats
         self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.feed = self.parser.feed_data
         self.endpoint: Endpoint | None = None
         self.pool: Pool[Upstream] | None = None
         self.exchange: Exchange | None = None
@@ -767,13 +771,13 @@ class Upstream(asyncio.Protocol):
                 self.pool.discard(self)
             self.close()
             return
-        down.last_active = self.loop.time()
+        down.last_active = self.clock()
         if self.tunnel:
             down.write(data)
             return
         out = self.out
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as e:
             self._flush(down)
             if self.tunnel:
@@ -787,6 +791,7 @@ class Upstream(asyncio.Protocol):
                 end = data.find(b"\r\n\r\n")
                 clean = end != -1 and end + 4 == len(data)
                 self.parser = httptools.HttpResponseParser(self)
+                self.feed = self.parser.feed_data
                 down.response_complete(ex, reusable=clean, keep_alive=self.keep_alive_down)
                 return
             self._protocol_error(down, ex, str(e.__context__ or e))
