@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
 from http import HTTPStatus
+from time import perf_counter
 from typing import cast
 
 import httptools
@@ -45,6 +45,9 @@ MAX_PIPELINED = 32
 # After refusing a request, how long to read and drop what the client still sends.
 LINGER_TIMEOUT = 2.0
 
+# Connection tokens that are not header names, or that name the framing: dropping
+# that would have the receiver read a body as the next message (smuggling).
+CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade")
 )
@@ -89,6 +92,19 @@ def error_response(status: int, reason: str, detail: str, keep_alive: bool) -> b
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",")}
+
+
+def drop_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
+    """Head lines (after the first) less the headers Connection names: they are hop-by-hop
+    too (RFC 9110 7.6.1). Never the framing: see CONNECTION_OPTIONS."""
+    named = tokens - CONNECTION_OPTIONS
+    if not named:
+        return lines
+    return [lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in named]
 
 
 class Exchange:
@@ -154,6 +170,10 @@ class HttpDownstream(asyncio.Protocol):
         self.route = route
         self.stats = route.stats
         self.settings = route.settings
+        self.endpoints = route.endpoints
+        self.access_log = route.access_log
+        # The Host line for upstream, unless it is the client's (host: preserve).
+        self.host_line = None if route.http_host is None else b"host: %s\r\n" % route.http_host
         self.loop = asyncio.get_running_loop()
         self.clock = self.loop.time  # (bound once: called for every read)
         self.transport: asyncio.Transport | None = None
@@ -297,7 +317,7 @@ class HttpDownstream(asyncio.Protocol):
                 raise ClientError(431, "head_too_large", "request head over 64 KiB")
         parser = self.parser
         method = parser.get_method()
-        ex = Exchange(method, self.url, time.perf_counter())
+        ex = Exchange(method, self.url, perf_counter())
         if method == b"CONNECT":
             raise ClientError(405, "method_not_allowed", "CONNECT is not allowed")
         version = parser.get_http_version()
@@ -305,7 +325,6 @@ class HttpDownstream(asyncio.Protocol):
             raise ClientError(505, "version_not_supported", f"HTTP/{version} is not supported")
         ex.http10 = version == "1.0"
         ex.keep_alive = parser.should_keep_alive()
-        ex.upgrade = parser.should_upgrade()
         ex.head = self._request_head(ex)
         self.parsing = ex
         if self.active is None:
@@ -338,11 +357,11 @@ class HttpDownstream(asyncio.Protocol):
 
     def _request_head(self, ex: Exchange) -> bytes:
         """The head sent upstream: origin-form target, hop-by-hop headers removed, Host set."""
-        route = self.route
         target = ex.path
         if not target.startswith(b"/") and target != b"*":
             target = self._origin_form(target)
-        connection_tokens: set[bytes] = set()
+        tokens: set[bytes] | None = None
+        upgrade: bytes | None = None
         host: bytes | None = None
         content_length = None
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target)]
@@ -350,9 +369,11 @@ class HttpDownstream(asyncio.Protocol):
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"connection":
-                    connection_tokens.update(t.strip().lower() for t in value.split(b","))
+                    tokens = connection_tokens(value) | (tokens or set())
                 elif lname == b"transfer-encoding":
                     ex.chunked = True
+                elif lname == b"upgrade":
+                    upgrade = value
                 continue
             if lname == b"host":
                 if host is not None:
@@ -364,25 +385,16 @@ class HttpDownstream(asyncio.Protocol):
                     raise ClientError(400, "bad_request", "conflicting Content-Length headers")
                 content_length = value
             lines.append(b"%s: %s\r\n" % (name, value))
-        # Never drop the framing on a client's say-so: the upstream would read the body
-        # as another request (smuggling).
-        connection_tokens.discard(b"content-length")
-        if connection_tokens - {b"keep-alive", b"close", b"upgrade"}:
-            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            lines = [lines[0]] + [
-                line
-                for line in lines[1:]
-                if line.split(b":", 1)[0].lower() not in connection_tokens
-            ]
-        setting = route.http_host
-        if setting is None:
-            lines.append(b"host: %s\r\n" % (host or route.default_host))
-        else:
-            lines.append(b"host: %s\r\n" % setting)
+        if tokens:
+            lines = drop_named(lines, tokens)
+        host_line = self.host_line
+        if host_line is None:
+            host_line = b"host: %s\r\n" % (host or self.route.default_host)
+        lines.append(host_line)
         if ex.chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
-        if ex.upgrade:
-            upgrade = next((v for n, v in self.headers if n.lower() == b"upgrade"), b"")
+        if upgrade is not None and self.parser.should_upgrade():
+            ex.upgrade = True
             lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % upgrade)
         lines.append(CRLF)
         return b"".join(lines)
@@ -425,7 +437,7 @@ class HttpDownstream(asyncio.Protocol):
         """Send ex upstream: a pooled connection at once, else connect in a task."""
         self.active = ex
         route = self.route
-        ep = route.endpoints.pick(ex.tried)
+        ep = self.endpoints.pick(ex.tried)
         if ep is not None:
             now = self.last_active  # (of the read that brought ex, or of its turn)
             conn = (ep.pool or route.pool(ep)).get(now)
@@ -452,7 +464,7 @@ class HttpDownstream(asyncio.Protocol):
         conn.pool = route.pool(ep)
         conn.pool.opened()
         if ex is not self.active or self.closed:
-            self.route.endpoints.release(ep)
+            self.endpoints.release(ep)
             conn.pool.put(conn, self.loop.time(), reusable=True)
             return
         ex.reused = False
@@ -498,12 +510,12 @@ class HttpDownstream(asyncio.Protocol):
         else:
             conn.close()
         if ep is not None:
-            self.route.endpoints.release(ep)
+            self.endpoints.release(ep)
 
     def _finish(self, ex: Exchange, keep_alive: bool) -> None:
         """ex is answered: start the next pipelined request, or close, or wait for one."""
         self.active = None
-        if self.route.access_log:
+        if self.access_log:
             self._log(ex)
         if not keep_alive or self.last_response:
             self.close()
@@ -528,7 +540,7 @@ class HttpDownstream(asyncio.Protocol):
 
     def count_response(self, ex: Exchange) -> None:
         ex.response_started = True
-        self.stats.request_duration.observe(time.perf_counter() - ex.started)
+        self.stats.request_duration.observe(perf_counter() - ex.started)
         self.stats.count_request(ex.method, ex.status)
 
     def write(self, data: bytes) -> None:
@@ -587,7 +599,7 @@ class HttpDownstream(asyncio.Protocol):
             ex.tried = [*ex.tried, ep]
             ex.buffer = [ex.replay] if ex.replay else None
             ex.buffered = len(ex.replay)
-            first = self.route.endpoints.pick(ex.tried)
+            first = self.endpoints.pick(ex.tried)
             if first is None and ep.state != DRAINING:
                 first = ep
             self.route.spawn(self._connect(ex, first))
@@ -603,7 +615,7 @@ class HttpDownstream(asyncio.Protocol):
             self.close()
             return
         ex.status = error.status
-        self.stats.request_duration.observe(time.perf_counter() - ex.started)
+        self.stats.request_duration.observe(perf_counter() - ex.started)
         self.stats.count_request(ex.method, error.status)
         keep_alive = ex.keep_alive and not self.last_response and not ex.upgrade
         self.write(error_response(error.status, error.reason, error.detail, keep_alive))
@@ -714,7 +726,7 @@ class HttpDownstream(asyncio.Protocol):
             ex.path.decode(errors="replace"),
             ex.status,
             f"{ep.host}:{ep.port}" if ep else "-",
-            (time.perf_counter() - ex.started) * 1000,
+            (perf_counter() - ex.started) * 1000,
         )
 
 
@@ -929,7 +941,7 @@ class Upstream(asyncio.Protocol):
         """
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))]
         framing = FRAMING_CLOSE
-        named: set[bytes] | None = None
+        tokens: set[bytes] | None = None
         for name, value in self.headers:
             lname = name.lower()
             if lname in HOP_BY_HOP:
@@ -939,17 +951,13 @@ class Upstream(asyncio.Protocol):
                 elif status == 101 and lname in (b"upgrade", b"connection"):
                     lines.append(b"%s: %s\r\n" % (name, value))
                 elif lname == b"connection" and value.lower() not in (b"keep-alive", b"close"):
-                    named = named or set()
-                    named.update(t.strip().lower() for t in value.split(b","))
+                    tokens = connection_tokens(value) | (tokens or set())
                 continue
             if lname == b"content-length":
                 framing = FRAMING_LENGTH
             lines.append(b"%s: %s\r\n" % (name, value))
-        if named:
-            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1), but never
-            # the framing: dropping it would desynchronise the client.
-            named -= {b"content-length", b"keep-alive", b"close", b"upgrade"}
-            lines[1:] = [ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in named]
+        if tokens:
+            lines = drop_named(lines, tokens)
         return lines, framing
 
     def _flush(self, down: HttpDownstream) -> None:
