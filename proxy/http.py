@@ -48,9 +48,42 @@ LINGER_TIMEOUT = 2.0
 # Connection tokens that are not header names, or that name the framing: dropping
 # that would have the receiver read a body as the next message (smuggling).
 CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
-HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade")
-)
+# What the proxy does with a header, by its lowercase name: most pass as they came.
+# The kinds up to LENGTH are end-to-end; the others hop-by-hop (RFC 9110 7.6.1).
+PASS, HOST, LENGTH, CONNECTION, TRANSFER_ENCODING, UPGRADE, HOP = range(7)
+FIELDS = {
+    b"host": HOST,
+    b"content-length": LENGTH,
+    b"connection": CONNECTION,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"upgrade": UPGRADE,
+    b"keep-alive": HOP,
+    b"proxy-connection": HOP,
+    b"te": HOP,
+}
+# The usual spellings of the usual names, so that most headers are classified by one
+# lookup (lowercasing each name costs more); any other spelling is lowercased.
+SPELLINGS = {
+    spelling: FIELDS.get(name, PASS)
+    for name in (
+        *FIELDS,
+        *(
+            b"accept accept-encoding accept-language accept-ranges age authorization "
+            b"cache-control content-encoding content-language content-type cookie date etag "
+            b"expires if-modified-since if-none-match last-modified location origin pragma "
+            b"referer server set-cookie traceparent tracestate user-agent vary "
+            b"x-forwarded-for x-forwarded-proto x-request-id"
+        ).split(),
+    )
+    for spelling in (name, name.title())
+}
+
+
+def field_kind(name: bytes) -> int:
+    kind = SPELLINGS.get(name)
+    return FIELDS.get(name.lower(), PASS) if kind is None else kind
+
+
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 CRLF = b"\r\n"
@@ -185,7 +218,7 @@ class HttpDownstream(asyncio.Protocol):
         self.active: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[bytes] = []  # name, value, name, value...
         self.head_raw = 0
         self.read_size = 0
         self.head_started = 0.0
@@ -306,13 +339,15 @@ class HttpDownstream(asyncio.Protocol):
                 trailers = self.parsing.trailers = []
             trailers.append(b"%s: %s\r\n" % (name, value))
             return
-        self.headers.append((name, value))
+        headers = self.headers
+        headers.append(name)
+        headers.append(value)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         # The head is at most what came since it began; measure it only when that is big.
         if self.head_raw + self.read_size > MAX_HEAD_BYTES:
-            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            size = len(self.url) + sum(len(h) + 2 for h in self.headers)
             if size > MAX_HEAD_BYTES:
                 raise ClientError(431, "head_too_large", "request head over 64 KiB")
         parser = self.parser
@@ -365,26 +400,28 @@ class HttpDownstream(asyncio.Protocol):
         host: bytes | None = None
         content_length = None
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target)]
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"connection":
-                    tokens = connection_tokens(value) | (tokens or set())
-                elif lname == b"transfer-encoding":
-                    ex.chunked = True
-                elif lname == b"upgrade":
-                    upgrade = value
-                continue
-            if lname == b"host":
+        headers = self.headers
+        for i in range(0, len(headers), 2):
+            name = headers[i]
+            value = headers[i + 1]
+            kind = field_kind(name)
+            if kind == PASS:
+                lines.append(b"%s: %s\r\n" % (name, value))
+            elif kind == HOST:
                 if host is not None:
                     raise ClientError(400, "bad_request", "more than one Host header")
                 host = value
-                continue
-            if lname == b"content-length":
+            elif kind == LENGTH:
                 if content_length is not None and content_length != value:
                     raise ClientError(400, "bad_request", "conflicting Content-Length headers")
                 content_length = value
-            lines.append(b"%s: %s\r\n" % (name, value))
+                lines.append(b"%s: %s\r\n" % (name, value))
+            elif kind == CONNECTION:
+                tokens = connection_tokens(value) | (tokens or set())
+            elif kind == TRANSFER_ENCODING:
+                ex.chunked = True
+            elif kind == UPGRADE:
+                upgrade = value
         if tokens:
             lines = drop_named(lines, tokens)
         host_line = self.host_line
@@ -749,7 +786,7 @@ class Upstream(asyncio.Protocol):
         self.created = self.loop.time()
         self.idle_since = self.created
         self.closed = False  # closed or closing: never handed out again
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[bytes] = []  # name, value, name, value...
         self.out: list[bytes] = []
         self.head_bytes = 0  # received while waiting for a response head
         self.rechunk = False  # frame the body as chunked for the client
@@ -860,7 +897,9 @@ class Upstream(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # Before the head completes these are headers; after it, trailers. (The list is
         # emptied after each head and each message.)
-        self.headers.append((name, value))
+        headers = self.headers
+        headers.append(name)
+        headers.append(value)
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
@@ -922,8 +961,11 @@ class Upstream(asyncio.Protocol):
             # as a tunnel, it is not done (nor its connection reusable).
             return
         if self.rechunk:
+            h = self.headers
             trailers = b"".join(
-                b"%s: %s\r\n" % h for h in self.headers if h[0].lower() not in HOP_BY_HOP
+                b"%s: %s\r\n" % (h[i], h[i + 1])
+                for i in range(0, len(h), 2)
+                if field_kind(h[i]) <= LENGTH
             )
             self.out.append(LAST_CHUNK + trailers + CRLF)
         self._flush(down)
@@ -942,20 +984,22 @@ class Upstream(asyncio.Protocol):
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))]
         framing = FRAMING_CLOSE
         tokens: set[bytes] | None = None
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"transfer-encoding":
-                    if b"chunked" in value.lower() and framing == FRAMING_CLOSE:
-                        framing = FRAMING_CHUNKED
-                elif status == 101 and lname in (b"upgrade", b"connection"):
-                    lines.append(b"%s: %s\r\n" % (name, value))
-                elif lname == b"connection" and value.lower() not in (b"keep-alive", b"close"):
-                    tokens = connection_tokens(value) | (tokens or set())
-                continue
-            if lname == b"content-length":
-                framing = FRAMING_LENGTH
-            lines.append(b"%s: %s\r\n" % (name, value))
+        headers = self.headers
+        for i in range(0, len(headers), 2):
+            name = headers[i]
+            value = headers[i + 1]
+            kind = field_kind(name)
+            if kind <= LENGTH:
+                if kind == LENGTH:
+                    framing = FRAMING_LENGTH
+                lines.append(b"%s: %s\r\n" % (name, value))
+            elif kind == TRANSFER_ENCODING:
+                if b"chunked" in value.lower() and framing == FRAMING_CLOSE:
+                    framing = FRAMING_CHUNKED
+            elif status == 101 and kind in (UPGRADE, CONNECTION):
+                lines.append(b"%s: %s\r\n" % (name, value))
+            elif kind == CONNECTION and value.lower() not in (b"keep-alive", b"close"):
+                tokens = connection_tokens(value) | (tokens or set())
         if tokens:
             lines = drop_named(lines, tokens)
         return lines, framing
