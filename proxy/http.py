@@ -326,7 +326,7 @@ class HttpDownstream(asyncio.Protocol):
         self.in_head = True
         self.head_started = self.last_active
         self.url = b""
-        self.headers = []
+        self.headers.clear()
         self.head_raw = 0
 
     def on_url(self, url: bytes) -> None:
@@ -355,10 +355,6 @@ class HttpDownstream(asyncio.Protocol):
         ex = Exchange(method, self.url, perf_counter())
         if method == b"CONNECT":
             raise ClientError(405, "method_not_allowed", "CONNECT is not allowed")
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise ClientError(505, "version_not_supported", f"HTTP/{version} is not supported")
-        ex.http10 = version == "1.0"
         ex.keep_alive = parser.should_keep_alive()
         ex.head = self._request_head(ex)
         self.parsing = ex
@@ -422,6 +418,13 @@ class HttpDownstream(asyncio.Protocol):
                 ex.chunked = True
             elif kind == UPGRADE:
                 upgrade = value
+        if not ex.keep_alive or (tokens and b"keep-alive" in tokens):
+            # Not surely HTTP/1.1 (llhttp takes 0.9, 1.0, 1.1 and 2.0, and only 1.1 keeps
+            # the connection without being asked to): ask for the version (it is slow).
+            version = self.parser.get_http_version()
+            if version not in ("1.1", "1.0"):
+                raise ClientError(505, "version_not_supported", f"HTTP/{version} is not supported")
+            ex.http10 = version == "1.0"
         if tokens:
             lines = drop_named(lines, tokens)
         host_line = self.host_line
@@ -908,7 +911,7 @@ class Upstream(asyncio.Protocol):
         status = self.parser.get_status_code()
         ex.status = status
         lines, framing = self._head_lines(status)
-        self.headers = []  # what on_header collects from now on are trailers
+        self.headers.clear()  # what on_header collects from now on are trailers
         if 100 <= status < 200 and status != 101:
             self.interim = True
             if not ex.http10:  # HTTP/1.0 clients do not know interim responses
@@ -970,7 +973,7 @@ class Upstream(asyncio.Protocol):
             self.out.append(LAST_CHUNK + trailers + CRLF)
         self._flush(down)
         reusable = self.parser.should_keep_alive() and not self.until_close
-        self.headers = []
+        self.headers.clear()
         down.response_complete(ex, reusable=reusable, keep_alive=self.keep_alive_down)
 
     # --- helpers ------------------------------------------------------------------------------
