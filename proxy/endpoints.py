@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy.config import join_host_port
 from proxy.metrics import RouteStats
@@ -21,12 +21,12 @@ if TYPE_CHECKING:
 
 Address = tuple[str, int]
 
-ACTIVE = "active"
-EJECTED = "ejected"
-DRAINING = "draining"
+ACTIVE: Final = "active"
+EJECTED: Final = "ejected"
+DRAINING: Final = "draining"
 
-EJECT_FIRST = 1.0
-EJECT_MAX = 30.0
+EJECT_FIRST: Final = 1.0
+EJECT_MAX: Final = 30.0
 
 
 class Endpoint:

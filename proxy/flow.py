@@ -9,11 +9,12 @@ safe on a transport that is already closing.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 # Per-transport write buffer limits: large enough to keep bulk transfers streaming,
 # small enough that 1,000 stalled connections stay cheap.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 
 
 class FlowControl:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from http import HTTPStatus
-from time import perf_counter
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
@@ -34,24 +34,31 @@ from proxy.pool import Pool
 from proxy.route import Route, access_log, peer_name
 
 log = logging.getLogger("sidelink.http")
+perf_counter: Final = time.perf_counter  # (Final: compiled code calls it without a lookup)
 
-MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_BYTES: Final = 64 * 1024
 # Request bytes kept so an idempotent request can be replayed on a fresh connection.
-REPLAY_LIMIT = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024
 # Request bytes held while no upstream is attached (connecting, or pipelined behind
 # another request) before the client is paused.
-BUFFER_LIMIT = 256 * 1024
-MAX_PIPELINED = 32
+BUFFER_LIMIT: Final = 256 * 1024
+MAX_PIPELINED: Final = 32
 # After refusing a request, how long to read and drop what the client still sends.
-LINGER_TIMEOUT = 2.0
+LINGER_TIMEOUT: Final = 2.0
 
 # Connection tokens that are not header names, or that name the framing: dropping
 # that would have the receiver read a body as the next message (smuggling).
-CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
+CONNECTION_OPTIONS: Final = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
 # What the proxy does with a header, by its lowercase name: most pass as they came.
 # The kinds up to LENGTH are end-to-end; the others hop-by-hop (RFC 9110 7.6.1).
-PASS, HOST, LENGTH, CONNECTION, TRANSFER_ENCODING, UPGRADE, HOP = range(7)
-FIELDS = {
+PASS: Final = 0
+HOST: Final = 1
+LENGTH: Final = 2
+CONNECTION: Final = 3
+TRANSFER_ENCODING: Final = 4
+UPGRADE: Final = 5
+HOP: Final = 6
+FIELDS: Final = {
     b"host": HOST,
     b"content-length": LENGTH,
     b"connection": CONNECTION,
@@ -63,7 +70,7 @@ FIELDS = {
 }
 # The usual spellings of the usual names, so that most headers are classified by one
 # lookup (lowercasing each name costs more); any other spelling is lowercased.
-SPELLINGS = {
+SPELLINGS: Final = {
     spelling: FIELDS.get(name, PASS)
     for name in (
         *FIELDS,
@@ -84,15 +91,15 @@ def field_kind(name: bytes) -> int:
     return FIELDS.get(name.lower(), PASS) if kind is None else kind
 
 
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-CRLF = b"\r\n"
-NO_ENDPOINTS: tuple[Endpoint, ...] = ()
-LAST_CHUNK = b"0\r\n"
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
+CRLF: Final = b"\r\n"
+NO_ENDPOINTS: Final[tuple[Endpoint, ...]] = ()
+LAST_CHUNK: Final = b"0\r\n"
 # How a response body is delimited.
-FRAMING_LENGTH = 0
-FRAMING_CHUNKED = 1
-FRAMING_CLOSE = 2
+FRAMING_LENGTH: Final = 0
+FRAMING_CHUNKED: Final = 1
+FRAMING_CLOSE: Final = 2
 
 
 class ClientError(Exception):

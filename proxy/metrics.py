@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -45,7 +46,7 @@ LATENCY_BUCKETS = (
     30.0,
 )
 
-UPSTREAM_ERROR_REASONS = (
+UPSTREAM_ERROR_REASONS: Final = (
     "connect_refused",
     "connect_timeout",
     "reset",
@@ -53,9 +54,9 @@ UPSTREAM_ERROR_REASONS = (
     "no_endpoints",
     "protocol",
 )
-DNS_RESULTS = ("ok", "nxdomain", "error", "timeout")
+DNS_RESULTS: Final = ("ok", "nxdomain", "error", "timeout")
 # Methods counted under their own label (requests are counted by the method as sent).
-METHOD_LABELS = {
+METHOD_LABELS: Final = {
     m: m.decode()
     for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE")
 }
