@@ -6,7 +6,11 @@ connection or makes one; its head is rewritten (hop-by-hop headers, Host) and it
 body streamed as it arrives, never buffered whole. The response comes back the
 same way. ``Upgrade`` turns the pair into a byte tunnel. Failures become 502, 503
 or 504 with a ``sidelink-error`` header, and a request is retried on another
-endpoint only where that is safe (see :meth:`HttpDownstream._upstream_failed`).
+endpoint only where that is safe (see :meth:`HttpDownstream.upstream_failed`).
+
+This module is on every request's path and is compiled with mypyc where a compiler
+is at hand (setup.py): its constants are ``Final`` (compiled code reads them without
+a lookup), and calls made on every read are bound once per connection.
 """
 
 from __future__ import annotations

@@ -1,0 +1,124 @@
+"""sidelink's own work per HTTP request, without sockets: `python -m benchmarks.inprocess`.
+
+The protocol objects of one http route are fed a request and its response as bytes,
+with transports that only count writes, so what is timed is sidelink's code (llhttp
+included) and nothing of the kernel, the event loop's I/O or the other processes.
+It is the quickest way to see what a change to the hot path costs: run it before and
+after (best of several runs: the machine's noise is larger than most changes).
+`--profile` adds cProfile's top functions (pure Python builds only show much there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+from typing import Any
+
+import uvloop
+
+from proxy import build
+from proxy.config import Overrides, parse
+from proxy.http import HttpDownstream, Upstream
+from proxy.metrics import Metrics
+from proxy.resolver import Resolver
+from proxy.route import Route
+
+# A small keep-alive GET as wrk sends it, and nginx's answer to it.
+REQUEST = (
+    b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:8081\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 07:57:04 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 75\r\nConnection: keep-alive\r\n\r\n" + b"x" * 75
+)
+
+
+class CountingTransport:
+    """Takes writes and counts them; the flow-control calls do nothing."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def close(self) -> None:
+        pass
+
+
+async def measure(requests: int, profile: bool) -> None:
+    config = parse(
+        None, quick_routes=["0=127.0.0.1:8080/http"], overrides=Overrides(admin="127.0.0.1:0")
+    )
+    metrics = Metrics()
+    route = Route(config.routes[0], Resolver(config.resolver, metrics, {}), metrics)
+    await asyncio.sleep(0)  # the IP service "resolves" at once
+    down = HttpDownstream(route)
+    down.connection_made(CountingTransport())  # type: ignore[arg-type]
+    [endpoint] = route.endpoints.all()
+    up = Upstream(route)
+    up.connection_made(CountingTransport())  # type: ignore[arg-type]
+    up.endpoint, up.pool = endpoint, route.pool(endpoint)
+    up.pool.opened()
+    up.pool.put(up, asyncio.get_running_loop().time(), reusable=True)
+
+    def exchange() -> None:
+        down.data_received(REQUEST)  # parsed, rewritten, written to the pooled upstream
+        up.data_received(RESPONSE)  # parsed, rewritten, written back; the upstream idles
+
+    for _ in range(1000):
+        exchange()
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
+    clock = time.perf_counter_ns
+    request_side = response_side = 0
+    for _ in range(requests):
+        t0 = clock()
+        down.data_received(REQUEST)
+        t1 = clock()
+        up.data_received(RESPONSE)
+        request_side += t1 - t0
+        response_side += clock() - t1
+    if profiler is not None:
+        profiler.disable()
+    answered = sum(n for (_, status), n in route.stats.requests.items() if status == 200)
+    assert answered == requests + 1000, answered
+    print(
+        f"sidelink ({build()}): {(request_side + response_side) / requests / 1000:.2f} µs "
+        f"per request: request side {request_side / requests / 1000:.2f}, "
+        f"response side {response_side / requests / 1000:.2f}"
+    )
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+    route.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    uvloop.run(measure(args.requests, args.profile))
+
+
+if __name__ == "__main__":
+    main()
