@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import cast
 
 from proxy.endpoints import Endpoint
@@ -29,6 +30,10 @@ class TcpDownstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.upstream: TcpUpstream | None = None
+        # Bound once, for every read: each side's transport write, and the clock.
+        self.write_up: Callable[[bytes], object] | None = None
+        self.write_down: Callable[[bytes], object] | None = None
+        self.clock = asyncio.get_running_loop().time
         self.endpoint: Endpoint | None = None
         self.started = 0.0
         self.last_active = 0.0
@@ -47,6 +52,7 @@ class TcpDownstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
+        self.write_down = transport.write
         self.flow = FlowControl(transport)
         # Read nothing until upstream is connected: the kernel buffers meanwhile. (uvloop
         # may still deliver a first chunk; data_received keeps that in `pending`.)
@@ -75,6 +81,7 @@ class TcpDownstream(asyncio.Protocol):
             return
         self.endpoint = ep
         self.upstream = upstream
+        self.write_up = transport.write
         if self.pending:
             data = b"".join(self.pending)
             self.pending.clear()
@@ -92,12 +99,12 @@ class TcpDownstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
+        write = self.write_up
+        if write is not None:
             # Counted when forwarded: bytes held in `pending` are lost if the connect fails.
             self.stats.bytes_to_upstream += len(data)
-            upstream.transport.write(data)
-            self.last_active = upstream.loop.time()
+            write(data)
+            self.last_active = self.clock()
         else:
             self.pending.append(data)
             assert self.flow is not None
@@ -134,8 +141,8 @@ class TcpDownstream(asyncio.Protocol):
     def upstream_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.stats.bytes_to_downstream += len(data)
-        if self.transport is not None:
-            self.transport.write(data)
+        if self.write_down is not None:
+            self.write_down(data)
 
     def upstream_eof(self) -> bool:
         self.eof_up = True
@@ -205,7 +212,7 @@ class TcpUpstream(asyncio.Protocol):
         self.downstream = downstream
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
-        self.loop = asyncio.get_running_loop()
+        self.clock = downstream.clock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -214,7 +221,7 @@ class TcpUpstream(asyncio.Protocol):
         self.downstream.stats.active_upstream += 1
 
     def data_received(self, data: bytes) -> None:
-        self.downstream.last_active = self.loop.time()
+        self.downstream.last_active = self.clock()
         self.downstream.upstream_data(data)
 
     def eof_received(self) -> bool:
