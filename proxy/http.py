@@ -89,12 +89,6 @@ SPELLINGS: Final = {
     for spelling in (name, name.title())
 }
 
-
-def field_kind(name: bytes) -> int:
-    kind = SPELLINGS.get(name)
-    return FIELDS.get(name.lower(), PASS) if kind is None else kind
-
-
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 CRLF: Final = b"\r\n"
@@ -104,6 +98,11 @@ LAST_CHUNK: Final = b"0\r\n"
 FRAMING_LENGTH: Final = 0
 FRAMING_CHUNKED: Final = 1
 FRAMING_CLOSE: Final = 2
+
+
+def field_kind(name: bytes) -> int:
+    kind = SPELLINGS.get(name)
+    return FIELDS.get(name.lower(), PASS) if kind is None else kind
 
 
 class ClientError(Exception):
