@@ -589,6 +589,7 @@ class HttpDownstream(asyncio.Protocol):
     # --- responses (called by Upstream) ----------------------------------------------
 
     def count_response(self, ex: Exchange) -> None:
+        """ex's answer (the upstream's or ours, with ex.status) starts going to the client."""
         ex.response_started = True
         self.stats.request_duration.observe(perf_counter() - ex.started)
         self.stats.count_request(ex.method, ex.status)
@@ -665,8 +666,7 @@ class HttpDownstream(asyncio.Protocol):
             self.close()
             return
         ex.status = error.status
-        self.stats.request_duration.observe(perf_counter() - ex.started)
-        self.stats.count_request(ex.method, error.status)
+        self.count_response(ex)
         keep_alive = ex.keep_alive and not self.last_response and not ex.upgrade
         self.write(error_response(error.status, error.reason, error.detail, keep_alive))
         if ex.complete:
