@@ -111,6 +111,21 @@ def config_text(
     return text
 
 
+def orders_route(
+    tdns: ThreadedDnsServer,
+    pod_a: EchoServer,
+    cfg: Path,
+    drain_delay: str = "0s",
+    drain_timeout: str = "10s",
+) -> int:
+    """Write cfg with one tcp route, orders -> app1 (pod A); return its listen port."""
+    tdns.set_a(APP1, [POD_A], ttl=30)
+    listen = free_port()
+    route = [("orders", listen, "app1", pod_a.port)]
+    cfg.write_text(config_text(tdns.port, route, drain_delay, drain_timeout))
+    return listen
+
+
 def write_hidden(path: Path, text: str) -> None:
     """Change the file in a way the config-file poller cannot see.
 
@@ -268,8 +283,7 @@ def test_readyz_waits_for_dns_and_routes_lists_every_field(
 def test_metrics_openmetrics_and_read_only_admin(
     tdns: ThreadedDnsServer, pod_a: EchoServer, cfg: Path
 ) -> None:
-    tdns.set_a(APP1, [POD_A], ttl=30)
-    cfg.write_text(config_text(tdns.port, [("orders", free_port(), "app1", pod_a.port)]))
+    orders_route(tdns, pod_a, cfg)
     with sidelink(["run", "-c", str(cfg)]) as proc:
         wait_ready(proc)
         status, headers, raw = request(proc, "/metrics")
@@ -304,11 +318,7 @@ def test_metrics_openmetrics_and_read_only_admin(
 
 
 def test_sigterm_drains_in_order(tdns: ThreadedDnsServer, pod_a: EchoServer, cfg: Path) -> None:
-    tdns.set_a(APP1, [POD_A], ttl=30)
-    listen = free_port()
-    cfg.write_text(
-        config_text(tdns.port, [("orders", listen, "app1", pod_a.port)], drain_delay="2s")
-    )
+    listen = orders_route(tdns, pod_a, cfg, drain_delay="2s")
     with sidelink(["run", "-c", str(cfg)]) as proc:
         wait_ready(proc)
         held = Client(listen)
@@ -335,16 +345,7 @@ def test_sigterm_drains_in_order(tdns: ThreadedDnsServer, pod_a: EchoServer, cfg
 def test_sigterm_drain_timeout_closes_what_is_left(
     tdns: ThreadedDnsServer, pod_a: EchoServer, cfg: Path
 ) -> None:
-    tdns.set_a(APP1, [POD_A], ttl=30)
-    listen = free_port()
-    cfg.write_text(
-        config_text(
-            tdns.port,
-            [("orders", listen, "app1", pod_a.port)],
-            drain_delay="500ms",
-            drain_timeout="1s",
-        )
-    )
+    listen = orders_route(tdns, pod_a, cfg, drain_delay="500ms", drain_timeout="1s")
     with sidelink(["run", "-c", str(cfg)]) as proc:
         wait_ready(proc)
         held = Client(listen)
@@ -361,16 +362,7 @@ def test_sigterm_drain_timeout_closes_what_is_left(
 def test_second_sigterm_exits_at_once(
     tdns: ThreadedDnsServer, pod_a: EchoServer, cfg: Path
 ) -> None:
-    tdns.set_a(APP1, [POD_A], ttl=30)
-    listen = free_port()
-    cfg.write_text(
-        config_text(
-            tdns.port,
-            [("orders", listen, "app1", pod_a.port)],
-            drain_delay="30s",
-            drain_timeout="30s",
-        )
-    )
+    listen = orders_route(tdns, pod_a, cfg, drain_delay="30s", drain_timeout="30s")
     with sidelink(["run", "-c", str(cfg)]) as proc:
         wait_ready(proc)
         held = Client(listen)
@@ -389,16 +381,7 @@ def test_second_sigterm_exits_at_once(
 def test_sigterm_without_connections_exits_after_drain_delay(
     tdns: ThreadedDnsServer, pod_a: EchoServer, cfg: Path
 ) -> None:
-    tdns.set_a(APP1, [POD_A], ttl=30)
-    listen = free_port()
-    cfg.write_text(
-        config_text(
-            tdns.port,
-            [("orders", listen, "app1", pod_a.port)],
-            drain_delay="500ms",
-            drain_timeout="30s",
-        )
-    )
+    listen = orders_route(tdns, pod_a, cfg, drain_delay="500ms", drain_timeout="30s")
     with sidelink(["run", "-c", str(cfg)]) as proc:
         wait_ready(proc)
         assert ask_once(listen) == "A ping\n"
@@ -450,8 +433,7 @@ def test_exit_code_1_when_a_port_is_taken(
 
 
 def test_exit_code_0_on_sigint(tdns: ThreadedDnsServer, pod_a: EchoServer, cfg: Path) -> None:
-    tdns.set_a(APP1, [POD_A], ttl=30)
-    cfg.write_text(config_text(tdns.port, [("orders", free_port(), "app1", pod_a.port)]))
+    orders_route(tdns, pod_a, cfg)
     with sidelink(["run", "-c", str(cfg)]) as proc:
         wait_ready(proc)
         proc.signal(signal.SIGINT)
