@@ -14,13 +14,13 @@ from typing import Any
 import yaml
 
 from proxy import __version__, build
+from proxy.addr import join_host_port
 from proxy.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     ConfigError,
     ConfigSource,
     Overrides,
-    join_host_port,
 )
 from proxy.logs import configure_logging
 

@@ -13,13 +13,12 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from proxy.config import join_host_port
+from proxy.addr import Address, join_host_port
 from proxy.metrics import RouteStats
 
 if TYPE_CHECKING:
     from proxy.pool import Pool
 
-Address = tuple[str, int]
 
 ACTIVE: Final = "active"
 EJECTED: Final = "ejected"

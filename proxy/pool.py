@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Generic, Protocol, TypeVar
 
-from proxy.config import PoolConfig, join_host_port
+from proxy.addr import join_host_port
+from proxy.config import PoolConfig
 from proxy.metrics import RouteStats
 
 

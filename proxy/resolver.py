@@ -26,12 +26,12 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from proxy.config import ResolverConfig, is_ip, join_host_port
+from proxy.addr import Address, is_ip, join_host_port
+from proxy.config import ResolverConfig
 from proxy.metrics import Metrics
 
 log = logging.getLogger("sidelink.resolver")
 
-Address = tuple[str, int]
 
 # Refresh when this fraction of the TTL has passed, so the next answer is in hand
 # before the current one expires.

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
-from proxy.config import RouteConfig, join_host_port
+from proxy.addr import join_host_port
+from proxy.config import RouteConfig
 from proxy.endpoints import Endpoint, EndpointSet
 from proxy.errors import NoEndpoints, UpstreamError, connect_error
 from proxy.metrics import Metrics
