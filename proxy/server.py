@@ -277,6 +277,9 @@ class Server:
         for name, route in list(self.routes.items()):
             rc = wanted.get(name)
             if rc is not None and rc == route.config and route.resolver is self.resolver:
+                # Kept as it is, connections and all; logging.access_log is not part of
+                # the route's config, so the kept route takes the new value here.
+                route.access_log = config.logging.access_log
                 continue
             del self.routes[name]
             if rc is not None and _same_socket(rc, route.config):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import route_address, running_server, until
+from helpers import route_address, running_server, serving, until
+
+from proxy.config import ConfigSource, Overrides
+from proxy.server import Server
 
 POD = "127.0.0.2"
 
@@ -76,3 +80,69 @@ async def test_off_by_default(pod: int, caplog: pytest.LogCaptureFixture) -> Non
         async with aiohttp.ClientSession() as session, session.get(f"http://{host}:{port}/") as r:
             assert r.status == 200
         assert access_lines(caplog) == []
+
+
+class Lines(logging.Handler):
+    """The access lines, caught on their own logger: a reload reconfigures the root's handlers."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def access() -> Iterator[Lines]:
+    root, sidelink = logging.getLogger(), logging.getLogger("sidelink")
+    saved = (list(root.handlers), root.level, sidelink.level)
+    logger = logging.getLogger("sidelink.access")
+    level = logger.level
+    handler = Lines()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    # The reload called configure_logging: give the root logger back to pytest.
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    sidelink.setLevel(saved[2])
+
+
+async def one_connection(server: Server, name: str) -> None:
+    """One request on a new connection to route `name`, until sidelink has closed it."""
+    reader, writer = await asyncio.open_connection(*route_address(server, name))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    route = server.routes[name]
+    # The access line is written as the connection ends, so none can come after this.
+    await until(lambda: not route.connections, what=f"{name}'s connection to close")
+
+
+@pytest.mark.parametrize("name", ["web", "raw"])
+async def test_a_reload_turns_the_access_log_on_and_off_for_kept_routes(
+    pod: int, access: Lines, tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / "sidelink.yaml"
+    path.write_text(config(pod, access_log=False))
+    source = ConfigSource(str(path), overrides=Overrides(admin="127.0.0.1:0"))
+    async with serving(Server(source.load(), source, environ={})) as server:
+        route = server.routes[name]
+        await one_connection(server, name)
+        assert access.lines == []
+
+        path.write_text(config(pod, access_log=True))
+        assert await server.reload()
+        assert server.routes[name] is route  # unchanged, so kept with its listener
+        await one_connection(server, name)
+        await until(lambda: len(access.lines) == 1, what="one access line")
+        assert access.lines[0].startswith(f"{route.config.protocol} route={name} ")
+
+        path.write_text(config(pod, access_log=False))
+        assert await server.reload()
+        assert server.routes[name] is route
+        await one_connection(server, name)
+        assert len(access.lines) == 1
