@@ -15,11 +15,18 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import yaml
 
 from proxy.addr import is_ip, is_loopback, join_host_port, split_host_port
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
+_DEFAULT_PORT: int | str = 80  # typed so, as a port may be a name
 
 DEFAULT_CONFIG_PATH = "/etc/sidelink/sidelink.yaml"
 CONFIG_ENV = "SIDELINK_CONFIG"
@@ -48,203 +55,6 @@ class ConfigError(Exception):
     def __init__(self, problems: Sequence[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
-
-
-@dataclass(frozen=True, slots=True)
-class PoolConfig:
-    max_idle: int = 64
-    idle_timeout: float = 60.0
-    max_lifetime: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class RouteSettings:
-    """The keys of ``defaults:``, which every route may override."""
-
-    connect_timeout: float = 1.0
-    request_timeout: float = 30.0
-    idle_timeout: float = 300.0
-    head_timeout: float = 10.0
-    retries: int = 2
-    balance: str = "p2c"
-    host: str = "auto"
-    pool: PoolConfig = field(default_factory=PoolConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class RouteConfig:
-    name: str
-    listen_host: str
-    listen_port: int
-    service: str
-    port: int | str
-    protocol: str = "tcp"
-    expose: bool = False
-    settings: RouteSettings = field(default_factory=RouteSettings)
-
-    @property
-    def listen(self) -> str:
-        return join_host_port(self.listen_host, self.listen_port)
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    host: str = "0.0.0.0"
-    port: int = 9901
-
-    @property
-    def listen(self) -> str:
-        return join_host_port(self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class ResolverConfig:
-    nameservers: tuple[tuple[str, int], ...] = ()
-    search: tuple[str, ...] | None = None
-    ndots: int | None = None
-    timeout: float = 2.0
-    min_ttl: float = 1.0
-    max_ttl: float = 60.0
-    stale_ttl: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: str = "info"
-    format: str = "text"
-    access_log: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ShutdownConfig:
-    drain_delay: float = 5.0
-    drain_timeout: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    resolver: ResolverConfig = field(default_factory=ResolverConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
-    defaults: RouteSettings = field(default_factory=RouteSettings)
-    routes: tuple[RouteConfig, ...] = ()
-    source: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The normalised config, in the file's own shape (what ``sidelink check`` prints)."""
-        return {
-            "admin": {"listen": self.admin.listen},
-            "resolver": {
-                "nameservers": [join_host_port(h, p) for h, p in self.resolver.nameservers],
-                "search": None if self.resolver.search is None else list(self.resolver.search),
-                "ndots": self.resolver.ndots,
-                **_durations(self.resolver, "timeout", "min_ttl", "max_ttl", "stale_ttl"),
-            },
-            "logging": dataclasses.asdict(self.logging),
-            "shutdown": _durations(self.shutdown, "drain_delay", "drain_timeout"),
-            "defaults": _settings_dict(self.defaults),
-            "routes": [
-                {
-                    "name": r.name,
-                    "listen": r.listen,
-                    "service": r.service,
-                    "port": r.port,
-                    "protocol": r.protocol,
-                    "expose": r.expose,
-                    **_settings_dict(r.settings),
-                }
-                for r in self.routes
-            ],
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Overrides:
-    """What the command line says over the file."""
-
-    admin: str | None = None
-    log_level: str | None = None
-    log_format: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigSource:
-    """Where a config comes from, kept so that a reload reads the same places again."""
-
-    path: str | None
-    quick_routes: tuple[str, ...] = ()
-    quick_origin: str = "--route"
-    overrides: Overrides = Overrides()
-
-    @classmethod
-    def discover(
-        cls,
-        path: str | None,
-        quick_routes: Sequence[str] = (),
-        overrides: Overrides = Overrides(),
-        environ: Mapping[str, str] = os.environ,
-    ) -> ConfigSource:
-        """Apply the documented precedence: -c, $SIDELINK_CONFIG, the default path."""
-        if path is None:
-            path = environ.get(CONFIG_ENV) or None
-        if path is None and Path(DEFAULT_CONFIG_PATH).exists():
-            path = DEFAULT_CONFIG_PATH
-        origin = "--route"
-        routes = tuple(quick_routes)
-        if not routes and environ.get(ROUTES_ENV, "").strip():
-            routes = tuple(s for s in environ[ROUTES_ENV].split(",") if s.strip())
-            origin = "$" + ROUTES_ENV
-        return cls(path, routes, origin, overrides)
-
-    def load(self) -> Config:
-        text = None
-        if self.path is not None:
-            try:
-                text = Path(self.path).read_text(encoding="utf-8")
-            except OSError as e:
-                raise ConfigError([f"{self.path}: cannot read: {e.strerror or e}"]) from e
-            except UnicodeDecodeError as e:
-                raise ConfigError([f"{self.path}: cannot read: not UTF-8 text ({e.reason})"]) from e
-        return parse(
-            text, self.path or "<none>", self.quick_routes, self.quick_origin, self.overrides
-        )
-
-
-def parse(
-    text: str | None,
-    filename: str = "<string>",
-    quick_routes: Sequence[str] = (),
-    quick_origin: str = "--route",
-    overrides: Overrides = Overrides(),
-) -> Config:
-    """Build a Config from YAML text plus quick routes; raise ConfigError listing every problem."""
-    reader = _Reader(Path(filename).name if filename.startswith("/") else filename)
-    root: yaml.Node | None = None
-    if text is not None:
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            line = mark.line + 1 if mark is not None else 1
-            problem = getattr(e, "problem", None) or str(e)
-            if context := getattr(e, "context", None):  # "while parsing a flow sequence"
-                problem = f"{context}{',' if problem.startswith('but') else ':'} {problem}"
-            raise ConfigError([f"{reader.filename}:{line}: invalid YAML: {problem}"]) from e
-    config = reader.config(root)
-    routes = list(config.routes)
-    for i, spec in enumerate(quick_routes):
-        route = reader.quick_route(spec, f"{quick_origin}[{i}]", config.defaults)
-        if route is not None:
-            routes.append(route)
-    config = _apply_overrides(reader, config, overrides)
-    config = dataclasses.replace(
-        config, routes=tuple(_name_routes(routes)), source=None if text is None else filename
-    )
-    reader.check_listeners(config)
-    if reader.problems:
-        raise ConfigError(sorted(reader.problems, key=_line_of))
-    return config
 
 
 def parse_duration(value: object) -> float:
@@ -295,406 +105,6 @@ def valid_service(name: str) -> bool:
         return True
     labels = name.lower().removesuffix(".").split(".")
     return len(name) <= 253 and all(_DNS_LABEL.match(label) for label in labels)
-
-
-# --- the reader ------------------------------------------------------------------------
-
-T = TypeVar("T")
-_DEFAULT_PORT: int | str = 80
-_MISSING: Any = object()
-
-
-class _Reader:
-    """Walks the YAML node tree, so every value keeps its line number for messages."""
-
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
-        self.problems: list[str] = []
-        # Where each accepted route came from, in order, for problems found across routes.
-        self.route_origins: list[_Origin] = []
-        self._constructor = yaml.SafeLoader("")
-
-    def at(self, node: yaml.Node | None) -> str:
-        """The ``file:line: `` prefix of a problem about ``node``."""
-        return "" if node is None else f"{self.filename}:{node.start_mark.line + 1}: "
-
-    def problem(self, node: yaml.Node | None, path: str, message: str) -> None:
-        where = self.filename if node is None else f"{self.filename}:{node.start_mark.line + 1}"
-        self.problems.append(f"{where}: {path}: {message}")
-
-    def value(self, node: yaml.Node) -> Any:
-        """The Python value of a node; ValueError for one YAML cannot build (``!!int abc``)."""
-        try:
-            return self._constructor.construct_object(node, deep=True)
-        except (yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError) as e:
-            # A failed construction leaves the node marked as in progress: start afresh.
-            self._constructor = yaml.SafeLoader("")
-            problem = e.problem if isinstance(e, yaml.MarkedYAMLError) else str(e)
-            raise ValueError(f"invalid YAML value: {problem}") from None
-
-    def mapping(
-        self, node: yaml.Node | None, path: str, keys: Sequence[str]
-    ) -> dict[str, yaml.Node]:
-        """The keys of a mapping node; unknown or repeated keys are problems."""
-        if node is None or _is_null(node):
-            return {}
-        if not isinstance(node, yaml.MappingNode):
-            self.problem(node, path or "(top level)", "must be a mapping")
-            return {}
-        out: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                self.problem(
-                    key_node,
-                    f"{path}.<<" if path else "<<",
-                    "YAML merge keys are not supported (shared route settings go in defaults:)",
-                )
-                continue
-            try:
-                key = str(self.value(key_node))
-            except ValueError as e:
-                self.problem(key_node, path or "(top level)", str(e))
-                continue
-            where = f"{path}.{key}" if path else key
-            if key not in keys:
-                self.problem(key_node, where, f"unknown key (expected one of: {', '.join(keys)})")
-            elif key in out:
-                self.problem(key_node, where, "duplicate key")
-            else:
-                out[key] = value_node
-        return out
-
-    def get(
-        self,
-        nodes: Mapping[str, yaml.Node],
-        key: str,
-        path: str,
-        default: T,
-        convert: Callable[[Any], T],
-    ) -> T:
-        node = nodes.get(key)
-        if node is None:
-            return default
-        where = f"{path}.{key}" if path else key
-        try:
-            raw = self.value(node)
-        except ValueError as e:
-            self.problem(node, where, str(e))
-            return default
-        try:
-            return convert(raw)
-        except (ValueError, TypeError) as e:
-            self.problem(node, where, f"{e}, got {_show(raw)}")
-            return default
-
-    # the sections
-
-    def config(self, root: yaml.Node | None) -> Config:
-        top = self.mapping(
-            root, "", ("admin", "resolver", "logging", "shutdown", "defaults", "routes")
-        )
-        d = Config()
-        defaults = self.settings(top.get("defaults"), "defaults", d.defaults)
-        return Config(
-            admin=self.admin(top.get("admin")),
-            resolver=self.resolver(top.get("resolver")),
-            logging=self.logging(top.get("logging")),
-            shutdown=self.shutdown(top.get("shutdown")),
-            defaults=defaults,
-            routes=tuple(self.routes(top.get("routes"), defaults)),
-        )
-
-    def admin(self, node: yaml.Node | None) -> AdminConfig:
-        nodes = self.mapping(node, "admin", ("listen",))
-        d = AdminConfig()
-        host, port = self.get(nodes, "listen", "admin", (d.host, d.port), _listen_address)
-        return AdminConfig(host, port)
-
-    def resolver(self, node: yaml.Node | None) -> ResolverConfig:
-        keys = ("nameservers", "search", "ndots", "timeout", "min_ttl", "max_ttl", "stale_ttl")
-        nodes = self.mapping(node, "resolver", keys)
-        d = ResolverConfig()
-        p = "resolver"
-        config = ResolverConfig(
-            nameservers=self.get(nodes, "nameservers", p, d.nameservers, _nameservers),
-            search=self.get(nodes, "search", p, d.search, _search_list),
-            ndots=self.get(nodes, "ndots", p, d.ndots, _optional(_int_range(0, 15))),
-            timeout=self.get(nodes, "timeout", p, d.timeout, _positive_duration),
-            min_ttl=self.get(nodes, "min_ttl", p, d.min_ttl, parse_duration),
-            max_ttl=self.get(nodes, "max_ttl", p, d.max_ttl, _positive_duration),
-            stale_ttl=self.get(nodes, "stale_ttl", p, d.stale_ttl, parse_duration),
-        )
-        if config.min_ttl > config.max_ttl:
-            if "min_ttl" in nodes:
-                self.problem(nodes["min_ttl"], "resolver.min_ttl", "must not exceed max_ttl")
-            else:  # only max_ttl is written, below the default min_ttl: blame the line there is
-                self.problem(
-                    nodes.get("max_ttl"),
-                    "resolver.max_ttl",
-                    f"must not be less than min_ttl ({format_duration(config.min_ttl)})",
-                )
-        return config
-
-    def logging(self, node: yaml.Node | None) -> LoggingConfig:
-        nodes = self.mapping(node, "logging", ("level", "format", "access_log"))
-        d = LoggingConfig()
-        return LoggingConfig(
-            level=self.get(nodes, "level", "logging", d.level, _choice(LOG_LEVELS)),
-            format=self.get(nodes, "format", "logging", d.format, _choice(LOG_FORMATS)),
-            access_log=self.get(nodes, "access_log", "logging", d.access_log, _boolean),
-        )
-
-    def shutdown(self, node: yaml.Node | None) -> ShutdownConfig:
-        nodes = self.mapping(node, "shutdown", ("drain_delay", "drain_timeout"))
-        d = ShutdownConfig()
-        return ShutdownConfig(
-            drain_delay=self.get(nodes, "drain_delay", "shutdown", d.drain_delay, parse_duration),
-            drain_timeout=self.get(
-                nodes, "drain_timeout", "shutdown", d.drain_timeout, parse_duration
-            ),
-        )
-
-    def settings(
-        self, node: yaml.Node | None, path: str, base: RouteSettings, extra: Sequence[str] = ()
-    ) -> RouteSettings:
-        nodes = self.mapping(node, path, (*_SETTING_KEYS, *extra))
-        return self.settings_from(nodes, path, base)
-
-    def settings_from(
-        self, nodes: Mapping[str, yaml.Node], path: str, base: RouteSettings
-    ) -> RouteSettings:
-        p = path
-        pool_path = f"{path}.pool" if path else "pool"
-        pool_nodes = self.mapping(
-            nodes.get("pool"), pool_path, ("max_idle", "idle_timeout", "max_lifetime")
-        )
-        bp = base.pool
-        pool = PoolConfig(
-            max_idle=self.get(
-                pool_nodes, "max_idle", pool_path, bp.max_idle, _int_range(0, 100_000)
-            ),
-            idle_timeout=self.get(
-                pool_nodes, "idle_timeout", pool_path, bp.idle_timeout, _positive_duration
-            ),
-            max_lifetime=self.get(
-                pool_nodes, "max_lifetime", pool_path, bp.max_lifetime, _positive_duration
-            ),
-        )
-        g = self.get
-        return RouteSettings(
-            connect_timeout=g(
-                nodes, "connect_timeout", p, base.connect_timeout, _positive_duration
-            ),
-            request_timeout=g(
-                nodes, "request_timeout", p, base.request_timeout, _positive_duration
-            ),
-            idle_timeout=g(nodes, "idle_timeout", p, base.idle_timeout, _positive_duration),
-            head_timeout=g(nodes, "head_timeout", p, base.head_timeout, _positive_duration),
-            retries=g(nodes, "retries", p, base.retries, _int_range(0, 10)),
-            balance=g(nodes, "balance", p, base.balance, _choice(BALANCERS)),
-            host=g(nodes, "host", p, base.host, _host_setting),
-            pool=pool,
-        )
-
-    def routes(self, node: yaml.Node | None, defaults: RouteSettings) -> Iterator[RouteConfig]:
-        if node is None or _is_null(node):
-            return
-        if not isinstance(node, yaml.SequenceNode):
-            self.problem(node, "routes", "must be a list")
-            return
-        for i, item in enumerate(node.value):
-            route = self.route(item, f"routes[{i}]", defaults)
-            if route is not None:
-                yield route
-
-    def route(self, node: yaml.Node, path: str, defaults: RouteSettings) -> RouteConfig | None:
-        keys = ("name", "listen", "service", "port", "protocol", "expose", *_SETTING_KEYS)
-        nodes = self.mapping(node, path, keys)
-        if not isinstance(node, yaml.MappingNode):
-            return None
-        for required in ("listen", "service"):
-            if required not in nodes:
-                self.problem(node, f"{path}.{required}", "is required")
-        host, port = self.get(nodes, "listen", path, ("127.0.0.1", 0), _listen_address)
-        route = RouteConfig(
-            name=self.get(nodes, "name", path, "", _name),
-            listen_host=host,
-            listen_port=port,
-            service=self.get(nodes, "service", path, "", _service),
-            port=self.get(nodes, "port", path, _DEFAULT_PORT, _upstream_port),
-            protocol=self.get(nodes, "protocol", path, "tcp", _choice(PROTOCOLS)),
-            expose=self.get(nodes, "expose", path, False, _boolean),
-            settings=self.settings_from(nodes, path, defaults),
-        )
-        self.check_exposure(route, nodes.get("listen"), f"{path}.listen")
-        if isinstance(route.port, str) and is_ip(route.service):
-            self.problem(
-                nodes.get("port"), f"{path}.port", "a port name needs a DNS name as service (SRV)"
-            )
-        if "listen" not in nodes or "service" not in nodes:
-            return None
-        self.route_origins.append(
-            _Origin(path, self.at(nodes["listen"]), self.at(nodes.get("name", node)))
-        )
-        return route
-
-    def quick_route(self, spec: str, where: str, defaults: RouteSettings) -> RouteConfig | None:
-        m = _QUICK_ROUTE.match(spec.strip())
-        if m is None:
-            self.problems.append(
-                f"{where}: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], got {spec!r}"
-            )
-            return None
-        host = (m["host"] or "127.0.0.1").strip("[]")
-        host = "127.0.0.1" if host == "localhost" else host  # as a file's listen: accepts
-        problems = []
-        try:
-            listen_port = _int_range(0, 65535)(int(m["listen"]))
-            ipaddress.ip_address(host)
-        except ValueError as e:
-            problems.append(f"listen: {e}")
-        service = m["service"]
-        if not valid_service(service):
-            problems.append(f"service: not a DNS name or IP address: {service!r}")
-        elif is_ip(service) and m["port"] and not m["port"].isdigit():
-            problems.append("port: a port name needs a DNS name as service (SRV)")
-        port: int | str = 80
-        try:
-            port = _upstream_port(m["port"]) if m["port"] else 80
-        except ValueError as e:
-            problems.append(f"port: {e}")
-        protocol = m["protocol"] or "tcp"
-        if protocol not in PROTOCOLS:
-            problems.append(f"protocol: must be tcp or http, got {protocol!r}")
-        if problems:
-            self.problems.extend(f"{where}: {p} (in {spec!r})" for p in problems)
-            return None
-        self.route_origins.append(_Origin(where))
-        # Naming a non-loopback host in a quick route is the explicit opt-in to expose it.
-        return RouteConfig(
-            name="",
-            listen_host=host,
-            listen_port=listen_port,
-            service=service,
-            port=port,
-            protocol=protocol,
-            expose=m["host"] is not None and not is_loopback(host),
-            settings=defaults,
-        )
-
-    def check_exposure(self, route: RouteConfig, node: yaml.Node | None, path: str) -> None:
-        if not route.expose and not is_loopback(route.listen_host):
-            self.problem(
-                node,
-                path,
-                f"{route.listen} is not a loopback address; set expose: true to listen on it",
-            )
-
-    def check_listeners(self, config: Config) -> None:
-        seen: dict[int, list[tuple[str, str]]] = {}
-        claims = [("", "admin.listen", config.admin.host, config.admin.port)]
-        claims += [
-            (origin.listen_at, f"{origin.path}.listen", r.listen_host, r.listen_port)
-            for origin, r in zip(self.route_origins, config.routes, strict=True)
-        ]
-        for at, who, host, port in claims:
-            if port == 0:
-                continue
-            for other, other_host in seen.get(port, []):
-                if host == other_host or _wildcard(host) or _wildcard(other_host):
-                    address = join_host_port(host, port)
-                    self.problems.append(f"{at}{who}: {address} is already used by {other}")
-            seen.setdefault(port, []).append((who, host))
-        names: dict[str, str] = {}
-        for origin, r in zip(self.route_origins, config.routes, strict=True):
-            if r.name in names:
-                self.problems.append(
-                    f"{origin.name_at}{origin.path}.name: {r.name!r} is already the name of "
-                    f"{names[r.name]}"
-                )
-            names.setdefault(r.name, origin.path)
-
-
-@dataclass(frozen=True, slots=True)
-class _Origin:
-    """Where a route was written: its key path, and the ``file:line: `` of its listen and name."""
-
-    path: str
-    listen_at: str = ""
-    name_at: str = ""
-
-
-_SETTING_KEYS = (
-    "connect_timeout",
-    "request_timeout",
-    "idle_timeout",
-    "head_timeout",
-    "retries",
-    "balance",
-    "host",
-    "pool",
-)
-
-
-def _apply_overrides(reader: _Reader, config: Config, overrides: Overrides) -> Config:
-    if overrides.admin is not None:
-        try:
-            host, port = _listen_address(overrides.admin)
-            config = dataclasses.replace(config, admin=AdminConfig(host, port))
-        except ValueError as e:
-            reader.problems.append(f"--admin: {e}, got {overrides.admin!r}")
-    log = config.logging
-    if overrides.log_level is not None:
-        log = dataclasses.replace(log, level=overrides.log_level)
-    if overrides.log_format is not None:
-        log = dataclasses.replace(log, format=overrides.log_format)
-    return dataclasses.replace(config, logging=log)
-
-
-def _name_routes(routes: list[RouteConfig]) -> Iterator[RouteConfig]:
-    """Unnamed routes are named after their service, or service:listen_port when shared."""
-    services = [r.service for r in routes if not r.name]
-    for r in routes:
-        if r.name:
-            yield r
-        elif services.count(r.service) > 1:
-            yield dataclasses.replace(r, name=f"{r.service}:{r.listen_port}")
-        else:
-            yield dataclasses.replace(r, name=r.service)
-
-
-def _durations(obj: object, *names: str) -> dict[str, str]:
-    return {name: format_duration(getattr(obj, name)) for name in names}
-
-
-def _settings_dict(s: RouteSettings) -> dict[str, Any]:
-    out: dict[str, Any] = _durations(
-        s, "connect_timeout", "request_timeout", "idle_timeout", "head_timeout"
-    )
-    out.update(retries=s.retries, balance=s.balance, host=s.host)
-    out["pool"] = {
-        "max_idle": s.pool.max_idle,
-        **_durations(s.pool, "idle_timeout", "max_lifetime"),
-    }
-    return out
-
-
-def _line_of(problem: str) -> int:
-    """Sort key: problems in file order, then those without a line (quick routes)."""
-    m = re.match(r"^[^:]*:(\d+): ", problem)
-    return int(m.group(1)) if m else 1 << 30
-
-
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-def _show(value: object) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def _wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::")
 
 
 # --- converters: each takes the YAML value and returns the typed one or raises ValueError ---
@@ -802,3 +212,602 @@ def _host_setting(value: object) -> str:
     if not isinstance(value, str) or not value or any(c in value for c in " \t\r\n"):
         raise ValueError("must be auto, preserve, or a host name")
     return value
+
+
+# --- how a key is declared ---------------------------------------------------------------
+#
+# Each key of the file is declared once, on the dataclass field it fills: its default, the
+# converter that checks the YAML value, and how ``sidelink check`` shows it. The reader, the
+# "expected one of" lists and Config.to_dict all walk dataclasses.fields(), so a new key is
+# one line in its section (a new section: its class, and one line in its owner).
+
+_KEY = "sidelink.key"  # the field metadata entry holding how a key is read and shown
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    """A key whose YAML value the converter turns into the field's value.
+
+    ``also`` names further fields the one value fills: ``listen: "IP:PORT"`` is declared
+    on the host field and fills the port field too; convert then returns one value per field.
+    """
+
+    convert: Callable[[Any], Any]
+    show: Callable[..., object]
+    name: str = ""  # the key as written, when it is not the field's name
+    also: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    """A key holding a mapping of its own keys, read into the field's default_factory class."""
+
+    inline: bool = False  # its keys are written beside the owner's own (a route's settings)
+
+
+@dataclass(frozen=True, slots=True)
+class _List:
+    """A key holding a list of mappings; its owner reads it, as items start from other keys."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key of a section, resolved from its field: as written, and the fields it fills."""
+
+    name: str
+    fields: tuple[str, ...]
+    kind: _Value | _Section | _List
+    cls: type[Any] | None = None  # the class a section is read into
+
+
+def _same(value: T) -> T:
+    return value
+
+
+def setting(default: T, convert: Callable[[Any], T], show: Callable[[T], object] = _same) -> T:
+    """A key of its section: ``default`` when it is not written, else ``convert(value)``."""
+    return field(default=default, metadata={_KEY: _Value(convert, show)})
+
+
+def duration(default: float, *, zero: bool = False) -> float:
+    """A duration key, shown by format_duration; 0 is accepted only where ``zero`` says so."""
+    return setting(default, parse_duration if zero else _positive_duration, format_duration)
+
+
+# The metadata of a field holding a nested section, ``field(default_factory=Cls, metadata=...)``.
+_SECTION: Final = {_KEY: _Section()}
+_INLINE: Final = {_KEY: _Section(inline=True)}  # its keys are written beside the owner's own
+_LIST: Final = {_KEY: _List()}
+
+
+def _listen(host: str, port_field: str) -> str:
+    """The ``listen`` key, PORT or IP:PORT: declared on the host field, it fills ``port_field``."""
+    spec = _Value(_listen_address, join_host_port, "listen", (port_field,))
+    return field(default=host, metadata={_KEY: spec})
+
+
+def _keys(cls: type[Any]) -> tuple[_Key, ...]:
+    """The keys of a section class, in field order; fields without one are filled otherwise."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        kind = f.metadata.get(_KEY)
+        if isinstance(kind, _Value):
+            keys.append(_Key(kind.name or f.name, (f.name, *kind.also), kind))
+        elif kind is not None:
+            factory = f.default_factory
+            keys.append(
+                _Key(f.name, (f.name,), kind, factory if isinstance(factory, type) else None)
+            )
+    return tuple(keys)
+
+
+def _names(cls: type[Any]) -> tuple[str, ...]:
+    """The keys a mapping of ``cls`` accepts, an inline section's keys in its place."""
+    names: list[str] = []
+    for key in _keys(cls):
+        if isinstance(key.kind, _Section) and key.kind.inline and key.cls is not None:
+            names += _names(key.cls)
+        else:
+            names.append(key.name)
+    return tuple(names)
+
+
+def _shown(obj: object) -> dict[str, Any]:
+    """``obj``'s keys in the file's own shape, normalised (durations as format_duration)."""
+    out: dict[str, Any] = {}
+    for key in _keys(type(obj)):
+        value = getattr(obj, key.fields[0])
+        if isinstance(key.kind, _Section):
+            if key.kind.inline:
+                out.update(_shown(value))
+            else:
+                out[key.name] = _shown(value)
+        elif isinstance(key.kind, _List):
+            out[key.name] = [_shown(item) for item in value]
+        else:
+            out[key.name] = key.kind.show(*(getattr(obj, f) for f in key.fields))
+    return out
+
+
+# --- the config ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_idle: int = setting(64, _int_range(0, 100_000))
+    idle_timeout: float = duration(60.0)
+    max_lifetime: float = duration(300.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    """The keys of ``defaults:``, which every route may override."""
+
+    connect_timeout: float = duration(1.0)
+    request_timeout: float = duration(30.0)
+    idle_timeout: float = duration(300.0)
+    head_timeout: float = duration(10.0)
+    retries: int = setting(2, _int_range(0, 10))
+    balance: str = setting("p2c", _choice(BALANCERS))
+    host: str = setting("auto", _host_setting)
+    pool: PoolConfig = field(default_factory=PoolConfig, metadata=_SECTION)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    # A file must write listen and service (the reader checks); these defaults are what a
+    # route missing them is read as, so that its other problems are still found.
+    name: str = setting("", _name)  # "" until parse() names it after its service
+    listen_host: str = _listen("127.0.0.1", "listen_port")
+    listen_port: int = 0
+    service: str = setting("", _service)
+    port: int | str = setting(_DEFAULT_PORT, _upstream_port)
+    protocol: str = setting("tcp", _choice(PROTOCOLS))
+    expose: bool = setting(False, _boolean)
+    settings: RouteSettings = field(default_factory=RouteSettings, metadata=_INLINE)
+
+    @property
+    def listen(self) -> str:
+        return join_host_port(self.listen_host, self.listen_port)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = _listen("0.0.0.0", "port")
+    port: int = 9901
+
+    @property
+    def listen(self) -> str:
+        return join_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConfig:
+    nameservers: tuple[tuple[str, int], ...] = setting(
+        (), _nameservers, lambda ns: [join_host_port(h, p) for h, p in ns]
+    )
+    search: tuple[str, ...] | None = setting(
+        None, _search_list, lambda s: None if s is None else list(s)
+    )
+    ndots: int | None = setting(None, _optional(_int_range(0, 15)))
+    timeout: float = duration(2.0)
+    min_ttl: float = duration(1.0, zero=True)
+    max_ttl: float = duration(60.0)
+    stale_ttl: float = duration(300.0, zero=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = setting("info", _choice(LOG_LEVELS))
+    format: str = setting("text", _choice(LOG_FORMATS))
+    access_log: bool = setting(False, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    drain_delay: float = duration(5.0, zero=True)
+    drain_timeout: float = duration(30.0, zero=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    admin: AdminConfig = field(default_factory=AdminConfig, metadata=_SECTION)
+    resolver: ResolverConfig = field(default_factory=ResolverConfig, metadata=_SECTION)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_SECTION)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig, metadata=_SECTION)
+    defaults: RouteSettings = field(default_factory=RouteSettings, metadata=_SECTION)
+    routes: tuple[RouteConfig, ...] = field(default=(), metadata=_LIST)
+    source: str | None = None  # the file read, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised config, in the file's own shape (what ``sidelink check`` prints)."""
+        return _shown(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What the command line says over the file."""
+
+    admin: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Where a config comes from, kept so that a reload reads the same places again."""
+
+    path: str | None
+    quick_routes: tuple[str, ...] = ()
+    quick_origin: str = "--route"
+    overrides: Overrides = Overrides()
+
+    @classmethod
+    def discover(
+        cls,
+        path: str | None,
+        quick_routes: Sequence[str] = (),
+        overrides: Overrides = Overrides(),
+        environ: Mapping[str, str] = os.environ,
+    ) -> ConfigSource:
+        """Apply the documented precedence: -c, $SIDELINK_CONFIG, the default path."""
+        if path is None:
+            path = environ.get(CONFIG_ENV) or None
+        if path is None and Path(DEFAULT_CONFIG_PATH).exists():
+            path = DEFAULT_CONFIG_PATH
+        origin = "--route"
+        routes = tuple(quick_routes)
+        if not routes and environ.get(ROUTES_ENV, "").strip():
+            routes = tuple(s for s in environ[ROUTES_ENV].split(",") if s.strip())
+            origin = "$" + ROUTES_ENV
+        return cls(path, routes, origin, overrides)
+
+    def load(self) -> Config:
+        text = None
+        if self.path is not None:
+            try:
+                text = Path(self.path).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError([f"{self.path}: cannot read: {e.strerror or e}"]) from e
+            except UnicodeDecodeError as e:
+                raise ConfigError([f"{self.path}: cannot read: not UTF-8 text ({e.reason})"]) from e
+        return parse(
+            text, self.path or "<none>", self.quick_routes, self.quick_origin, self.overrides
+        )
+
+
+def parse(
+    text: str | None,
+    filename: str = "<string>",
+    quick_routes: Sequence[str] = (),
+    quick_origin: str = "--route",
+    overrides: Overrides = Overrides(),
+) -> Config:
+    """Build a Config from YAML text plus quick routes; raise ConfigError listing every problem."""
+    reader = _Reader(Path(filename).name if filename.startswith("/") else filename)
+    root: yaml.Node | None = None
+    if text is not None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            line = mark.line + 1 if mark is not None else 1
+            problem = getattr(e, "problem", None) or str(e)
+            if context := getattr(e, "context", None):  # "while parsing a flow sequence"
+                problem = f"{context}{',' if problem.startswith('but') else ':'} {problem}"
+            raise ConfigError([f"{reader.filename}:{line}: invalid YAML: {problem}"]) from e
+    config = reader.config(root)
+    routes = list(config.routes)
+    for i, spec in enumerate(quick_routes):
+        route = reader.quick_route(spec, f"{quick_origin}[{i}]", config.defaults)
+        if route is not None:
+            routes.append(route)
+    config = _apply_overrides(reader, config, overrides)
+    config = dataclasses.replace(
+        config, routes=tuple(_name_routes(routes)), source=None if text is None else filename
+    )
+    reader.check_listeners(config)
+    if reader.problems:
+        raise ConfigError(sorted(reader.problems, key=_line_of))
+    return config
+
+
+# --- the reader ------------------------------------------------------------------------
+
+
+class _Reader:
+    """Walks the YAML node tree, so every value keeps its line number for messages."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.problems: list[str] = []
+        # Where each accepted route came from, in order, for problems found across routes.
+        self.route_origins: list[_Origin] = []
+        # The keys written in each mapping read, by path, for checks across keys.
+        self.written: dict[str, dict[str, yaml.Node]] = {}
+        self._constructor = yaml.SafeLoader("")
+
+    def at(self, node: yaml.Node | None) -> str:
+        """The ``file:line: `` prefix of a problem about ``node``."""
+        return "" if node is None else f"{self.filename}:{node.start_mark.line + 1}: "
+
+    def problem(self, node: yaml.Node | None, path: str, message: str) -> None:
+        where = self.filename if node is None else f"{self.filename}:{node.start_mark.line + 1}"
+        self.problems.append(f"{where}: {path}: {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        """The Python value of a node; ValueError for one YAML cannot build (``!!int abc``)."""
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError) as e:
+            # A failed construction leaves the node marked as in progress: start afresh.
+            self._constructor = yaml.SafeLoader("")
+            problem = e.problem if isinstance(e, yaml.MarkedYAMLError) else str(e)
+            raise ValueError(f"invalid YAML value: {problem}") from None
+
+    def mapping(
+        self, node: yaml.Node | None, path: str, keys: Sequence[str]
+    ) -> dict[str, yaml.Node]:
+        """The keys of a mapping node; unknown or repeated keys are problems."""
+        out: dict[str, yaml.Node] = {}
+        self.written[path] = out
+        if node is None or _is_null(node):
+            return out
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, path or "(top level)", "must be a mapping")
+            return out
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.problem(
+                    key_node,
+                    _join(path, "<<"),
+                    "YAML merge keys are not supported (shared route settings go in defaults:)",
+                )
+                continue
+            try:
+                key = str(self.value(key_node))
+            except ValueError as e:
+                self.problem(key_node, path or "(top level)", str(e))
+                continue
+            where = _join(path, key)
+            if key not in keys:
+                self.problem(key_node, where, f"unknown key (expected one of: {', '.join(keys)})")
+            elif key in out:
+                self.problem(key_node, where, "duplicate key")
+            else:
+                out[key] = value_node
+        return out
+
+    def get(
+        self,
+        nodes: Mapping[str, yaml.Node],
+        key: str,
+        path: str,
+        default: T,
+        convert: Callable[[Any], T],
+    ) -> T:
+        node = nodes.get(key)
+        if node is None:
+            return default
+        where = _join(path, key)
+        try:
+            raw = self.value(node)
+        except ValueError as e:
+            self.problem(node, where, str(e))
+            return default
+        try:
+            return convert(raw)
+        except (ValueError, TypeError) as e:
+            self.problem(node, where, f"{e}, got {_show(raw)}")
+            return default
+
+    def section(self, node: yaml.Node | None, path: str, base: D) -> D:
+        """The mapping at ``node`` read over ``base``: each key written replaces its value."""
+        return self.fill(self.mapping(node, path, _names(type(base))), path, base)
+
+    def fill(self, nodes: Mapping[str, yaml.Node], path: str, base: D) -> D:
+        """``base`` with the keys of its class that ``nodes`` holds, each converted."""
+        changes: dict[str, Any] = {}
+        for key in _keys(type(base)):
+            kind, own = key.kind, key.fields[0]
+            if isinstance(kind, _Section) and kind.inline:
+                changes[own] = self.fill(nodes, path, getattr(base, own))
+            elif isinstance(kind, _Section):
+                changes[own] = self.section(
+                    nodes.get(key.name), _join(path, key.name), getattr(base, own)
+                )
+            elif isinstance(kind, _Value) and kind.also:
+                default = tuple(getattr(base, f) for f in key.fields)
+                values = self.get(nodes, key.name, path, default, kind.convert)
+                changes.update(zip(key.fields, values, strict=True))
+            elif isinstance(kind, _Value):
+                changes[own] = self.get(nodes, key.name, path, getattr(base, own), kind.convert)
+        return dataclasses.replace(base, **changes)
+
+    # the sections whose keys need more than their fields say
+
+    def config(self, root: yaml.Node | None) -> Config:
+        top = self.mapping(root, "", _names(Config))
+        config = self.fill(top, "", Config())
+        self.check_ttls(config.resolver)
+        return dataclasses.replace(
+            config, routes=tuple(self.routes(top.get("routes"), config.defaults))
+        )
+
+    def check_ttls(self, resolver: ResolverConfig) -> None:
+        if resolver.min_ttl <= resolver.max_ttl:
+            return
+        nodes = self.written["resolver"]
+        if "min_ttl" in nodes:
+            self.problem(nodes["min_ttl"], "resolver.min_ttl", "must not exceed max_ttl")
+        else:  # only max_ttl is written, below the default min_ttl: blame the line there is
+            self.problem(
+                nodes.get("max_ttl"),
+                "resolver.max_ttl",
+                f"must not be less than min_ttl ({format_duration(resolver.min_ttl)})",
+            )
+
+    def routes(self, node: yaml.Node | None, defaults: RouteSettings) -> Iterator[RouteConfig]:
+        if node is None or _is_null(node):
+            return
+        if not isinstance(node, yaml.SequenceNode):
+            self.problem(node, "routes", "must be a list")
+            return
+        for i, item in enumerate(node.value):
+            route = self.route(item, f"routes[{i}]", defaults)
+            if route is not None:
+                yield route
+
+    def route(self, node: yaml.Node, path: str, defaults: RouteSettings) -> RouteConfig | None:
+        nodes = self.mapping(node, path, _names(RouteConfig))
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for required in ("listen", "service"):
+            if required not in nodes:
+                self.problem(node, f"{path}.{required}", "is required")
+        route = self.fill(nodes, path, RouteConfig(settings=defaults))
+        self.check_exposure(route, nodes.get("listen"), f"{path}.listen")
+        if isinstance(route.port, str) and is_ip(route.service):
+            self.problem(
+                nodes.get("port"), f"{path}.port", "a port name needs a DNS name as service (SRV)"
+            )
+        if "listen" not in nodes or "service" not in nodes:
+            return None
+        self.route_origins.append(
+            _Origin(path, self.at(nodes["listen"]), self.at(nodes.get("name", node)))
+        )
+        return route
+
+    def quick_route(self, spec: str, where: str, defaults: RouteSettings) -> RouteConfig | None:
+        m = _QUICK_ROUTE.match(spec.strip())
+        if m is None:
+            self.problems.append(
+                f"{where}: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], got {spec!r}"
+            )
+            return None
+        host = (m["host"] or "127.0.0.1").strip("[]")
+        host = "127.0.0.1" if host == "localhost" else host  # as a file's listen: accepts
+        problems = []
+        try:
+            listen_port = _int_range(0, 65535)(int(m["listen"]))
+            ipaddress.ip_address(host)
+        except ValueError as e:
+            problems.append(f"listen: {e}")
+        service = m["service"]
+        if not valid_service(service):
+            problems.append(f"service: not a DNS name or IP address: {service!r}")
+        elif is_ip(service) and m["port"] and not m["port"].isdigit():
+            problems.append("port: a port name needs a DNS name as service (SRV)")
+        port = _DEFAULT_PORT
+        try:
+            port = _upstream_port(m["port"]) if m["port"] else _DEFAULT_PORT
+        except ValueError as e:
+            problems.append(f"port: {e}")
+        protocol = m["protocol"] or "tcp"
+        if protocol not in PROTOCOLS:
+            problems.append(f"protocol: must be tcp or http, got {protocol!r}")
+        if problems:
+            self.problems.extend(f"{where}: {p} (in {spec!r})" for p in problems)
+            return None
+        self.route_origins.append(_Origin(where))
+        # Naming a non-loopback host in a quick route is the explicit opt-in to expose it.
+        return RouteConfig(
+            name="",
+            listen_host=host,
+            listen_port=listen_port,
+            service=service,
+            port=port,
+            protocol=protocol,
+            expose=m["host"] is not None and not is_loopback(host),
+            settings=defaults,
+        )
+
+    def check_exposure(self, route: RouteConfig, node: yaml.Node | None, path: str) -> None:
+        if not route.expose and not is_loopback(route.listen_host):
+            self.problem(
+                node,
+                path,
+                f"{route.listen} is not a loopback address; set expose: true to listen on it",
+            )
+
+    def check_listeners(self, config: Config) -> None:
+        seen: dict[int, list[tuple[str, str]]] = {}
+        claims = [("", "admin.listen", config.admin.host, config.admin.port)]
+        claims += [
+            (origin.listen_at, f"{origin.path}.listen", r.listen_host, r.listen_port)
+            for origin, r in zip(self.route_origins, config.routes, strict=True)
+        ]
+        for at, who, host, port in claims:
+            if port == 0:
+                continue
+            for other, other_host in seen.get(port, []):
+                if host == other_host or _wildcard(host) or _wildcard(other_host):
+                    address = join_host_port(host, port)
+                    self.problems.append(f"{at}{who}: {address} is already used by {other}")
+            seen.setdefault(port, []).append((who, host))
+        names: dict[str, str] = {}
+        for origin, r in zip(self.route_origins, config.routes, strict=True):
+            if r.name in names:
+                self.problems.append(
+                    f"{origin.name_at}{origin.path}.name: {r.name!r} is already the name of "
+                    f"{names[r.name]}"
+                )
+            names.setdefault(r.name, origin.path)
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a route was written: its key path, and the ``file:line: `` of its listen and name."""
+
+    path: str
+    listen_at: str = ""
+    name_at: str = ""
+
+
+def _apply_overrides(reader: _Reader, config: Config, overrides: Overrides) -> Config:
+    if overrides.admin is not None:
+        try:
+            host, port = _listen_address(overrides.admin)
+            config = dataclasses.replace(config, admin=AdminConfig(host, port))
+        except ValueError as e:
+            reader.problems.append(f"--admin: {e}, got {overrides.admin!r}")
+    log = config.logging
+    if overrides.log_level is not None:
+        log = dataclasses.replace(log, level=overrides.log_level)
+    if overrides.log_format is not None:
+        log = dataclasses.replace(log, format=overrides.log_format)
+    return dataclasses.replace(config, logging=log)
+
+
+def _name_routes(routes: list[RouteConfig]) -> Iterator[RouteConfig]:
+    """Unnamed routes are named after their service, or service:listen_port when shared."""
+    services = [r.service for r in routes if not r.name]
+    for r in routes:
+        if r.name:
+            yield r
+        elif services.count(r.service) > 1:
+            yield dataclasses.replace(r, name=f"{r.service}:{r.listen_port}")
+        else:
+            yield dataclasses.replace(r, name=r.service)
+
+
+def _line_of(problem: str) -> int:
+    """Sort key: problems in file order, then those without a line (quick routes)."""
+    m = re.match(r"^[^:]*:(\d+): ", problem)
+    return int(m.group(1)) if m else 1 << 30
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

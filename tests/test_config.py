@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -1183,3 +1185,66 @@ def test_a_port_name_needs_a_dns_service() -> None:
     assert e.value.problems == [
         "--route[0]: port: a port name needs a DNS name as service (SRV) (in '8081=10.0.0.7:http')"
     ]
+
+
+# --- each key declared once ----------------------------------------------------------------
+
+
+def accepted(text: str) -> list[str]:
+    """The keys an "unknown key" problem lists for the mapping that ``text`` writes into."""
+    (found,) = problems(text)
+    return found.split("(expected one of: ")[1].rstrip(")").split(", ")
+
+
+@pytest.mark.parametrize(
+    ("text", "printed"),
+    [
+        ("nope: 1\n", lambda d: d),
+        ("admin: {nope: 1}\n", lambda d: d["admin"]),
+        ("resolver: {nope: 1}\n", lambda d: d["resolver"]),
+        ("logging: {nope: 1}\n", lambda d: d["logging"]),
+        ("shutdown: {nope: 1}\n", lambda d: d["shutdown"]),
+        ("defaults: {nope: 1}\n", lambda d: d["defaults"]),
+        ("defaults: {pool: {nope: 1}}\n", lambda d: d["defaults"]["pool"]),
+        (route_yaml(nope=1), lambda d: d["routes"][0]),
+        (route_yaml(pool="{nope: 1}"), lambda d: d["routes"][0]["pool"]),
+    ],
+)
+def test_the_keys_a_file_may_write_are_the_keys_check_prints(
+    text: str, printed: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    normalised = parse(route_yaml(), FILE).to_dict()
+    assert accepted(text) == list(printed(normalised))
+
+
+def test_every_key_printed_reads_back_and_a_changed_one_is_seen() -> None:
+    """Each printed key is read into the config: changing it in the file changes the config."""
+    base = parse(route_yaml(), FILE)
+    out = base.to_dict()
+    changed = {
+        **out["defaults"],
+        "connect_timeout": "3s",
+        "request_timeout": "4s",
+        "idle_timeout": "5s",
+        "head_timeout": "6s",
+        "retries": 7,
+        "balance": "round_robin",
+        "host": "preserve",
+        "pool": {"max_idle": 8, "idle_timeout": "9s", "max_lifetime": "10s"},
+    }
+    assert set(changed) == set(out["defaults"])
+    text = yaml.safe_dump({**out, "defaults": changed, "routes": []}, sort_keys=False)
+    assert parse(text, FILE).defaults == RouteSettings(
+        connect_timeout=3.0,
+        request_timeout=4.0,
+        idle_timeout=5.0,
+        head_timeout=6.0,
+        retries=7,
+        balance="round_robin",
+        host="preserve",
+        pool=PoolConfig(max_idle=8, idle_timeout=9.0, max_lifetime=10.0),
+    )
+    # A route written with every key inherits nothing, and prints what it was given.
+    route = {**out["routes"][0], **changed, "name": "r", "listen": "127.0.0.1:8090"}
+    text = yaml.safe_dump({"routes": [route]}, sort_keys=False)
+    assert parse(text, FILE).to_dict()["routes"] == [route]
