@@ -1,8 +1,9 @@
 """The one typed, frozen configuration object, and how it is loaded and validated.
 
-Every default lives here. Loading never stops at the first problem: all of them are
-collected, each naming the file, the line and the key, and raised together as one
-:class:`ConfigError`. Only ``cli.py`` turns that into an exit code.
+Every default lives here, and each key is declared once, on the dataclass field it
+fills ("how a key is declared" below). Loading never stops at the first problem: all of
+them are collected, each naming the file, the line and the key, and raised together as
+one :class:`ConfigError`. Only ``cli.py`` turns that into an exit code.
 """
 
 from __future__ import annotations
