@@ -1,7 +1,7 @@
 """sidelink's own work per HTTP request, without sockets: `python -m benchmarks.inprocess`.
 
 The protocol objects of one http route are fed a request and its response as bytes,
-with transports that only count writes, so what is timed is sidelink's code (llhttp
+with fake transports that only count writes, so what is timed is sidelink's code (llhttp
 included) and nothing of the kernel, the event loop's I/O or the other processes.
 It is the quickest way to see what a change to the hot path costs: run it before and
 after (best of several runs: the machine's noise is larger than most changes).
@@ -15,7 +15,6 @@ import asyncio
 import cProfile
 import pstats
 import time
-from typing import Any
 
 import uvloop
 
@@ -25,6 +24,7 @@ from proxy.http import HttpDownstream, Upstream
 from proxy.metrics import Metrics
 from proxy.resolver import Resolver
 from proxy.route import Route
+from tests.support.transport import FakeTransport
 
 # A small keep-alive GET as wrk sends it, and nginx's answer to it.
 REQUEST = (
@@ -36,34 +36,6 @@ RESPONSE = (
 )
 
 
-class CountingTransport:
-    """Takes writes and counts them; the flow-control calls do nothing."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-
-    def is_closing(self) -> bool:
-        return False
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else None
-
-    def close(self) -> None:
-        pass
-
-
 async def measure(requests: int, profile: bool) -> None:
     config = parse(
         None, quick_routes=["0=127.0.0.1:8080/http"], overrides=Overrides(admin="127.0.0.1:0")
@@ -72,10 +44,10 @@ async def measure(requests: int, profile: bool) -> None:
     route = Route(config.routes[0], Resolver(config.resolver, metrics, {}), metrics)
     await asyncio.sleep(0)  # the IP service "resolves" at once
     down = HttpDownstream(route)
-    down.connection_made(CountingTransport())  # type: ignore[arg-type]
+    down.connection_made(FakeTransport(keep=False))
     [endpoint] = route.endpoints.all()
     up = Upstream(route)
-    up.connection_made(CountingTransport())  # type: ignore[arg-type]
+    up.connection_made(FakeTransport(keep=False))
     up.endpoint, up.pool = endpoint, route.pool(endpoint)
     up.pool.opened()
     up.pool.put(up, asyncio.get_running_loop().time(), reusable=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import route_address, running_server, serving, until
+from support.inproc import route_address, running_server, serving
+from support.wait import until
 
 from proxy.config import ConfigSource, Overrides
 from proxy.server import Server

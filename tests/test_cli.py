@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 import yaml
+from support.manifests import DEPLOYMENT
+from support.procs import clean_environ, free_port
 
 from proxy import __version__
 from proxy.config import DEFAULT_CONFIG_PATH
 from proxy.inject import inject
-from tests.helpers import free_port
 
 PYTHON_M = (sys.executable, "-m", "proxy")
 
@@ -82,7 +83,7 @@ def _run(case: Case, directory: Path, taken: int) -> subprocess.CompletedProcess
     def fill(text: str) -> str:
         return text.format(dir=directory, taken=taken, free=free_port())
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDELINK_")}
+    env = clean_environ()
     env.update({k: fill(v) for k, v in case.env})
     command = console_script() if case.script else PYTHON_M
     return subprocess.run(
@@ -172,20 +173,6 @@ BAD_PROBLEMS = [
     "bad.yaml:10: routes[1].listen: is required",
 ]
 
-DEPLOYMENT = textwrap.dedent(
-    """\
-    apiVersion: apps/v1
-    kind: Deployment
-    metadata:
-      name: web
-    spec:
-      template:
-        spec:
-          containers:
-          - name: app
-            image: example/web:1
-    """
-)
 ROUTE = "8081=app1-service.namespace-a:80/http"
 
 FILES: dict[str, str | bytes] = {

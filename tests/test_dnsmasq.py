@@ -23,16 +23,10 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-from helpers import (
-    Client,
-    EchoServer,
-    Sidelink,
-    free_port,
-    require_tool,
-    resolver_yaml,
-    sidelink,
-    until_sync,
-)
+from support.inproc import resolver_yaml
+from support.pods import Client, EchoServer, ask_once
+from support.procs import Sidelink, free_port, require_tool, sidelink
+from support.wait import until_sync
 
 SERVICE = "app1.ns1.svc.cluster.local"
 POD_A = "127.0.0.2"
@@ -58,14 +52,6 @@ def endpoints(proc: Sidelink) -> dict[object, tuple[object, object]]:
         e["address"]: (e["state"], e["in_flight"])
         for e in cast(list[dict[str, object]], route["endpoints"])
     }
-
-
-def ask_once(port: int) -> str:
-    client = Client(port)
-    try:
-        return client.ask()
-    finally:
-        client.close()
 
 
 class Dnsmasq:

@@ -10,7 +10,6 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import dns.asyncquery
@@ -35,9 +34,9 @@ DROP_TIMEOUT = 0.3
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[DnsServer]:
-    async with DnsServer() as running:
-        yield running
+def server(dns: DnsServer) -> DnsServer:
+    """The suite's in-process DNS server (conftest's `dns`), under the name these tests use."""
+    return dns
 
 
 async def ask(

@@ -10,18 +10,12 @@ on uvloop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hashlib
 import http.client
 import json
-import random
 import re
 import socket
-import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +23,21 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from helpers import (
-    metric,
-    require_tool,
-    resolver_yaml,
-    route_address,
-    rss,
-    running_server,
-    settled,
-    until,
+from support.data import CHUNK, chunks, digest
+from support.inproc import resolver_yaml, route_address, running_server
+from support.metrics import metric
+from support.pods import HANG_UPS, AppHandler, AppPods, StreamHandler, StreamPods, pod_of
+from support.procs import peak_rss, require_tool, rss
+from support.wait import settled, until
+from support.wire import (
+    IO_TIMEOUT,
+    chunk_of,
+    closed_by_peer,
+    connect,
+    get,
+    raw_client,
+    read_head,
+    read_response,
 )
 
 from proxy.dnsserver import DnsServer
@@ -49,76 +49,12 @@ APP1 = "app1.ns1.svc.cluster.local"
 POD1 = "127.0.0.2"
 POD2 = "127.0.0.3"
 MB = 1024 * 1024
-CHUNK = 256 * 1024
 # The most sidelink's process may grow while 100 MB stream through it.
 RSS_BUDGET = 40 * MB
-IO_TIMEOUT = 10.0
 TEST_SOCKET_BUFFER = 64 * 1024
 STALL_BOUND = 32 * MB
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 # --- upstream servers ---------------------------------------------------------------
-
-
-class Pods:
-    """One aiohttp app served on several loopback addresses sharing one port.
-
-    Every request is tagged with the connection it came on (the peer address as the
-    server sees it), so tests count upstream connections where they are made.
-    """
-
-    def __init__(self, app: web.Application, hosts: tuple[str, ...], **runner: Any) -> None:
-        self.app = app
-        self.hosts = hosts
-        self.port = 0
-        self.connections: set[tuple[str, tuple[str, int]]] = set()
-        self.hits: Counter[str] = Counter()
-        self.runner = web.AppRunner(app, access_log=None, **runner)
-        app.middlewares.append(self._track)
-
-    @web.middleware
-    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        assert request.transport is not None
-        host = request.transport.get_extra_info("sockname")[0]
-        self.connections.add((host, request.transport.get_extra_info("peername")))
-        self.hits[host] += 1
-        return await handler(request)
-
-    async def start(self) -> None:
-        await self.runner.setup()
-        for _ in range(20):
-            first = web.TCPSite(self.runner, self.hosts[0], 0)
-            await first.start()
-            sites = [first]
-            self.port = self.runner.addresses[0][1]
-            try:
-                for host in self.hosts[1:]:
-                    site = web.TCPSite(self.runner, host, self.port)
-                    await site.start()
-                    sites.append(site)
-            except OSError:
-                for site in sites:
-                    await site.stop()
-                continue
-            return
-        raise AssertionError(f"no common free port on {self.hosts}")
-
-
-@contextlib.asynccontextmanager
-async def pods(app: web.Application, *hosts: str, **runner: Any) -> AsyncIterator[Pods]:
-    p = Pods(app, hosts or (POD1,), **runner)
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.runner.cleanup()
-
-
-def pod_of(request: web.Request) -> str:
-    assert request.transport is not None
-    return str(request.transport.get_extra_info("sockname")[0])
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -137,7 +73,7 @@ async def echo(request: web.Request) -> web.Response:
     )
 
 
-def echo_app(**routes: Handler) -> web.Application:
+def echo_app(**routes: AppHandler) -> web.Application:
     app = web.Application()
     for path, handler in routes.items():
         app.router.add_route("*", path, handler)
@@ -145,41 +81,9 @@ def echo_app(**routes: Handler) -> web.Application:
     return app
 
 
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def raw_pod(handler: RawHandler, host: str = POD1) -> AsyncIterator[int]:
-    """A hand-written upstream for framings aiohttp will not produce; yields its port."""
-    writers: set[asyncio.StreamWriter] = set()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        writers.add(writer)
-        try:
-            await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            writers.discard(writer)
-            tasks.discard(task)
-
-    server = await asyncio.start_server(serve, host, 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        # Closing a connection ends its handler's read; cancelling the handler instead
-        # would be reported to the loop's exception handler by asyncio's streams.
-        for writer in list(writers):
-            writer.close()
-        if tasks:
-            await asyncio.wait(tasks, timeout=IO_TIMEOUT)
-        await server.wait_closed()
+def raw_pod(handler: StreamHandler) -> StreamPods:
+    """A hand-written upstream for framings aiohttp will not produce (sidelink may hang up)."""
+    return StreamPods(handler, POD1, tolerate=HANG_UPS)
 
 
 # --- sidelink config -------------------------------------------------------------------
@@ -206,143 +110,12 @@ def url(server: Server, path: str = "/", name: str | None = None) -> str:
     return f"http://{host}:{port}{path}"
 
 
-# --- a raw HTTP client -----------------------------------------------------------------
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    trailers: list[tuple[str, str]] = field(default_factory=list)
-    head: bytes = b""
-
-    def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return ", ".join(values) if values else None
-
-    def names(self) -> set[str]:
-        return {k.lower() for k, _ in self.headers}
-
-
-def _fields(lines: list[bytes]) -> list[tuple[str, str]]:
-    out = []
-    for line in lines:
-        name, _, value = line.decode().partition(":")
-        out.append((name.strip(), value.strip()))
-    return out
-
-
-async def read_head(reader: asyncio.StreamReader) -> Response:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = head[:-4].split(b"\r\n")
-    version, status, *_ = status_line.split(b" ", 2)
-    assert version in (b"HTTP/1.1", b"HTTP/1.0"), status_line
-    return Response(int(status), _fields(lines), head=head)
-
-
-async def read_response(
-    reader: asyncio.StreamReader, method: str = "GET", http10: bool = False
-) -> Response:
-    """One response, framed the way RFC 9112 section 6.3 says a client must read it."""
-    async with asyncio.timeout(IO_TIMEOUT):
-        r = await read_head(reader)
-        while 100 <= r.status < 200 and r.status != 101:
-            r = await read_head(reader)
-        if method == "HEAD" or r.status in (204, 304):
-            return r
-        te = (r.header("transfer-encoding") or "").lower()
-        length = r.header("content-length")
-        if "chunked" in te:
-            assert not http10, "chunked sent to an HTTP/1.0 client"
-            parts = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    break
-                parts.append(await reader.readexactly(size))
-                assert await reader.readexactly(2) == b"\r\n"
-            trailer_lines = []
-            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                trailer_lines.append(line[:-2])
-            r.body = b"".join(parts)
-            r.trailers = _fields(trailer_lines)
-        elif length is not None:
-            r.body = await reader.readexactly(int(length))
-        else:
-            r.body = await reader.read()  # until the close
-        return r
-
-
-@contextlib.asynccontextmanager
-async def raw_client(
-    server: Server, name: str | None = None
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection(*route_address(server, name))
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-
-
-async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
-    async with asyncio.timeout(IO_TIMEOUT):
-        return await reader.read(1) == b""
-
-
-def get(path: str = "/", *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
-    lines = [f"{method} {path} HTTP/{version}", "Host: app1", *headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-# --- data -------------------------------------------------------------------------------
-
-
-def chunks(total: int, seed: int = 1) -> Iterator[bytes]:
-    """`total` bytes of incompressible data in CHUNK-sized pieces that all differ."""
-    base = random.Random(seed).randbytes(CHUNK)
-    for i in range(total // CHUNK):
-        yield i.to_bytes(8, "big") + base[8:]
-
-
-@functools.cache
-def digest(total: int, seed: int = 1) -> str:
-    h = hashlib.sha256()
-    for c in chunks(total, seed):
-        h.update(c)
-    return h.hexdigest()
-
-
-def chunk_of(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-@contextlib.contextmanager
-def peak_rss() -> Iterator[Callable[[], int]]:
-    """The highest RSS seen while the block runs, sampled from a thread (not the loop)."""
-    peak = rss()
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.wait(0.01):
-            peak = max(peak, rss())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield lambda: peak
-    finally:
-        stop.set()
-        thread.join()
-
-
 # --- real clients --------------------------------------------------------------------------
 
 
 async def test_stdlib_http_client_keeps_one_connection_for_several_requests() -> None:
     calls = [("GET", "/a?x=1", None), ("POST", "/b", b"payload"), ("DELETE", "/c", None)]
-    async with pods(echo_app()) as up, running_server(config(route(up.port))) as server:
+    async with AppPods(echo_app()) as up, running_server(config(route(up.port))) as server:
         host, port = route_address(server)
 
         def client() -> list[tuple[int, dict[str, str], bytes]]:
@@ -377,7 +150,7 @@ async def test_aiohttp_client_gets_status_headers_and_body() -> None:
         return web.Response(status=418, text="short and stout", headers={"X-Pot": "tea"})
 
     async with (
-        pods(echo_app(**{"/teapot": teapot})) as up,
+        AppPods(echo_app(**{"/teapot": teapot})) as up,
         running_server(config(route(up.port))) as server,
         aiohttp.ClientSession() as session,
     ):
@@ -402,7 +175,7 @@ async def test_curl_gets_status_headers_and_body() -> None:
         return web.Response(status=201, text="made " + await request.text(), headers={"X-Id": "7"})
 
     async with (
-        pods(echo_app(**{"/things": created})) as up,
+        AppPods(echo_app(**{"/things": created})) as up,
         running_server(config(route(up.port))) as server,
     ):
         proc = await asyncio.create_subprocess_exec(
@@ -427,7 +200,7 @@ async def test_curl_gets_status_headers_and_body() -> None:
 
 async def test_a_thousand_keep_alive_requests_use_a_handful_of_upstream_connections() -> None:
     clients, each = 10, 100
-    async with pods(echo_app()) as up, running_server(config(route(up.port))) as server:
+    async with AppPods(echo_app()) as up, running_server(config(route(up.port))) as server:
 
         async def client(i: int) -> list[int]:
             connector = aiohttp.TCPConnector(limit=1)
@@ -453,7 +226,7 @@ async def test_upstream_closing_idle_connections_never_costs_a_request() -> None
     # aiohttp closes a keep-alive connection after 0.2 s idle; sidelink must notice
     # (or retry) rather than answer 502.
     async with (
-        pods(echo_app(), keepalive_timeout=0.2) as up,
+        AppPods(echo_app(), keepalive_timeout=0.2) as up,
         running_server(config(route(up.port))) as server,
         aiohttp.ClientSession() as session,
     ):
@@ -483,8 +256,8 @@ async def test_get_on_a_reused_connection_the_server_dropped_is_retried() -> Non
         await reader.readuntil(b"\r\n\r\n")  # the next request: dropped
 
     async with (
-        raw_pod(one_request_per_connection) as port,
-        running_server(config(route(port))) as server,
+        raw_pod(one_request_per_connection) as up,
+        running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
         for _ in range(3):
@@ -503,7 +276,7 @@ async def test_get_on_a_reused_connection_the_server_dropped_is_retried() -> Non
 async def test_one_client_connection_is_balanced_per_request(dns: DnsServer) -> None:
     dns.set_a(APP1, [POD1, POD2], ttl=1)
     async with (
-        pods(echo_app(), POD1, POD2) as up,
+        AppPods(echo_app(), POD1, POD2) as up,
         running_server(config(route(up.port, service="app1"), dns=dns)) as server,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session,
     ):
@@ -524,7 +297,7 @@ async def test_pool_repr_is_informative() -> None:
         return web.Response(text="done")
 
     async with (
-        pods(echo_app(**{"/held": held})) as up,
+        AppPods(echo_app(**{"/held": held})) as up,
         running_server(config(route(up.port))) as server,
         aiohttp.ClientSession() as session,
     ):
@@ -560,7 +333,7 @@ async def test_100_mb_upload_streams_with_either_framing() -> None:
         return web.json_response({"n": n, "sha256": h.hexdigest(), "chunked": chunked})
 
     async with (
-        pods(echo_app(**{"/sink": sink})) as up,
+        AppPods(echo_app(**{"/sink": sink})) as up,
         running_server(config(route(up.port))) as server,
     ):
         for chunked in (False, True):
@@ -600,7 +373,7 @@ async def test_100_mb_download_streams_with_either_framing() -> None:
         return response
 
     async with (
-        pods(echo_app(**{"/source": source})) as up,
+        AppPods(echo_app(**{"/source": source})) as up,
         running_server(config(route(up.port))) as server,
         aiohttp.ClientSession() as session,
     ):
@@ -636,8 +409,8 @@ async def test_chunked_response_trailers_reach_the_client() -> None:
         await reader.read()
 
     async with (
-        raw_pod(with_trailer) as port,
-        running_server(config(route(port))) as server,
+        raw_pod(with_trailer) as up,
+        running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
         writer.write(get("/", "TE: trailers"))
@@ -659,8 +432,8 @@ async def test_chunked_request_trailers_reach_the_upstream() -> None:
         await reader.read()
 
     async with (
-        raw_pod(record) as port,
-        running_server(config(route(port))) as server,
+        raw_pod(record) as up,
+        running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
         writer.write(get("/", "Transfer-Encoding: chunked", method="POST"))
@@ -678,7 +451,7 @@ async def test_head_keeps_content_length_sends_no_body_and_reuses_the_connection
         return web.Response(text="x" * 1234)
 
     async with (
-        pods(echo_app(**{"/page": page})) as up,
+        AppPods(echo_app(**{"/page": page})) as up,
         running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
@@ -706,7 +479,7 @@ async def test_bodiless_status_is_forwarded_without_framing(status: int) -> None
         return web.Response(status=status, headers={"ETag": '"v1"'})
 
     async with (
-        pods(echo_app(**{"/empty": empty})) as up,
+        AppPods(echo_app(**{"/empty": empty})) as up,
         running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
@@ -730,8 +503,8 @@ async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 
 async def test_response_delimited_by_close_is_rechunked_for_http11() -> None:
     async with (
-        raw_pod(until_close) as port,
-        running_server(config(route(port))) as server,
+        raw_pod(until_close) as up,
+        running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
         for _ in range(2):  # the client connection stays usable
@@ -744,8 +517,8 @@ async def test_response_delimited_by_close_is_rechunked_for_http11() -> None:
 
 async def test_response_delimited_by_close_is_sent_raw_to_http10_then_closed() -> None:
     async with (
-        raw_pod(until_close) as port,
-        running_server(config(route(port))) as server,
+        raw_pod(until_close) as up,
+        running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
         writer.write(get("/", "Connection: keep-alive", version="1.0"))
@@ -765,7 +538,7 @@ async def test_chunked_response_is_dechunked_for_http10() -> None:
         return response
 
     async with (
-        pods(echo_app(**{"/streamed": streamed})) as up,
+        AppPods(echo_app(**{"/streamed": streamed})) as up,
         running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
@@ -779,7 +552,7 @@ async def test_chunked_response_is_dechunked_for_http10() -> None:
 
 
 async def test_http10_client_keep_alive_only_when_asked() -> None:
-    async with pods(echo_app()) as up, running_server(config(route(up.port))) as server:
+    async with AppPods(echo_app()) as up, running_server(config(route(up.port))) as server:
         async with raw_client(server) as (reader, writer):
             for i in range(3):
                 writer.write(get(f"/ka{i}", "Connection: keep-alive", version="1.0"))
@@ -816,7 +589,7 @@ async def test_expect_100_continue_with_curl(tmp_path: Path) -> None:
         for data in chunks(total, seed=3):
             f.write(data)
     async with (
-        pods(echo_app(**{"/upload": sha_of_body})) as up,
+        AppPods(echo_app(**{"/upload": sha_of_body})) as up,
         running_server(config(route(up.port))) as server,
     ):
         proc = await asyncio.create_subprocess_exec(
@@ -835,7 +608,7 @@ async def test_expect_100_continue_with_curl(tmp_path: Path) -> None:
 async def test_expect_100_continue_with_a_raw_client() -> None:
     body = b"b" * 100_000
     async with (
-        pods(echo_app(**{"/upload": sha_of_body})) as up,
+        AppPods(echo_app(**{"/upload": sha_of_body})) as up,
         running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
@@ -872,7 +645,7 @@ async def test_websocket_echo_through_sidelink() -> None:
         return ws
 
     async with (
-        pods(echo_app(**{"/ws": ws_echo})) as up,
+        AppPods(echo_app(**{"/ws": ws_echo})) as up,
         running_server(config(route(up.port))) as server,
         aiohttp.ClientSession() as session,
         session.ws_connect(url(server, "/ws")) as ws,
@@ -907,7 +680,7 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         return web.Response(text=request.path_qs)
 
     async with (
-        pods(echo_app(**{"/slow": slow})) as up,
+        AppPods(echo_app(**{"/slow": slow})) as up,
         running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
@@ -927,7 +700,7 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
 
 async def test_hop_by_hop_request_headers_stop_at_sidelink() -> None:
     async with (
-        pods(echo_app()) as up,
+        AppPods(echo_app()) as up,
         running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
@@ -958,7 +731,7 @@ async def test_connection_cannot_strip_the_request_framing() -> None:
     # Content-Length named in Connection must not be dropped: the upstream would take
     # the body for a second request (smuggling).
     async with (
-        pods(echo_app()) as up,
+        AppPods(echo_app()) as up,
         running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
@@ -990,8 +763,8 @@ async def test_hop_by_hop_response_headers_stop_at_sidelink() -> None:
             )
 
     async with (
-        raw_pod(hoppy) as port,
-        running_server(config(route(port))) as server,
+        raw_pod(hoppy) as up,
+        running_server(config(route(up.port))) as server,
         raw_client(server) as (reader, writer),
     ):
         writer.write(get("/"))
@@ -1004,7 +777,7 @@ async def test_hop_by_hop_response_headers_stop_at_sidelink() -> None:
 
 async def test_host_header_auto_preserve_and_literal(dns: DnsServer) -> None:
     dns.set_a(APP1, [POD1], ttl=1)
-    async with pods(echo_app()) as up:
+    async with AppPods(echo_app()) as up:
         text = config(
             route(up.port, name="auto"),
             route(up.port, name="named", service="app1"),
@@ -1035,7 +808,7 @@ async def test_metrics_after_traffic() -> None:
         return web.Response(status=404, text="nope")
 
     async with (
-        pods(echo_app(**{"/missing": missing})) as up,
+        AppPods(echo_app(**{"/missing": missing})) as up,
         running_server(config(route(up.port))) as server,
         aiohttp.ClientSession() as session,
     ):
@@ -1084,12 +857,8 @@ async def test_a_client_that_stops_reading_stalls_the_upstream() -> None:
             written += len(data)
         await reader.read()
 
-    async with raw_pod(source) as port, running_server(config(route(port))) as server:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TEST_SOCKET_BUFFER)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, route_address(server))
-        reader, writer = await asyncio.open_connection(sock=sock)
+    async with raw_pod(source) as up, running_server(config(route(up.port))) as server:
+        reader, writer = await connect(server, sockopt=(socket.SO_RCVBUF, TEST_SOCKET_BUFFER))
         writer.write(get("/"))
         stalled = await settled(lambda: written)
         assert stalled < STALL_BOUND, f"{stalled} bytes went out to a client reading nothing"

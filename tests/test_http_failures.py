@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import yaml
 from aiohttp import web
-from helpers import resolver_yaml, route_address, running_server, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
+from support import wire
+from support.inproc import no_connections, resolver_yaml, route_address, running_server
+from support.metrics import Scrape
+from support.pods import HANG_UPS, AppPods, StreamPods, pod_of
+from support.procs import free_port
+from support.wait import until
+from support.wire import Response, connect, get, post, raw_client
 
 from proxy.dnsserver import DnsServer
 from proxy.server import Server
@@ -66,34 +72,14 @@ def config(dns: DnsServer | None = None, **route: Any) -> str:
     return resolver_yaml(dns.port) + text if dns is not None else text
 
 
-class Scrape:
-    """The Prometheus exposition at one moment, as a scraper reads it."""
-
-    def __init__(self, server: Server) -> None:
-        body, _ = server.metrics.render(None)
-        self.samples = [
-            (s.name, s.labels, s.value)
-            for family in text_string_to_metric_families(body.decode())
-            for s in family.samples
-        ]
-
-    def get(self, name: str, **labels: str) -> float:
-        """The sum of the matching samples (0 when none exists yet)."""
-        return sum(
-            v
-            for n, lbl, v in self.samples
-            if n == name and all(lbl.get(k) == want for k, want in labels.items())
-        )
-
-
 def grew(before: Scrape, server: Server, name: str, **labels: str) -> float:
     """How much a metric rose since `before`."""
-    return Scrape(server).get(name, **labels) - before.get(name, **labels)
+    return Scrape.of(server).get(name, **labels) - before.get(name, **labels)
 
 
 def upstream_errors(before: Scrape, server: Server) -> dict[str, float]:
     """sidelink_upstream_errors_total increases since `before`, by reason (non-zero only)."""
-    after = Scrape(server)
+    after = Scrape.of(server)
     reasons = ("connect_refused", "connect_timeout", "reset", "timeout", "no_endpoints", "protocol")
     out = {}
     for reason in reasons:
@@ -107,7 +93,7 @@ def upstream_errors(before: Scrape, server: Server) -> dict[str, float]:
 
 def requests_by_code(before: Scrape, server: Server) -> dict[str, float]:
     """sidelink_requests_total increases since `before`, by code (non-zero only)."""
-    after = Scrape(server)
+    after = Scrape.of(server)
     codes = {lbl["code"] for n, lbl, _ in after.samples if n == "sidelink_requests_total"}
     out = {}
     for code in sorted(codes):
@@ -117,74 +103,17 @@ def requests_by_code(before: Scrape, server: Server) -> dict[str, float]:
     return out
 
 
-async def no_connections(server: Server) -> None:
-    route = server.routes["app1"]
-    stats = route.stats
-    await until(
-        lambda: not route.connections and stats.active_downstream == 0,
-        ANSWER_DEADLINE,
-        "every downstream connection to be gone",
-    )
-
-
 # --- clients ------------------------------------------------------------------------
 
 
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    raw_head: bytes = b""
-
-    @property
-    def close(self) -> bool:
-        return self.headers.get("connection", "").lower() == "close"
-
-
 async def read_response(reader: asyncio.StreamReader, method: str = "GET") -> Response:
-    """One response off a raw connection: status line, headers, body as framed."""
-
-    async def read() -> Response:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        match = re.fullmatch(r"HTTP/1\.[01] (\d{3}) .*", lines[0])
-        assert match, f"bad status line {lines[0]!r}"
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        status = int(match.group(1))
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            body = b""
-        elif "content-length" in headers:
-            body = await reader.readexactly(int(headers["content-length"]))
-        elif "chunked" in headers.get("transfer-encoding", ""):
-            parts = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")  # no trailers from these upstreams
-                    break
-                parts.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            body = b"".join(parts)
-        else:
-            body = await reader.read()
-        return Response(status, headers, body, head)
-
-    return await asyncio.wait_for(read(), ANSWER_DEADLINE)
+    """One response, which sidelink owes within ANSWER_DEADLINE."""
+    return await wire.read_response(reader, method, timeout=ANSWER_DEADLINE)
 
 
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
-    """True when the peer closes without sending anything more."""
-    try:
-        data = await asyncio.wait_for(reader.read(), ANSWER_DEADLINE)
-    except ConnectionResetError:
-        return True
-    assert data == b"", f"expected a close, got {data[:200]!r}"
-    return True
+    """True when sidelink closes (or resets) the connection without sending anything more."""
+    return await wire.closed_by_peer(reader, ANSWER_DEADLINE, reset=True)
 
 
 async def read_until_close(reader: asyncio.StreamReader) -> bytes:
@@ -196,40 +125,18 @@ async def read_until_close(reader: asyncio.StreamReader) -> bytes:
     return data
 
 
-@contextlib.asynccontextmanager
-async def client(
-    server: Server,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection(*route_address(server))
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 async def request(server: Server, raw: bytes, method: str = "GET") -> Response:
     """raw on a fresh connection; the response to it."""
-    async with client(server) as (reader, writer):
+    async with raw_client(server) as (reader, writer):
         writer.write(raw)
         return await read_response(reader, method)
-
-
-def get(path: str = "/", host: str = "app1", extra: str = "") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
-
-
-def post(path: str, body: bytes) -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: app1\r\nContent-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
 
 
 def assert_error(response: Response, status: int, reason: str) -> None:
     """A proxy-made failure: status, the sidelink-error header, a short text body."""
     assert response.status == status, response
-    assert response.headers.get("sidelink-error") == reason, response.headers
-    assert response.headers.get("content-type", "").startswith("text/plain")
+    assert response.header("sidelink-error") == reason, response.headers
+    assert (response.header("content-type") or "").startswith("text/plain")
     assert 0 < len(response.body) <= 200, response.body
     assert response.body.decode().startswith(str(status)), response.body
 
@@ -275,73 +182,30 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
 RawHandler = Callable[["RawUpstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-@dataclass
-class RawUpstream:
-    """A hand-written HTTP server on one loopback address that misbehaves as told."""
+class RawUpstream(StreamPods):
+    """A hand-written HTTP server on one loopback address that misbehaves as told.
 
-    handler: RawHandler
-    host: str = POD
-    port: int = 0
-    connections: int = 0
-    requests: list[Request] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    release: asyncio.Event = field(default_factory=asyncio.Event)  # for handlers that wait
+    The handler is given this upstream too: it reads requests with next_request (which
+    keeps them in `requests`) and may wait on `release`.
+    """
 
-    async def start(self) -> None:
+    def __init__(self, handler: RawHandler, host: str = POD) -> None:
         # A head sidelink lets through may be near 64 KiB: above the streams' default limit.
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=1024 * KIB
+        super().__init__(
+            functools.partial(handler, self), host, tolerate=HANG_UPS, limit=1024 * KIB
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.requests: list[Request] = []
+        self.release = asyncio.Event()  # for handlers that wait
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        self.connections += 1
-        try:
-            await self.handler(self, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # sidelink closed its side: that is its right
-        except Exception as e:
-            self.errors.append(e)
-        finally:
-            writer.close()
-            self._writers.discard(writer)
-            self._tasks.discard(task)
+    @property
+    def connections(self) -> int:
+        return sum(self.accepted.values())
 
     async def next_request(self, reader: asyncio.StreamReader) -> Request | None:
         req = await read_request(reader)
         if req is not None:
             self.requests.append(req)
         return req
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        # Aborting the sockets ends the handlers' reads (cancelling them instead would
-        # reach the loop's exception handler through asyncio.streams).
-        for writer in list(self._writers):
-            writer.transport.abort()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=ANSWER_DEADLINE)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def raw_upstream(handler: RawHandler, host: str = POD) -> AsyncIterator[RawUpstream]:
-    up = RawUpstream(handler, host)
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.stop()
-    assert not up.errors, up.errors
 
 
 async def answer_ok(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -351,57 +215,18 @@ async def answer_ok(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.St
         await w.drain()
 
 
-@dataclass
-class Pods:
-    """aiohttp servers (well-behaved pods) on several loopback addresses sharing one port."""
+def tagged_app() -> web.Application:
+    """A well-behaved pod: answers every request with where it landed and what it was."""
 
-    hosts: tuple[str, ...]
-    port: int = 0
-    seen: list[tuple[str, str, str, str]] = field(default_factory=list)  # (pod, method, path, host)
-    runners: list[web.AppRunner] = field(default_factory=list)
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(
+            text=f"{pod_of(request)} {request.method} {request.path_qs} {len(body)}"
+        )
 
-    def app(self, pod: str) -> web.Application:
-        async def handle(request: web.Request) -> web.Response:
-            body = await request.read()
-            self.seen.append((pod, request.method, request.path_qs, request.host))
-            return web.Response(text=f"{pod} {request.method} {request.path_qs} {len(body)}")
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        return app
-
-    async def start(self) -> None:
-        # Port 0 on the first address, then the same port on the others; retry on a clash.
-        for _ in range(20):
-            await self.stop()
-            self.port = 0
-            try:
-                for host in self.hosts:
-                    runner = web.AppRunner(self.app(host), access_log=None)
-                    await runner.setup()
-                    self.runners.append(runner)
-                    site = web.TCPSite(runner, host, self.port)
-                    await site.start()
-                    self.port = runner.addresses[0][1]
-            except OSError:
-                continue
-            return
-        raise AssertionError(f"no common free port on {self.hosts}")
-
-    async def stop(self) -> None:
-        for runner in self.runners:
-            await runner.cleanup()
-        self.runners = []
-
-
-@contextlib.asynccontextmanager
-async def pods(*hosts: str) -> AsyncIterator[Pods]:
-    p = Pods(hosts or (POD,))
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
 
 
 # --- 502: the upstream failed or sent garbage -------------------------------------------
@@ -416,11 +241,11 @@ async def test_upstream_closing_mid_response_closes_the_client() -> None:
         await w.drain()  # then the handler returns and the socket closes
 
     async with (
-        raw_upstream(half_a_body) as up,
+        RawUpstream(half_a_body) as up,
         running_server(config(port=up.port)) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
-        before = Scrape(server)
+        before = Scrape.of(server)
         writer.write(get("/half"))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_DEADLINE)
         rest = await asyncio.wait_for(reader.read(), ANSWER_DEADLINE)
@@ -439,8 +264,8 @@ async def test_upstream_closing_before_any_byte_fails_a_post_with_502_reset() ->
     ) -> None:
         await up.next_request(reader)
 
-    async with raw_upstream(hang_up) as up, running_server(config(port=up.port)) as server:
-        before = Scrape(server)
+    async with RawUpstream(hang_up) as up, running_server(config(port=up.port)) as server:
+        before = Scrape.of(server)
         response = await request(server, post("/order", b"pay once"))
         assert_error(response, 502, "reset")
         assert upstream_errors(before, server) == {"reset": 1}
@@ -459,9 +284,9 @@ async def test_garbage_instead_of_http_is_502_protocol() -> None:
         await w.drain()
         await reader.read()  # keep the socket open: sidelink must end it
 
-    async with raw_upstream(garbage) as up, running_server(config(port=up.port)) as server:
-        before = Scrape(server)
-        async with client(server) as (reader, writer):
+    async with RawUpstream(garbage) as up, running_server(config(port=up.port)) as server:
+        before = Scrape.of(server)
+        async with raw_client(server) as (reader, writer):
             writer.write(get("/"))
             response = await read_response(reader)
             assert_error(response, 502, "protocol")
@@ -484,7 +309,7 @@ async def test_a_name_never_resolved_is_503_no_endpoints_within_connect_timeout(
 ) -> None:
     # No record at all: every name of the search list answers NXDOMAIN.
     async with running_server(config(dns, service="app1", port=80)) as server:
-        before = Scrape(server)
+        before = Scrape.of(server)
         started = time.monotonic()
         response = await request(server, get("/"))
         elapsed = time.monotonic() - started
@@ -502,7 +327,7 @@ async def test_connect_refused_on_every_endpoint_counts_each_failure(
     dns.set_a(APP1, list(dead), ttl=30)
     async with running_server(config(dns, service="app1", port=free_port(DEAD))) as server:
         await until(lambda: len(server.routes["app1"].endpoints) == len(dead), ANSWER_DEADLINE)
-        before = Scrape(server)
+        before = Scrape.of(server)
         response = await request(server, get("/"))
         # Each endpoint refused once (retries: 2 lets three be tried), then nothing is
         # left: as the SPEC's table says for "every endpoint failing", that is 503
@@ -545,7 +370,7 @@ async def test_a_connect_that_hangs_is_counted_as_connect_timeout() -> None:
         else:
             pytest.skip("this kernel completes connects beyond a full accept queue")
         async with running_server(config(port=port)) as server:
-            before = Scrape(server)
+            before = Scrape.of(server)
             started = time.monotonic()
             response = await request(server, get("/"))
             elapsed = time.monotonic() - started
@@ -570,11 +395,11 @@ async def test_an_upstream_that_never_answers_is_504_and_the_client_connection_l
             await w.drain()
 
     async with (
-        raw_upstream(silent_on_slow) as up,
+        RawUpstream(silent_on_slow) as up,
         running_server(config(port=up.port)) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
-        before = Scrape(server)
+        before = Scrape.of(server)
         started = time.monotonic()
         writer.write(get("/slow"))
         response = await read_response(reader)
@@ -595,13 +420,13 @@ async def test_an_upstream_that_never_answers_is_504_and_the_client_connection_l
 
 
 async def test_connect_failure_on_one_of_two_endpoints_is_retried(dns: DnsServer) -> None:
-    async with pods(POD) as p:
+    async with AppPods(tagged_app(), POD) as p:
         dns.set_a(APP1, [POD, DEAD], ttl=30)
         text = config(dns, service="app1", port=p.port, balance="round_robin")
         async with running_server(text) as server:
             await until(lambda: len(server.routes["app1"].endpoints) == 2, ANSWER_DEADLINE)
-            before = Scrape(server)
-            async with client(server) as (reader, writer):
+            before = Scrape.of(server)
+            async with raw_client(server) as (reader, writer):
                 for i in range(6):
                     writer.write(get(f"/r{i}"))
                     response = await read_response(reader)
@@ -644,15 +469,15 @@ def stale_after_one(counts: list[int]) -> RawHandler:
 async def test_get_on_a_pooled_connection_the_server_closed_is_retried() -> None:
     counts: list[int] = []
     async with (
-        raw_upstream(stale_after_one(counts)) as up,
+        RawUpstream(stale_after_one(counts)) as up,
         running_server(config(port=up.port)) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
         stats = server.routes["app1"].stats
         writer.write(get("/first"))
         assert (await read_response(reader)).status == 200
         await until(lambda: stats.pool_idle == 1, ANSWER_DEADLINE, "the connection pooled")
-        before = Scrape(server)
+        before = Scrape.of(server)
         writer.write(get("/second"))
         response = await read_response(reader)
         assert (response.status, response.body) == (200, b"ok")
@@ -666,15 +491,15 @@ async def test_get_on_a_pooled_connection_the_server_closed_is_retried() -> None
 async def test_post_on_a_pooled_connection_the_server_closed_is_not_replayed() -> None:
     counts: list[int] = []
     async with (
-        raw_upstream(stale_after_one(counts)) as up,
+        RawUpstream(stale_after_one(counts)) as up,
         running_server(config(port=up.port)) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
         stats = server.routes["app1"].stats
         writer.write(get("/first"))
         assert (await read_response(reader)).status == 200
         await until(lambda: stats.pool_idle == 1, ANSWER_DEADLINE, "the connection pooled")
-        before = Scrape(server)
+        before = Scrape.of(server)
         writer.write(post("/pay", b"once"))
         response = await read_response(reader)
         assert_error(response, 502, "reset")
@@ -796,11 +621,14 @@ HOSTILE = {
 @pytest.mark.parametrize("case", HOSTILE)
 async def test_hostile_request_is_refused_without_disturbing_a_neighbour(case: str) -> None:
     raw, status, reason = HOSTILE[case]
-    async with pods(POD) as p, running_server(config(port=p.port, **PATIENT)) as server:
+    async with (
+        AppPods(tagged_app(), POD) as p,
+        running_server(config(port=p.port, **PATIENT)) as server,
+    ):
         route = server.routes["app1"]
         async with neighbour(server):
-            before = Scrape(server)
-            async with client(server) as (reader, writer):
+            before = Scrape.of(server)
+            async with raw_client(server) as (reader, writer):
                 writer.write(raw)
                 response = await read_response(reader)
                 assert_error(response, status, reason)
@@ -817,7 +645,7 @@ async def test_hostile_request_is_refused_without_disturbing_a_neighbour(case: s
 
 
 async def test_absolute_form_for_the_routes_own_ip_service_is_served_in_origin_form() -> None:
-    async with raw_upstream(answer_ok) as up, running_server(config(port=up.port)) as server:
+    async with RawUpstream(answer_ok) as up, running_server(config(port=up.port)) as server:
         target = f"http://{POD}:{up.port}/x?q=1"
         response = await request(server, get(target, host=f"{POD}:{up.port}"))
         assert (response.status, response.body) == (200, b"ok")
@@ -825,7 +653,7 @@ async def test_absolute_form_for_the_routes_own_ip_service_is_served_in_origin_f
 
 
 async def test_absolute_form_for_the_routes_own_service_name_is_served(dns: DnsServer) -> None:
-    async with raw_upstream(answer_ok) as up:
+    async with RawUpstream(answer_ok) as up:
         dns.set_a(APP1, [POD], ttl=30)
         async with running_server(config(dns, service="app1", port=up.port)) as server:
             response = await request(server, get("http://app1/x", host="app1"))
@@ -836,10 +664,13 @@ async def test_absolute_form_for_the_routes_own_service_name_is_served(dns: DnsS
 
 
 async def test_a_slow_head_is_cut_by_head_timeout_without_disturbing_a_neighbour() -> None:
-    async with pods(POD) as p, running_server(config(port=p.port, **PATIENT)) as server:
-        async with neighbour(server), client(server) as (reader, writer):
-            before = Scrape(server)
-            head = get("/slowloris", extra="X-Pad: " + "p" * 100 + "\r\n")
+    async with (
+        AppPods(tagged_app(), POD) as p,
+        running_server(config(port=p.port, **PATIENT)) as server,
+    ):
+        async with neighbour(server), raw_client(server) as (reader, writer):
+            before = Scrape.of(server)
+            head = get("/slowloris", "X-Pad: " + "p" * 100)
             answer = asyncio.ensure_future(read_until_close(reader))
             started = time.monotonic()
             for byte in head:
@@ -869,15 +700,11 @@ async def test_a_client_that_never_reads_is_dropped_after_idle_timeout() -> None
             w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
             await w.drain()
 
-    async with raw_upstream(big) as up:
+    async with RawUpstream(big) as up:
         text = config(port=up.port, idle_timeout="1s")
         async with running_server(text) as server:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, route_address(server))
-            _, writer = await asyncio.open_connection(sock=sock)
-            before = Scrape(server)
+            _, writer = await connect(server, sockopt=(socket.SO_RCVBUF, 4 * KIB))
+            before = Scrape.of(server)
             try:
                 # A big response nobody reads, then half a head that head_timeout refuses.
                 writer.write(get("/big") + b"GET /never-finished HTTP/1.1\r\n")
@@ -1055,7 +882,7 @@ async def test_hostile_heads_get_an_answer_or_a_close(caplog: pytest.LogCaptureF
     sidelink_logger.addHandler(caplog.handler)  # in case another test stopped propagation
     loop = asyncio.get_running_loop()
     try:
-        async with raw_upstream(answer_ok) as up, running_server(config(port=up.port)) as server:
+        async with RawUpstream(answer_ok) as up, running_server(config(port=up.port)) as server:
 
             @settings(
                 max_examples=100,
@@ -1087,20 +914,20 @@ async def test_hostile_heads_get_an_answer_or_a_close(caplog: pytest.LogCaptureF
 
 
 async def test_a_refused_request_leaks_no_connection() -> None:
-    async with raw_upstream(answer_ok) as up, running_server(config(port=up.port)) as server:
+    async with RawUpstream(answer_ok) as up, running_server(config(port=up.port)) as server:
         stats = server.routes["app1"].stats
-        before = Scrape(server)
+        before = Scrape.of(server)
         clients = []
         for _ in range(5):
             clients.append(await asyncio.open_connection(*route_address(server)))
         await until(lambda: stats.active_downstream == 5, ANSWER_DEADLINE)
-        assert Scrape(server).get("sidelink_connections_active", side="downstream") == 5
+        assert Scrape.of(server).get("sidelink_connections_active", side="downstream") == 5
         for reader, writer in clients:
             writer.write(b"GET /bad path HTTP/1.1\r\nHost: app1\r\n\r\n")
             assert_error(await read_response(reader), 400, "bad_request")
             writer.close()
         await no_connections(server)
-        after = Scrape(server)
+        after = Scrape.of(server)
         assert after.get("sidelink_connections_active", side="downstream") == 0
         assert after.get("sidelink_connections_active", side="upstream") == 0
         assert after.get("sidelink_pool_idle_connections") == 0
@@ -1119,12 +946,12 @@ async def read_head_then_wait(
 
 async def test_a_body_broken_mid_request_is_400_at_once_and_not_blamed_on_upstream() -> None:
     async with (
-        raw_upstream(read_head_then_wait) as up,
+        RawUpstream(read_head_then_wait) as up,
         running_server(config(port=up.port, **PATIENT)) as server,
     ):
         stats = server.routes["app1"].stats
-        before = Scrape(server)
-        async with client(server) as (reader, writer):
+        before = Scrape.of(server)
+        async with raw_client(server) as (reader, writer):
             writer.write(
                 b"POST /upload HTTP/1.1\r\nHost: app1\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"5\r\nhello\r\n"
@@ -1145,19 +972,13 @@ async def test_a_body_broken_mid_request_is_400_at_once_and_not_blamed_on_upstre
         await no_connections(server)
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_body_that_stalls_is_cut_by_idle_timeout_not_request_timeout() -> None:
     async with (
-        raw_upstream(read_head_then_wait) as up,
+        RawUpstream(read_head_then_wait) as up,
         running_server(config(port=up.port, idle_timeout="1s")) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
-        before = Scrape(server)
+        before = Scrape.of(server)
         started = time.monotonic()
         writer.write(post("/upload", b"0123456789")[:-5])  # half the body, then nothing
         response = await read_response(reader)
@@ -1174,8 +995,8 @@ async def test_a_body_that_stalls_is_cut_by_idle_timeout_not_request_timeout() -
 
 
 async def test_pipelined_requests_then_a_half_close_are_all_answered() -> None:
-    async with raw_upstream(answer_ok) as up, running_server(config(port=up.port)) as server:
-        async with client(server) as (reader, writer):
+    async with RawUpstream(answer_ok) as up, running_server(config(port=up.port)) as server:
+        async with raw_client(server) as (reader, writer):
             writer.write(get("/a") + get("/b") + get("/c"))
             writer.write_eof()  # nothing more to say, but the answers are still wanted
             for _ in range(3):
@@ -1197,11 +1018,11 @@ async def test_a_broken_body_behind_a_pipelined_request_never_goes_upstream() ->
             await w.drain()
 
     async with (
-        raw_upstream(slow_first) as up,
+        RawUpstream(slow_first) as up,
         running_server(config(port=up.port, **PATIENT)) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
-        before = Scrape(server)
+        before = Scrape.of(server)
         writer.write(get("/first"))
         await until(lambda: up.requests, ANSWER_DEADLINE, "the first request upstream")
         # Queued behind /first: a chunked upload whose second chunk size is garbage.
@@ -1227,11 +1048,11 @@ async def test_a_broken_body_behind_a_pipelined_request_never_goes_upstream() ->
 
 async def test_a_header_line_that_never_ends_is_cut_at_64_kib() -> None:
     async with (
-        raw_upstream(answer_ok) as up,
+        RawUpstream(answer_ok) as up,
         running_server(config(port=up.port, head_timeout="10s")) as server,
     ):
-        before = Scrape(server)
-        async with client(server) as (reader, writer):
+        before = Scrape.of(server)
+        async with raw_client(server) as (reader, writer):
             # More than one read of sidelink's (256 KiB at most), so it must decide on a
             # partial line rather than wait for the line's end.
             writer.write(b"GET / HTTP/1.1\r\nHost: app1\r\nX-Endless: " + b"e" * (400 * KIB))
@@ -1248,7 +1069,7 @@ async def test_a_header_line_that_never_ends_is_cut_at_64_kib() -> None:
 
 async def test_an_unsupported_http_version_is_505() -> None:
     async with running_server(config(port=free_port(POD))) as server:
-        before = Scrape(server)
+        before = Scrape.of(server)
         response = await request(server, b"GET / HTTP/2.0\r\nHost: app1\r\n\r\n")
         assert_error(response, 505, "version_not_supported")
         assert requests_by_code(before, server) == {"505": 1}
@@ -1258,7 +1079,7 @@ async def test_a_refused_client_still_sending_gets_the_whole_answer() -> None:
     """Lingering close: the refusal is not destroyed by a reset when the client sends on."""
     async with (
         running_server(config(port=free_port(POD))) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
         writer.write(b"CONNECT evil:443 HTTP/1.1\r\nHost: evil\r\n\r\n")
         await writer.drain()
@@ -1283,9 +1104,9 @@ async def test_a_slow_upload_is_not_cut_by_request_timeout() -> None:
             await w.drain()
 
     async with (
-        raw_upstream(answer) as up,
+        RawUpstream(answer) as up,
         running_server(config(port=up.port)) as server,
-        client(server) as (reader, writer),
+        raw_client(server) as (reader, writer),
     ):
         parts = [b"a" * 100, b"b" * 100, b"c" * 100, b"d" * 100]
         writer.write(b"POST /up HTTP/1.1\r\nHost: app1\r\nContent-Length: 400\r\n\r\n")
@@ -1309,8 +1130,8 @@ async def test_an_endless_response_head_is_502_protocol() -> None:
                 await w.drain()
         await reader.read()
 
-    async with raw_upstream(endless) as up, running_server(config(port=up.port)) as server:
-        before = Scrape(server)
+    async with RawUpstream(endless) as up, running_server(config(port=up.port)) as server:
+        before = Scrape.of(server)
         response = await request(server, get("/"))
         assert_error(response, 502, "protocol")
         assert b"64 KiB" in response.body

@@ -9,31 +9,10 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.manifests import DEPLOYMENT
 
 from proxy import __version__
 from proxy.inject import DEFAULT_IMAGE, InjectError, inject
-
-DEPLOYMENT = textwrap.dedent(
-    """\
-    apiVersion: apps/v1
-    kind: Deployment
-    metadata:
-      name: web
-    spec:
-      replicas: 2
-      selector:
-        matchLabels: {app: web}
-      template:
-        metadata:
-          labels: {app: web}
-        spec:
-          containers:
-          - name: app
-            image: example/web:1
-            ports:
-            - containerPort: 8080
-    """
-)
 
 SERVICE = textwrap.dedent(
     """\

@@ -24,21 +24,14 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from helpers import (
-    Client,
-    EchoServer,
-    Sidelink,
-    free_port,
-    resolver_yaml,
-    serving,
-    sidelink,
-    until,
-    until_sync,
-)
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from support.inproc import resolver_yaml, serving
+from support.metrics import Scrape
+from support.pods import Client, EchoServer, ask_once
+from support.procs import Sidelink, clean_environ, free_port, sidelink
+from support.wait import until, until_sync
 
 from proxy import __version__
 from proxy import server as server_module
@@ -69,14 +62,6 @@ PADDED_SIZE = 2048
 
 
 # --- pods and clients ------------------------------------------------------------------
-
-
-def ask_once(port: int, text: str = "ping") -> str:
-    client = Client(port)
-    try:
-        return client.ask(text)
-    finally:
-        client.close()
 
 
 def refused(port: int) -> bool:
@@ -162,11 +147,7 @@ def request(
 def metric(proc: Sidelink, name: str, **labels: str) -> float | None:
     status, body = proc.get("/metrics")
     assert status == 200
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return None
+    return Scrape(body).first(name, **labels)
 
 
 def routes_by_name(proc: Sidelink) -> dict[str, dict[str, object]]:
@@ -668,7 +649,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=20,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SIDELINK_")},
+        env=clean_environ(),
     )
 
 

@@ -9,7 +9,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from helpers import free_port, require_tool, resolver_yaml, running_server
+from support.inproc import resolver_yaml, running_server
+from support.procs import free_port, require_tool
 
 from proxy.dnsserver import DnsServer
 

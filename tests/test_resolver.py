@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from support.metrics import Scrape
+from support.wait import until
 
 from proxy.config import ResolverConfig
 from proxy.dnsserver import DnsServer
 from proxy.metrics import Metrics
 from proxy.resolver import Address, DnsError, Resolver, Watch
-from tests.helpers import until
 
 SEARCH = ("ns1.svc.cluster.local", "svc.cluster.local", "cluster.local")
 NAMESPACE_ENV = {"POD_NAMESPACE": "ns1"}
@@ -607,9 +607,8 @@ async def test_dns_metrics_carry_the_service_label(dns: DnsServer, watch: OpenWa
     body, content_type = resolver.metrics.render(None)
     assert content_type.startswith("text/plain")
     samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
+        (name, tuple(sorted(labels.items()))): value
+        for name, labels, value in Scrape(body.decode()).samples
     }
     ok = samples[("sidelink_dns_lookups_total", (("result", "ok"), ("service", "app")))]
     assert ok >= 2

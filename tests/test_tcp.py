@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import random
 import re
 import socket
 import sys
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import yaml
-from helpers import metric, resolver_yaml, route_address, rss, running_server, settled, until
+from support.data import chunks
+from support.inproc import no_connections, resolver_yaml, route_address, running_server
+from support.metrics import metric
+from support.pods import HANG_UPS, StreamPods, pod_of
+from support.procs import rss
+from support.wait import settled, until
+from support.wire import closed, connect
 
 from proxy.dnsserver import DnsServer
 from proxy.flow import WRITE_HIGH_WATER
@@ -40,90 +43,19 @@ TEST_SOCKET_BUFFER = 64 * 1024
 # The most one read by sidelink can return (asyncio's and uvloop's read size).
 MAX_READ = 256 * 1024
 
-Handler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
 # --- upstream servers ---------------------------------------------------------------
 
 
-class Pods:
-    """Real servers on several loopback addresses sharing one port (like a Service's pods)."""
-
-    def __init__(self, handler: Handler, hosts: tuple[str, ...]) -> None:
-        self.handler = handler
-        self.hosts = hosts
-        self.port = 0
-        self.accepted: Counter[str] = Counter()
-        self.errors: list[BaseException] = []
-        self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> None:
-        # Port 0 on the first address, then the same port on the others; retry on a clash.
-        for _ in range(20):
-            first = await asyncio.start_server(self._callback(self.hosts[0]), self.hosts[0], 0)
-            self._servers = [first]
-            self.port = first.sockets[0].getsockname()[1]
-            try:
-                for host in self.hosts[1:]:
-                    self._servers.append(
-                        await asyncio.start_server(self._callback(host), host, self.port)
-                    )
-            except OSError:
-                await self.stop()
-                continue
-            return
-        raise AssertionError(f"no common free port on {self.hosts}")
-
-    def _callback(
-        self, host: str
-    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.accepted[host] += 1
-            # The handler runs in a task of its own so stop() can cancel it: cancelling the
-            # stream server's task makes Python 3.11 report an error to the loop.
-            task = asyncio.ensure_future(self.handler(host, reader, writer))
-            self._tasks.add(task)
-            try:
-                await asyncio.wait({task})
-                if not task.cancelled() and task.exception() is not None:
-                    self.errors.append(task.exception())  # type: ignore[arg-type]
-            finally:
-                writer.close()
-                self._tasks.discard(task)
-
-        return serve
-
-    async def stop(self) -> None:
-        for server in self._servers:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers = []
-
-
-@contextlib.asynccontextmanager
-async def pods(handler: Handler, *hosts: str) -> AsyncIterator[Pods]:
-    p = Pods(handler, hosts or ("127.0.0.2",))
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
-
-
-async def echo(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(CHUNK):
         writer.write(data)
         await writer.drain()
 
 
-async def who(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def who(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers each line with the pod's address, so a client sees where it landed."""
     while line := await reader.readline():
-        writer.write(f"{host} {line.decode()}".encode())
+        writer.write(f"{pod_of(writer)} {line.decode()}".encode())
         await writer.drain()
 
 
@@ -138,36 +70,9 @@ def config(dns: DnsServer, *routes: dict[str, Any]) -> str:
     return resolver_yaml(dns.port) + yaml.safe_dump({"routes": full})
 
 
-async def connect(
-    server: Server, name: str | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection(*route_address(server, name))
-
-
-async def connect_with(
-    server: Server, option: int, value: int
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A client socket with a socket option set before it connects (buffer sizes)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, option, value)
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, route_address(server))
-    except BaseException:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock)
-
-
 async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: str) -> str:
     writer.write(line.encode() + b"\n")
     return (await asyncio.wait_for(reader.readline(), 2.0)).decode().rstrip("\n")
-
-
-async def closed(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
 
 
 def endpoint_states(server: Server, route: str) -> dict[str, str]:
@@ -176,27 +81,7 @@ def endpoint_states(server: Server, route: str) -> dict[str, str]:
     return {e["address"]: e["state"] for e in endpoints}
 
 
-async def no_connections(server: Server, route: str) -> None:
-    stats = server.routes[route].stats
-    await until(
-        lambda: (
-            not server.routes[route].connections
-            and stats.active_downstream == 0
-            and stats.active_upstream == 0
-        ),
-        5.0,
-        f"route {route} to have no connections",
-    )
-
-
 # --- data ---------------------------------------------------------------------------
-
-
-def chunks(total: int, seed: int = 1) -> Iterator[bytes]:
-    """`total` bytes of incompressible data, in CHUNK-sized pieces that all differ."""
-    base = random.Random(seed).randbytes(CHUNK)
-    for i in range(total // CHUNK):
-        yield i.to_bytes(8, "big") + base[8:]
 
 
 async def drain_hash(reader: asyncio.StreamReader) -> tuple[int, str]:
@@ -250,22 +135,20 @@ async def test_100_mb_echo_keeps_every_byte_in_both_directions(dns: DnsServer) -
     total = 100 * MB
     received_by_upstream = hashlib.sha256()
 
-    async def hashing_echo(
-        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def hashing_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(CHUNK):
             received_by_upstream.update(data)
             writer.write(data)
             await writer.drain()
 
-    async with pods(hashing_echo) as p:
+    async with StreamPods(hashing_echo) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             reader, writer = await connect(server)
             sent = hashlib.sha256()
 
             async def send() -> None:
-                for chunk in chunks(total):
+                for chunk in chunks(total, size=CHUNK):
                     sent.update(chunk)
                     writer.write(chunk)
                     await writer.drain()
@@ -279,7 +162,7 @@ async def test_100_mb_echo_keeps_every_byte_in_both_directions(dns: DnsServer) -
             assert n == total
             assert received_by_upstream.hexdigest() == sent.hexdigest()
             assert digest == sent.hexdigest()
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
             stats = server.routes["app1"].stats
             assert stats.bytes_to_upstream == stats.bytes_to_downstream == total
     assert not p.errors
@@ -288,15 +171,13 @@ async def test_100_mb_echo_keeps_every_byte_in_both_directions(dns: DnsServer) -
 async def test_client_half_close_upstream_still_replies(dns: DnsServer) -> None:
     upstream_saw_eof = asyncio.Event()
 
-    async def reply_after_eof(
-        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def reply_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.read()  # everything, up to the client's EOF
         upstream_saw_eof.set()
         writer.write(b"reply to " + request)
         await writer.drain()
 
-    async with pods(reply_after_eof) as p:
+    async with StreamPods(reply_after_eof) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             reader, writer = await connect(server)
@@ -308,7 +189,7 @@ async def test_client_half_close_upstream_still_replies(dns: DnsServer) -> None:
             assert await asyncio.wait_for(reader.read(), 2.0) == b"reply to request"
             assert reader.at_eof()
             await closed(writer)
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
     assert not p.errors
 
 
@@ -316,13 +197,13 @@ async def test_upstream_half_close_client_still_sends(dns: DnsServer) -> None:
     late = asyncio.Future[bytes]()
 
     async def banner_then_listen(
-        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         writer.write(b"banner")
         writer.write_eof()
         late.set_result(await reader.read())
 
-    async with pods(banner_then_listen) as p:
+    async with StreamPods(banner_then_listen) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             reader, writer = await connect(server)
@@ -334,7 +215,7 @@ async def test_upstream_half_close_client_still_sends(dns: DnsServer) -> None:
             assert not late.done()
             writer.write_eof()
             assert await asyncio.wait_for(late, 2.0) == b"late data"
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
             await closed(writer)
     assert not p.errors
 
@@ -342,13 +223,11 @@ async def test_upstream_half_close_client_still_sends(dns: DnsServer) -> None:
 async def test_client_half_closes_before_sending_anything(dns: DnsServer) -> None:
     """An EOF that arrives while sidelink is still connecting upstream is not a hang-up."""
 
-    async def reply_to_eof(
-        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def reply_to_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert await reader.read() == b""
         writer.write(b"nothing asked, nothing to say")
 
-    async with pods(reply_to_eof) as p:
+    async with StreamPods(reply_to_eof) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             reader, writer = await connect(server)
@@ -356,7 +235,7 @@ async def test_client_half_closes_before_sending_anything(dns: DnsServer) -> Non
             answer = await asyncio.wait_for(reader.read(), 2.0)
             assert answer == b"nothing asked, nothing to say"
             await closed(writer)
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
             assert p.accepted["127.0.0.2"] == 1
     assert not p.errors
 
@@ -370,23 +249,24 @@ async def test_idle_timeout_lets_go_of_a_client_that_stopped_reading(dns: DnsSer
     total = 64 * MB
     upstream_done = asyncio.Event()
 
-    async def source(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            for chunk in chunks(total):
+            for chunk in chunks(total, size=CHUNK):
                 writer.write(chunk)
                 await writer.drain()
         finally:
             upstream_done.set()
 
-    async with pods(source) as p:
+    # sidelink lets go of the upstream mid-write: the source's write fails, as it should.
+    async with StreamPods(source, tolerate=HANG_UPS) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         route = {"service": "app1", "port": p.port, "idle_timeout": "300ms"}
         async with running_server(config(dns, route)) as server:
-            reader, writer = await connect_with(server, socket.SO_RCVBUF, TEST_SOCKET_BUFFER)
+            reader, writer = await connect(server, sockopt=(socket.SO_RCVBUF, TEST_SOCKET_BUFFER))
             sidelink_side = (route_address(server), writer.get_extra_info("sockname"))
             await until(lambda: server.routes["app1"].stats.bytes_to_downstream > 0)
             assert held_by_a_process(*sidelink_side)
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
             await until(
                 lambda: not held_by_a_process(*sidelink_side),
                 2.0,
@@ -417,15 +297,13 @@ async def test_slow_reader_keeps_buffering_bounded(dns: DnsServer, direction: st
 
     async def fast_writer(writer: asyncio.StreamWriter) -> None:
         nonlocal progress
-        for chunk in chunks(total, seed=7):
+        for chunk in chunks(total, seed=7, size=CHUNK):
             expected.update(chunk)
             writer.write(chunk)
             await writer.drain()
             progress += len(chunk)
 
-    async def upstream(
-        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         if direction == "download":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TEST_SOCKET_BUFFER)
@@ -435,12 +313,12 @@ async def test_slow_reader_keeps_buffering_bounded(dns: DnsServer, direction: st
             await upstream_reads.wait()
             upstream_got.set_result(await drain_hash(reader))
 
-    async with pods(upstream) as p:
+    async with StreamPods(upstream) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             before = rss()
             option = socket.SO_RCVBUF if direction == "download" else socket.SO_SNDBUF
-            reader, writer = await connect_with(server, option, TEST_SOCKET_BUFFER)
+            reader, writer = await connect(server, sockopt=(option, TEST_SOCKET_BUFFER))
             sender = asyncio.create_task(fast_writer(writer)) if direction == "upload" else None
 
             route = server.routes["app1"]
@@ -481,7 +359,7 @@ async def test_slow_reader_keeps_buffering_bounded(dns: DnsServer, direction: st
 
 
 async def test_refused_endpoint_is_retried_elsewhere_and_ejected(dns: DnsServer) -> None:
-    async with pods(echo, "127.0.0.2") as p:
+    async with StreamPods(echo, "127.0.0.2") as p:
         dns.set_a(APP1, ["127.0.0.2", DEAD], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             route = server.routes["app1"]
@@ -516,7 +394,7 @@ async def test_refused_endpoint_is_retried_elsewhere_and_ejected(dns: DnsServer)
 
 
 async def test_every_endpoint_refusing_closes_the_client(dns: DnsServer) -> None:
-    async with pods(echo) as p:
+    async with StreamPods(echo) as p:
         # An IP literal skips DNS: one endpoint, and nothing listens on it.
         routes = {"name": "dead", "service": DEAD, "port": p.port}
         async with running_server(config(dns, routes)) as server:
@@ -525,7 +403,7 @@ async def test_every_endpoint_refusing_closes_the_client(dns: DnsServer) -> None
             with contextlib.suppress(ConnectionResetError):  # unread bytes: maybe a reset
                 assert await asyncio.wait_for(reader.read(), 2.0) == b""
             await closed(writer)
-            await no_connections(server, "dead")
+            await no_connections(server, "dead", upstream=True)
             stats = server.routes["dead"].stats
             assert stats.errors["connect_refused"] == 1
             assert stats.errors["no_endpoints"] == 1
@@ -535,7 +413,7 @@ async def test_every_endpoint_refusing_closes_the_client(dns: DnsServer) -> None
 
 
 async def test_dns_change_moves_new_connections_and_keeps_old_ones(dns: DnsServer) -> None:
-    async with pods(who, "127.0.0.2", "127.0.0.3") as p:
+    async with StreamPods(who, "127.0.0.2", "127.0.0.3") as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             route = server.routes["app1"]
@@ -572,7 +450,7 @@ async def test_dns_change_moves_new_connections_and_keeps_old_ones(dns: DnsServe
 
 
 async def test_idle_connection_is_closed_and_chatty_one_is_kept(dns: DnsServer) -> None:
-    async with pods(echo) as p:
+    async with StreamPods(echo) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         route = {"service": "app1", "port": p.port, "idle_timeout": "300ms"}
         async with running_server(config(dns, route)) as server:
@@ -597,12 +475,12 @@ async def test_idle_connection_is_closed_and_chatty_one_is_kept(dns: DnsServer) 
 
             idle_for, _ = await asyncio.gather(idle(), chatty())
             assert 0.2 < idle_for < 1.0
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
     assert not p.errors
 
 
 async def test_name_that_never_resolves_closes_promptly(dns: DnsServer) -> None:
-    async with pods(echo) as p:
+    async with StreamPods(echo) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         text = config(
             dns,
@@ -622,7 +500,7 @@ async def test_name_that_never_resolves_closes_promptly(dns: DnsServer) -> None:
             for w in (silent_writer, talking_writer):
                 await closed(w)
 
-            await no_connections(server, "ghost")
+            await no_connections(server, "ghost", upstream=True)
             errors = metric(
                 server, "sidelink_upstream_errors_total", route="ghost", reason="no_endpoints"
             )
@@ -646,9 +524,7 @@ async def test_connection_metrics(dns: DnsServer) -> None:
     reply = 98_765
     upstream_got: asyncio.Future[int] = asyncio.Future()
 
-    async def sink_then_reply(
-        host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def sink_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         n = 0
         while data := await reader.read(CHUNK):
             n += len(data)
@@ -656,7 +532,7 @@ async def test_connection_metrics(dns: DnsServer) -> None:
         writer.write(b"r" * reply)
         await writer.drain()
 
-    async with pods(sink_then_reply) as p:
+    async with StreamPods(sink_then_reply) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         routes = {"name": "m1", "service": "app1", "port": p.port}
         async with running_server(config(dns, routes)) as server:
@@ -672,7 +548,7 @@ async def test_connection_metrics(dns: DnsServer) -> None:
             assert await asyncio.wait_for(upstream_got, 2.0) == sent
             assert len(await asyncio.wait_for(reader.read(), 2.0)) == reply
             await closed(writer)
-            await no_connections(server, "m1")
+            await no_connections(server, "m1", upstream=True)
 
             assert value("sidelink_connections_opened_total", side="downstream") == 1
             assert value("sidelink_connections_opened_total", side="upstream") == 1
@@ -687,14 +563,14 @@ async def test_connection_metrics(dns: DnsServer) -> None:
 
 
 async def test_upstream_reset_is_counted_and_closes_the_client(dns: DnsServer) -> None:
-    async def reset(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readline()
         sock = writer.get_extra_info("socket")
         # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         writer.transport.abort()
 
-    async with pods(reset) as p:
+    async with StreamPods(reset) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             reader, writer = await connect(server)
@@ -702,16 +578,16 @@ async def test_upstream_reset_is_counted_and_closes_the_client(dns: DnsServer) -
             with contextlib.suppress(ConnectionResetError):
                 assert await asyncio.wait_for(reader.read(), 2.0) == b""
             await closed(writer)
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
             assert server.routes["app1"].stats.errors["reset"] == 1
 
 
 async def test_server_speaks_first(dns: DnsServer) -> None:
-    async def greet(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 ready\n")
-        await echo(host, reader, writer)
+        await echo(reader, writer)
 
-    async with pods(greet) as p:
+    async with StreamPods(greet) as p:
         dns.set_a(APP1, ["127.0.0.2"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             reader, writer = await connect(server)
@@ -722,7 +598,7 @@ async def test_server_speaks_first(dns: DnsServer) -> None:
 
 
 async def test_reprs_are_informative(dns: DnsServer) -> None:
-    async with pods(who, "127.0.0.2", "127.0.0.3") as p:
+    async with StreamPods(who, "127.0.0.2", "127.0.0.3") as p:
         dns.set_a(APP1, ["127.0.0.2", "127.0.0.3"], ttl=1)
         async with running_server(config(dns, {"service": "app1", "port": p.port})) as server:
             route = server.routes["app1"]
@@ -743,7 +619,7 @@ async def test_reprs_are_informative(dns: DnsServer) -> None:
                 f"<Endpoint {landed}:{p.port} active in_flight=1>>"
             )
             await closed(writer)
-            await no_connections(server, "app1")
+            await no_connections(server, "app1", upstream=True)
             assert repr(route).endswith("connections=0>")
             assert re.fullmatch(
                 r"<Endpoint 127\.0\.0\.[23]:\d+ active in_flight=0>",
