@@ -14,7 +14,9 @@ from setuptools import setup
 HOT_PATH = [
     "proxy/endpoints.py",
     "proxy/flow.py",
-    "proxy/http.py",
+    "proxy/http/exchange.py",
+    "proxy/http/h1.py",
+    "proxy/http/heads.py",
     "proxy/metrics.py",
     "proxy/pool.py",
     "proxy/tcp.py",

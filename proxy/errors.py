@@ -1,23 +1,38 @@
-"""The failures sidelink reports, one class per metric reason and HTTP status.
+"""The one error hierarchy: what sidelink answers when it cannot forward a request.
 
-Low-level exceptions (OSError, timeouts, parser errors) are translated into these
-at the boundary where they happen, so the rest of the code deals in one small
-hierarchy that maps 1:1 onto ``sidelink_upstream_errors_total{reason}`` and onto
-the status code and ``sidelink-error`` header sent downstream.
+Two families, each class with its metric reason and its HTTP status:
+
+- :class:`UpstreamError`: the service failed us (refused, timed out, reset, sent
+  garbage, or has no endpoints). Counted in ``sidelink_upstream_errors_total{reason}``.
+- :class:`ClientError`: sidelink refuses the client's request (malformed, forbidden,
+  too slow, too large). Counted only as the answer sent (``sidelink_requests_total``).
+
+Low-level exceptions (OSError, timeouts, parser errors) are translated into these at
+the boundary where they happen; the ``reason`` goes out in the ``sidelink-error``
+header and in the access log.
 """
 
 from __future__ import annotations
 
 import errno
+from typing import ClassVar
 
 
-class UpstreamError(Exception):
-    reason = "protocol"
-    status = 502
+class ProxyError(Exception):
+    reason: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.reason)
         self.detail = detail or self.reason
+
+
+# --- the service failed -----------------------------------------------------------
+
+
+class UpstreamError(ProxyError):
+    reason = "protocol"
+    status = 502
 
 
 class ConnectRefused(UpstreamError):
@@ -47,6 +62,17 @@ class ProtocolError(UpstreamError):
     reason = "protocol"
 
 
+# Every reason of sidelink_upstream_errors_total, in the order the metrics list them.
+UPSTREAM_ERRORS: tuple[type[UpstreamError], ...] = (
+    ConnectRefused,
+    ConnectTimeout,
+    UpstreamReset,
+    UpstreamTimeout,
+    NoEndpoints,
+    ProtocolError,
+)
+
+
 def connect_error(exc: BaseException) -> UpstreamError:
     """Translate what ``loop.create_connection`` raised."""
     if isinstance(exc, TimeoutError):
@@ -56,3 +82,55 @@ def connect_error(exc: BaseException) -> UpstreamError:
     if isinstance(exc, OSError):
         return ConnectRefused(exc.strerror or str(exc))
     return ConnectRefused(str(exc))
+
+
+# --- the client's request is refused ----------------------------------------------
+
+
+class ClientError(ProxyError):
+    """A request sidelink refuses: answered with ``status``, then the connection closes."""
+
+    reason = "bad_request"
+    status = 400
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class ForbiddenHost(ClientError):
+    """An absolute-form request for another host: sidelink is never an open proxy."""
+
+    reason = "forbidden_host"
+
+
+class MethodNotAllowed(ClientError):
+    reason = "method_not_allowed"
+    status = 405
+
+
+class HeadTimeout(ClientError):
+    reason = "head_timeout"
+    status = 408
+
+
+class BodyStalled(ClientError):
+    reason = "idle_timeout"
+    status = 408
+
+
+class HeadTooLarge(ClientError):
+    reason = "head_too_large"
+    status = 431
+
+
+class VersionNotSupported(ClientError):
+    reason = "version_not_supported"
+    status = 505
+
+
+class InternalError(ClientError):
+    """A bug of ours met while reading a request: the client gets a 500, not a hang."""
+
+    reason = "internal"
+    status = 500

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from proxy import __version__
+from proxy.errors import UPSTREAM_ERRORS
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -46,14 +47,10 @@ LATENCY_BUCKETS = (
     30.0,
 )
 
-UPSTREAM_ERROR_REASONS: Final = (
-    "connect_refused",
-    "connect_timeout",
-    "reset",
-    "timeout",
-    "no_endpoints",
-    "protocol",
-)
+UPSTREAM_ERROR_REASONS: Final = tuple(error.reason for error in UPSTREAM_ERRORS)
+# The code counted for a response cut short by an upstream failure after its head was
+# sent (the client never got it whole): `code="reset"`.
+RESET_CODE: Final = -1
 DNS_RESULTS: Final = ("ok", "nxdomain", "error", "timeout")
 # Methods counted under their own label (requests are counted by the method as sent).
 METHOD_LABELS: Final = {
@@ -177,7 +174,7 @@ class _Collector:
                 key = (METHOD_LABELS.get(method, "OTHER"), code)
                 by_label[key] = by_label.get(key, 0) + n
             for (label, code), n in by_label.items():
-                requests.add_metric([r.name, label, str(code)], n)
+                requests.add_metric([r.name, label, "reset" if code == RESET_CODE else str(code)], n)
         yield requests
 
         for name, doc, attr in (

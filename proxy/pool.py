@@ -4,12 +4,14 @@ A connection is handed out only while it is healthy: not closing, idle for less
 than ``pool.idle_timeout`` and younger than ``pool.max_lifetime`` (recycling lets
 new pods behind a ClusterIP get their share). The newest idle connection is
 reused first, so surplus ones age out. A connection the server closes while idle
-removes itself at once (see ``http.Upstream.connection_lost``).
+removes itself at once (see ``http.h1.H1Upstream.connection_lost``). A connection
+joins its endpoint's pool when made (:meth:`Pool.adopt`), then goes out and comes
+back through :meth:`Pool.get` and :meth:`Pool.put`.
 """
 
 from __future__ import annotations
 
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from proxy.addr import join_host_port
 from proxy.config import PoolConfig
@@ -20,6 +22,7 @@ class Pooled(Protocol):
     created: float
     idle_since: float
     closed: bool  # closed or closing
+    pool: Pool[Any] | None  # the pool it belongs to
 
     def close(self) -> None: ...
 
@@ -64,8 +67,9 @@ class Pool(Generic[C]):
             return conn
         return None
 
-    def opened(self) -> None:
-        """A new connection to this endpoint was made and handed out."""
+    def adopt(self, conn: C) -> None:
+        """A new connection to this endpoint was made, and is handed out at once."""
+        conn.pool = self
         self.active += 1
 
     def put(self, conn: C, now: float, reusable: bool) -> None:

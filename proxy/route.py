@@ -22,7 +22,6 @@ from proxy.pool import Pool
 from proxy.resolver import Resolver
 
 log = logging.getLogger("sidelink.route")
-access_log = logging.getLogger("sidelink.access")
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -65,15 +64,6 @@ class Route:
         self.bound: tuple[str, int] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # http: the Host header sent upstream (None: the client's), and the names an
-        # absolute-form request may target.
-        port = config.port
-        auto = config.service if port == 80 or isinstance(port, str) else f"{config.service}:{port}"
-        self.default_host = auto.encode()
-        host = config.settings.host
-        self.http_host: bytes | None = (
-            self.default_host if host == "auto" else None if host == "preserve" else host.encode()
-        )
 
     def __repr__(self) -> str:
         listen = join_host_port(*self.bound) if self.bound else self.config.listen
@@ -128,14 +118,6 @@ class Route:
             pool = ep.pool = Pool(self.config.name, ep.address, self.settings.pool, self.stats)
         return pool
 
-    def own_hosts(self) -> set[str]:
-        """Names an absolute-form request may use: the service as written or as answered."""
-        service = self.config.service.lower().rstrip(".")
-        names = {service, f"{service}.svc", "localhost", "127.0.0.1"}
-        if self.watch.answered_name:
-            names.add(self.watch.answered_name.lower().rstrip("."))
-        return names
-
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a connection's coroutine (a connect), holding it until done: the loop keeps
         only weak references to tasks, and one collected mid-connect would vanish."""
@@ -166,12 +148,12 @@ class Route:
     ) -> tuple[Endpoint, asyncio.Transport, P]:
         """Connect to `first` or a picked endpoint, retrying on others; the caller releases it.
 
-        Raises the UpstreamError of the last failure, already counted in the metrics.
+        Raises the UpstreamError that ends the attempts, for the caller to report (and
+        count); the failures retried past are counted here.
         """
         settings = self.settings
         stats = self.stats
         if not self.watch.resolved and not await self.watch.wait_resolved(settings.connect_timeout):
-            stats.errors["no_endpoints"] += 1
             raise NoEndpoints(f"{self.config.service} has not resolved")
         tried = exclude if exclude is not None else []
         loop = asyncio.get_running_loop()
@@ -193,8 +175,9 @@ class Route:
                 self.endpoints.release(ep)
                 if not isinstance(e, OSError | TimeoutError):
                     raise
+                if error is not None:
+                    stats.errors[error.reason] += 1
                 error = connect_error(e)
-                stats.errors[error.reason] += 1
                 self.endpoints.failed(ep)
                 self.watch.nudge()
                 tried.append(ep)
@@ -206,6 +189,8 @@ class Route:
                     error,
                 )
                 continue
+            if error is not None:
+                stats.errors[error.reason] += 1  # the failure just retried past
             stats.connect_duration.observe(time.perf_counter() - started)
             stats.opened_upstream += 1
             self.endpoints.succeeded(ep)
@@ -213,9 +198,9 @@ class Route:
         if error is None or len(tried) >= len(self.endpoints):
             # Nothing to try, or every endpoint failed: the service has no endpoints
             # (503), as opposed to retries running out with endpoints left (the error).
-            stats.errors["no_endpoints"] += 1
             if error is None:
                 raise NoEndpoints(f"{self.config.service} has no endpoints")
+            stats.errors[error.reason] += 1
             raise NoEndpoints(f"every endpoint of {self.config.service} failed: {error.detail}")
         raise error
 

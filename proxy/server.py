@@ -18,17 +18,17 @@ from pathlib import Path
 
 from proxy import __version__, admin, build
 from proxy.config import Config, ConfigError, ConfigSource, RouteConfig
-from proxy.http import HttpDownstream
+from proxy.http.h1 import downstream_factory
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
 from proxy.resolver import Resolver
 from proxy.route import Route
 from proxy.tcp import TcpDownstream
 
-# The downstream protocol of each route protocol.
-FORWARDERS: dict[str, Callable[[Route], asyncio.Protocol]] = {
-    "tcp": TcpDownstream,
-    "http": HttpDownstream,
+# For each route protocol: the factory of a route's downstream connections.
+FORWARDERS: dict[str, Callable[[Route], Callable[[], asyncio.Protocol]]] = {
+    "tcp": lambda route: lambda: TcpDownstream(route),
+    "http": downstream_factory,
 }
 
 log = logging.getLogger("sidelink.server")
@@ -58,10 +58,15 @@ class Acceptor:
     """A listener's protocol factory; a reload may point it at a new Route in place."""
 
     def __init__(self, route: Route) -> None:
+        self.point(route)
+
+    def point(self, route: Route) -> None:
+        """New connections go to ``route`` from now on."""
         self.route = route
+        self._factory = FORWARDERS[route.config.protocol](route)
 
     def __call__(self) -> asyncio.Protocol:
-        return FORWARDERS[self.route.config.protocol](self.route)
+        return self._factory()
 
 
 class Server:
@@ -132,7 +137,7 @@ class Server:
             route = Route(rc, self.resolver, self.metrics, self.config.logging.access_log)
             route.listener, route.bound = reuse.listener, reuse.bound
             reuse.listener = None
-            acceptor.route = route
+            acceptor.point(route)
         else:
             route, acceptor = await self._listen(rc, self.resolver, self.config)
         self.routes[rc.name] = route

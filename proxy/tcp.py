@@ -13,22 +13,23 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
+from proxy.addr import join_host_port
 from proxy.endpoints import Endpoint
 from proxy.errors import UpstreamError
-from proxy.flow import FlowControl
-from proxy.route import Route, access_log, peer_name
+from proxy.flow import CONNECTING, FlowControl, Forwarding
+from proxy.logs import log_access
+from proxy.route import Route, peer_name
 
 log = logging.getLogger("sidelink.tcp")
 
 
-class TcpDownstream(asyncio.Protocol):
+class TcpDownstream(Forwarding):
     """The accepted side; owns the pair and its lifetime."""
 
     def __init__(self, route: Route) -> None:
         self.route = route
         self.stats = route.stats
         self.transport: asyncio.Transport | None = None
-        self.flow: FlowControl | None = None
         self.upstream: TcpUpstream | None = None
         # Bound once, for every read: each side's transport write, and the clock.
         self.write_up: Callable[[bytes], object] | None = None
@@ -56,7 +57,7 @@ class TcpDownstream(asyncio.Protocol):
         self.flow = FlowControl(transport)
         # Read nothing until upstream is connected: the kernel buffers meanwhile. (uvloop
         # may still deliver a first chunk; data_received keeps that in `pending`.)
-        self.flow.pause_reading()
+        self.flow.pause(CONNECTING)
         self.stats.opened_downstream += 1
         self.stats.active_downstream += 1
         self.route.connections.add(self)
@@ -71,6 +72,7 @@ class TcpDownstream(asyncio.Protocol):
             ep, transport, upstream = await route.connect(lambda: TcpUpstream(self))
         except UpstreamError as e:
             self.outcome = e.reason
+            self.stats.errors[e.reason] += 1
             if self.transport is not None:
                 self.transport.close()
             return
@@ -82,6 +84,7 @@ class TcpDownstream(asyncio.Protocol):
         self.endpoint = ep
         self.upstream = upstream
         self.write_up = transport.write
+        self.flow.link(upstream.flow)
         if self.pending:
             data = b"".join(self.pending)
             self.pending.clear()
@@ -94,8 +97,7 @@ class TcpDownstream(asyncio.Protocol):
             elif transport.can_write_eof():
                 transport.write_eof()
             return
-        assert self.flow is not None
-        self.flow.resume_reading()
+        self.flow.resume(CONNECTING)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -107,9 +109,7 @@ class TcpDownstream(asyncio.Protocol):
             self.last_active = self.clock()
         else:
             self.pending.append(data)
-            assert self.flow is not None
-            self.flow.read_paused = False  # re-assert: the transport ignored the first pause
-            self.flow.pause_reading()
+            self.flow.repause()  # the transport let a read through the first pause
 
     def eof_received(self) -> bool:
         self.eof_down = True
@@ -124,14 +124,6 @@ class TcpDownstream(asyncio.Protocol):
         if upstream.transport.can_write_eof():
             upstream.transport.write_eof()
         return True
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.flow is not None:
-            self.upstream.flow.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.flow is not None:
-            self.upstream.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.outcome == "ok":
@@ -193,25 +185,28 @@ class TcpDownstream(asyncio.Protocol):
         self.stats.active_downstream -= 1
         self.route.connections.discard(self)
         if self.route.access_log:
-            access_log.info(
-                "tcp route=%s peer=%s upstream=%s bytes_in=%d bytes_out=%d duration_ms=%.3f %s",
-                self.route.config.name,
-                peer_name(self.transport),
-                f"{self.endpoint.host}:{self.endpoint.port}" if self.endpoint else "-",
-                self.bytes_in,
-                self.bytes_out,
-                (asyncio.get_running_loop().time() - self.started) * 1000,
-                self.outcome,
-            )
+            self._log()
+
+    def _log(self) -> None:
+        ep = self.endpoint
+        fields = {
+            "route": self.route.config.name,
+            "protocol": "tcp",
+            "duration_seconds": round(self.clock() - self.started, 6),
+            "bytes_received": self.bytes_in,
+            "bytes_sent": self.bytes_out,
+            "endpoint": join_host_port(ep.host, ep.port) if ep is not None else None,
+            "error": None if self.outcome == "ok" else self.outcome,
+        }
+        log_access(peer_name(self.transport), fields)
 
 
-class TcpUpstream(asyncio.Protocol):
+class TcpUpstream(Forwarding):
     """The connected side: hands everything to its downstream."""
 
     def __init__(self, downstream: TcpDownstream) -> None:
         self.downstream = downstream
         self.transport: asyncio.Transport | None = None
-        self.flow: FlowControl | None = None
         self.clock = downstream.clock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -226,14 +221,6 @@ class TcpUpstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return self.downstream.upstream_eof()
-
-    def pause_writing(self) -> None:
-        if self.downstream.flow is not None:
-            self.downstream.flow.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.downstream.flow is not None:
-            self.downstream.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.downstream.stats.active_upstream -= 1

@@ -73,7 +73,7 @@ def by_address(eps: EndpointSet) -> dict[tuple[str, int], Endpoint]:
 
 def adopt(pool: Pool[Conn], conn: Conn) -> None:
     """A new connection handed out: the one place this file tells a pool so."""
-    pool.opened()  # being renamed to pool.adopt(conn)
+    pool.adopt(conn)
 
 
 def with_idle_pool(ep: Endpoint, stats: RouteStats, idle: int) -> list[Conn]:

@@ -49,7 +49,7 @@ def make_pool(
 def connect(pool: Pool[Conn], now: float) -> Conn:
     """A new connection made and handed out (the one place that tells the pool so)."""
     conn = Conn(now)
-    pool.opened()  # being renamed to pool.adopt(conn)
+    pool.adopt(conn)
     return conn
 
 

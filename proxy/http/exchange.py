@@ -1,0 +1,424 @@
+"""One request in flight, its phase, and the contract between its two connections.
+
+An :class:`Exchange` is made when a request head has been read downstream. It picks
+an endpoint, takes a pooled upstream connection or connects one, sends the request
+(held while no connection is attached), takes the response back, and retries on
+another endpoint where that is safe. Its phase is one value::
+
+    HEAD -> CONNECTING -> SENDING -> AWAITING -> STREAMING -> DONE
+                                                  '-> TUNNEL (101) -> DONE
+
+(HEAD: read, waiting its turn behind pipelined requests; SENDING: attached, the
+request body still arriving; AWAITING: the request is all sent, no response head
+yet, which is when ``request_timeout`` runs.) Whether the request has been read
+whole is a separate fact (``complete``): a response may start, or an error be
+answered, while the body still arrives.
+
+The two sides are seams with few calls. An upstream connection (:class:`Upstream`)
+is attached, sent to and detached; it calls back only the exchange's
+``response_*`` methods and ``upstream_failed``. The downstream connection
+(:class:`Downstream`) writes what the exchange hands it and is told when the
+exchange is over. HTTP/1 provides one of each (``h1.py``).
+
+On every request's path and compiled with mypyc (setup.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from proxy.addr import join_host_port
+from proxy.endpoints import DRAINING, Endpoint
+from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset
+from proxy.flow import BUFFER, FlowControl
+from proxy.http.heads import IDEMPOTENT
+from proxy.logs import log_access
+from proxy.metrics import RESET_CODE
+
+if TYPE_CHECKING:
+    from proxy.pool import Pool
+    from proxy.route import Route
+
+perf_counter: Final = time.perf_counter  # (Final: compiled code calls it without a lookup)
+
+# Request bytes kept so an idempotent request can be replayed on a fresh connection.
+REPLAY_LIMIT: Final = 64 * 1024
+# Request bytes held while no upstream is attached (connecting, or pipelined behind
+# another request) before the client is paused.
+BUFFER_LIMIT: Final = 256 * 1024
+
+HEAD: Final = 0
+CONNECTING: Final = 1
+SENDING: Final = 2
+AWAITING: Final = 3
+STREAMING: Final = 4
+TUNNEL: Final = 5
+DONE: Final = 6
+PHASES: Final = ("HEAD", "CONNECTING", "SENDING", "AWAITING", "STREAMING", "TUNNEL", "DONE")
+
+NO_ENDPOINTS: Final[tuple[Endpoint, ...]] = ()
+
+
+class Upstream(Protocol):
+    """An upstream connection as an exchange uses it."""
+
+    flow: FlowControl
+    pool: Pool[Any] | None
+
+    def attach(self, exchange: Exchange) -> None:
+        """Carry ``exchange``: its response goes to it from now on."""
+
+    def send(self, data: bytes) -> None:
+        """Request bytes, as they should go on the wire."""
+
+    def detach(self, reusable: bool, now: float) -> None:
+        """The exchange is over: back to the pool if ``reusable``, else closed."""
+
+
+class Downstream(Protocol):
+    """The client connection as an exchange uses it."""
+
+    route: Route
+    flow: FlowControl
+    clock: Callable[[], float]  # the loop's
+    last_active: float  # the loop time of the last read on either side
+    closed: bool
+
+    @property
+    def last_response(self) -> bool:
+        """The connection closes after the response under way."""
+
+    def peer(self) -> str:
+        """The client's address, for the access log."""
+
+    def new_upstream(self) -> asyncio.BaseProtocol:
+        """A protocol object for a new upstream connection (an :class:`Upstream`)."""
+
+    def touch(self, now: float) -> None:
+        """The upstream side moved: the connection is not idle."""
+
+    def write(self, data: bytes) -> None:
+        """Response bytes for the client."""
+
+    def answer_error(self, exchange: Exchange, error: ProxyError, keep_alive: bool) -> None:
+        """Send sidelink's own answer to ``exchange``."""
+
+    def finished(self, exchange: Exchange, keep_alive: bool) -> None:
+        """``exchange`` is answered: go on to the next request, or close."""
+
+    def switch_to_tunnel(self, exchange: Exchange) -> None:
+        """A 101 came: from now on the connections are one byte pipe."""
+
+    def close(self) -> None: ...
+
+
+class Exchange:
+    """One request and its response: the per-request state and its moves."""
+
+    __slots__ = (
+        "buffer",
+        "buffered",
+        "bytes_in",
+        "bytes_out",
+        "chunked",
+        "complete",
+        "down",
+        "endpoint",
+        "error",
+        "head",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "phase",
+        "replay",
+        "retries",
+        "reused",
+        "sent_at",
+        "started",
+        "status",
+        "trailers",
+        "tried",
+        "upgrade",
+        "upstream",
+    )
+
+    def __init__(self, down: Downstream, method: bytes, path: bytes, started: float) -> None:
+        self.down = down
+        self.method = method
+        self.path = path
+        self.started = started  # perf_counter when the head was read
+        self.phase = HEAD
+        self.head = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.chunked = False
+        self.upgrade = False
+        self.complete = False  # the request has been read whole
+        self.buffer: list[bytes] | None = None  # request bytes not yet written upstream
+        self.buffered = 0
+        # The body kept to replay an idempotent request (None: it cannot be replayed).
+        self.replay: bytes | None = b"" if method in IDEMPOTENT else None
+        self.trailers: list[bytes] | None = None
+        self.upstream: Upstream | None = None
+        self.endpoint: Endpoint | None = None  # the last endpoint tried
+        self.reused = False
+        self.sent_at = 0.0  # loop time the request was all sent (AWAITING from then)
+        self.status = 0  # the status sent downstream (0: none yet)
+        self.error: ProxyError | None = None  # what went wrong, for the access log
+        self.tried: Sequence[Endpoint] = NO_ENDPOINTS
+        self.retries = 0
+        self.bytes_in = 0  # request bytes forwarded
+        self.bytes_out = 0  # response bytes sent downstream
+
+    def __repr__(self) -> str:
+        path = self.path.decode(errors="replace")
+        return f"<Exchange {self.method.decode()} {path} {PHASES[self.phase]} status={self.status}>"
+
+    # --- the request side (called by the downstream) -------------------------------
+
+    def start(self) -> None:
+        """Its turn: a pooled connection at once, else connect in a task."""
+        self.phase = CONNECTING
+        down = self.down
+        route = down.route
+        ep = route.endpoints.pick(self.tried)
+        if ep is not None:
+            now = down.last_active  # (of the read that brought the request, or of its turn)
+            conn = (ep.pool or route.pool(ep)).get(now)
+            if conn is not None:
+                ep.in_flight += 1
+                self.reused = True
+                self._attach(ep, conn, now)
+                return
+        elif route.watch.resolved:
+            self.fail(NoEndpoints(f"{route.config.service} has no endpoints"))
+            return
+        route.spawn(self._connect(ep))
+
+    def send(self, data: bytes) -> None:
+        """Request bytes for upstream: written now, or held until a connection is attached."""
+        phase = self.phase
+        if phase == DONE:
+            return  # answered already: the rest of the body is dropped
+        replay = self.replay
+        if replay is not None:
+            self.replay = replay + data if len(replay) + len(data) <= REPLAY_LIMIT else None
+        self.bytes_in += len(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.send(data)
+            return
+        if self.buffer is None:
+            self.buffer = []
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if self.buffered > BUFFER_LIMIT:
+            self.down.flow.pause(BUFFER)
+
+    def request_complete(self) -> None:
+        self.complete = True
+        if self.phase == SENDING:
+            # request_timeout counts from the end of the request (the read that brought
+            # it): a slow upload is the client's time, guarded by idle_timeout.
+            self.phase = AWAITING
+            self.sent_at = self.down.last_active
+        elif self.phase == DONE:
+            # Answered (an error) while the body still came: the connection is reusable.
+            self.down.finished(self, self.keep_alive and not self.upgrade)
+
+    def timed_out(self, now: float, request_timeout: float) -> bool:
+        return self.phase == AWAITING and now - self.sent_at > request_timeout
+
+    def send_raw(self, data: bytes) -> None:
+        """Tunnel bytes (after a 101), as they came."""
+        if self.upstream is not None:
+            self.upstream.send(data)
+
+    def refuse(self, error: ProxyError) -> None:
+        """Answer a request refused before it could become an exchange of its own."""
+        self.error = error
+        self._answered(error.status)
+        self.down.answer_error(self, error, keep_alive=False)
+        self.end()
+
+    def abandon(self) -> None:
+        """The client is gone or its request broke off: the upstream's state is unknown."""
+        self._detach(reusable=False)
+        self.end()
+
+    # --- connecting ---------------------------------------------------------------
+
+    async def _connect(self, first: Endpoint | None) -> None:
+        down = self.down
+        route = down.route
+        tried = self.tried = list(self.tried)  # route.connect adds the endpoints that fail
+        before = len(tried)
+        try:
+            ep, _, protocol = await route.connect(down.new_upstream, exclude=tried, first=first)
+        except UpstreamError as e:
+            if self.phase == CONNECTING and not down.closed:
+                self.fail(e)
+            else:
+                route.stats.errors[e.reason] += 1  # (nobody is told, but it happened)
+            return
+        self.retries += len(tried) - before
+        conn = cast(Upstream, protocol)
+        pool = route.pool(ep)
+        pool.adopt(conn)
+        now = down.clock()
+        if self.phase != CONNECTING or down.closed:
+            route.endpoints.release(ep)
+            pool.put(conn, now, reusable=True)
+            return
+        self.reused = False
+        self._attach(ep, conn, now)
+
+    def _attach(self, ep: Endpoint, conn: Upstream, now: float) -> None:
+        self.endpoint = ep
+        self.upstream = conn
+        conn.attach(self)
+        buffer = self.buffer
+        if buffer:
+            data = b"".join((self.head, *buffer))
+            self.buffer = None
+            self.buffered = 0
+        else:
+            data = self.head
+        conn.send(data)
+        if self.complete:
+            self.phase = AWAITING
+            self.sent_at = now
+        else:
+            self.phase = SENDING
+        flow = self.down.flow
+        flow.link(conn.flow)
+        flow.resume(BUFFER)
+
+    def _detach(self, reusable: bool) -> None:
+        """Give the upstream connection back (or close it) and release its endpoint."""
+        conn = self.upstream
+        if conn is None:
+            return
+        self.upstream = None
+        down = self.down
+        down.flow.unlink()
+        ep = self.endpoint
+        assert ep is not None
+        # (last_active: the time of the read that completed the exchange, if any)
+        conn.detach(reusable and ep.state != DRAINING, down.last_active)
+        down.route.endpoints.release(ep)
+
+    # --- the response side (called by the upstream) ---------------------------------
+
+    def response_started(self, status: int) -> None:
+        """The (final) response head is in: it starts going to the client."""
+        self._answered(status)
+        if status == 101:
+            self.phase = TUNNEL
+            self.down.switch_to_tunnel(self)
+        else:
+            self.phase = STREAMING
+
+    def deliver(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.down.write(data)
+
+    def response_complete(self, reusable: bool, keep_alive: bool) -> None:
+        complete = self.complete
+        self._detach(reusable and complete)
+        self.end()
+        # Answered before the request was all read: the connection cannot go on.
+        self.down.finished(self, keep_alive and complete)
+
+    def upstream_failed(self, error: UpstreamError) -> None:
+        """The upstream connection failed mid-exchange: retry where safe, else report."""
+        conn = self.upstream
+        ep = self.endpoint
+        self._detach(reusable=False)
+        route = self.down.route
+        if (
+            self.phase == AWAITING
+            and self.reused
+            and isinstance(error, UpstreamReset)
+            and self.replay is not None
+            and len(self.tried) < route.settings.retries
+        ):
+            # A reused connection the server had already closed: nothing reached the
+            # application, and the request is idempotent and kept whole: send it again
+            # on a fresh connection: to another endpoint if there is one, else to the
+            # same one (the stale connection failed, not the endpoint: a Service with
+            # one ClusterIP has no other).
+            assert conn is not None and ep is not None
+            route.stats.retries += 1
+            self.retries += 1
+            self.tried = [*self.tried, ep]
+            self.buffer = [self.replay] if self.replay else None
+            self.buffered = len(self.replay)
+            self.phase = CONNECTING
+            first = route.endpoints.pick(self.tried)
+            if first is None and ep.state != DRAINING:
+                first = ep
+            route.spawn(self._connect(first))
+            return
+        self.fail(error)
+
+    # --- the end --------------------------------------------------------------------
+
+    def fail(self, error: ProxyError) -> None:
+        """Answer with sidelink's own error, or, with a response under way, cut it."""
+        self.error = error
+        if isinstance(error, UpstreamError):
+            self.down.route.stats.errors[error.reason] += 1
+        self._detach(reusable=False)
+        down = self.down
+        if self.phase in (STREAMING, TUNNEL):
+            # Part of the response is out: the client can only learn of it by a close,
+            # and it never got the response whole.
+            self.status = RESET_CODE
+            self.end()
+            down.close()
+            return
+        self._answered(error.status)
+        keep_alive = self.keep_alive and not self.upgrade
+        down.answer_error(self, error, keep_alive)
+        self.end()
+        if self.complete:
+            down.finished(self, keep_alive)
+        # else: the rest of the request body is read and dropped, then finished()
+
+    def end(self) -> None:
+        """The answer is complete, or cut short: counted once, and logged if asked."""
+        if self.phase == DONE:
+            return
+        self.phase = DONE
+        if self.status:
+            route = self.down.route
+            route.stats.count_request(self.method, self.status)
+            if route.access_log:
+                self._log()
+
+    def _answered(self, status: int) -> None:
+        self.status = status
+        self.down.route.stats.request_duration.observe(perf_counter() - self.started)
+
+    def _log(self) -> None:
+        ep = self.endpoint
+        error = self.error
+        fields = {
+            "route": self.down.route.config.name,
+            "protocol": "http",
+            "method": self.method.decode(errors="replace"),
+            "path": self.path.decode(errors="replace"),
+            "status": "reset" if self.status == RESET_CODE else self.status,
+            "duration_seconds": round(perf_counter() - self.started, 6),
+            "bytes_received": self.bytes_in,
+            "bytes_sent": self.bytes_out,
+            "endpoint": join_host_port(ep.host, ep.port) if ep is not None else None,
+            "retries": self.retries,
+            "error": error.reason if error is not None else None,
+        }
+        log_access(self.down.peer(), fields)

@@ -1,0 +1,599 @@
+"""HTTP/1.x on asyncio Protocols, parsed by httptools (llhttp) both ways.
+
+:class:`H1Downstream` is an accepted client connection: requests are parsed as bytes
+arrive and answered in order (pipelining), each one an
+:class:`~proxy.http.exchange.Exchange` that finds itself an upstream connection.
+:class:`H1Upstream` is a pooled connection to one endpoint: it sends what its
+exchange gives it and parses the response back. Heads are rewritten by the rules of
+``heads.py``; bodies stream as they arrive, never buffered whole. ``Upgrade`` turns
+the pair into a byte tunnel.
+
+On every request's path and compiled with mypyc where a compiler is at hand
+(setup.py): calls made on every read are bound once per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Final, cast
+
+import httptools
+
+from proxy.errors import (
+    BadRequest,
+    BodyStalled,
+    ClientError,
+    HeadTimeout,
+    HeadTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    ProtocolError,
+    ProxyError,
+    UpstreamReset,
+    UpstreamTimeout,
+    VersionNotSupported,
+)
+from proxy.flow import BUFFER, PIPELINE, REFUSED, FlowControl, Forwarding
+from proxy.http import heads
+from proxy.http.exchange import STREAMING, TUNNEL, Exchange, perf_counter
+from proxy.http.heads import CRLF, FRAMING_CLOSE, FRAMING_LENGTH, LAST_CHUNK, MAX_HEAD_BYTES
+from proxy.pool import Pool
+from proxy.route import Route, peer_name
+
+log = logging.getLogger("sidelink.http")
+
+MAX_PIPELINED: Final = 32
+# Bytes held after an Upgrade request, before the 101, before the client is paused.
+TUNNEL_BUFFER_LIMIT: Final = 256 * 1024
+# After refusing a request, how long to read and drop what the client still sends.
+LINGER_TIMEOUT: Final = 2.0
+# The method counted for a request refused before its method was read.
+OTHER: Final = b"OTHER"
+
+
+def downstream_factory(route: Route) -> Callable[[], H1Downstream]:
+    """The listener's protocol factory: the route's Host rule is worked out once."""
+    config = route.config
+    hosts = heads.HostRule(config.service, config.port, config.settings.host)
+    return lambda: H1Downstream(route, hosts)
+
+
+class _HeadOnly(Exception):
+    """Stops the response parser after the head of a response that has no body."""
+
+
+class H1Downstream(Forwarding):
+    """An accepted client connection: parses requests, answers them in order."""
+
+    def __init__(self, route: Route, hosts: heads.HostRule) -> None:
+        self.route = route
+        self.stats = route.stats
+        self.settings = route.settings
+        self.hosts = hosts
+        self.clock = asyncio.get_running_loop().time  # (bound once: called for every read)
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.feed = self.parser.feed_data
+        # The request being parsed, the one being proxied, and those waiting behind it.
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.url = b""
+        self.headers: list[bytes] = []  # name, value, name, value...
+        # The head being read: the size of the read it began in, and the bytes since.
+        self.head_first = 0
+        self.head_rest = 0
+        self.read_size = 0
+        self.head_started = 0.0
+        self.in_head = False
+        self.last_active = 0.0
+        self.tunnel: bytes | None = None  # after an Upgrade request: raw bytes for upstream
+        self.rejected: ClientError | None = None
+        self.rejected_method = OTHER
+        self.linger_until = float("inf")
+        self.close_after_response = False
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<H1Downstream {self.route.config.name} {self.peer()} "
+            f"active={self.active} queued={len(self.queue)}>"
+        )
+
+    @property
+    def last_response(self) -> bool:
+        """The connection closes after this response: asked to, and nothing queued behind.
+
+        (Requests pipelined before a client's half-close are still answered.)
+        """
+        return self.close_after_response and not self.queue
+
+    def peer(self) -> str:
+        return peer_name(self.transport)
+
+    # --- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.flow = FlowControl(self.transport)
+        self.last_active = self.clock()
+        self.stats.opened_downstream += 1
+        self.stats.active_downstream += 1
+        self.route.connections.add(self)
+        self.route.ensure_ticker()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.clock()
+        if self.tunnel is not None:
+            self._tunnel_data(data)
+            return
+        if self.rejected is not None:
+            return  # a request was refused: the rest of the stream is meaningless
+        self.read_size = len(data)
+        if self.in_head:
+            self.head_rest += len(data)
+        try:
+            self.feed(data)
+        except httptools.HttpParserUpgrade as e:
+            self.tunnel = b""
+            self._tunnel_data(data[e.args[0] :])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, ClientError):
+                self._reject(cause)
+            else:
+                log.error(
+                    "route %s: internal error on a request", self.route.config.name, exc_info=cause
+                )
+                self._reject(InternalError("internal error"))
+        except httptools.HttpParserError as e:
+            self._reject(BadRequest(f"malformed request: {e}"))
+        else:
+            # httptools holds a partial head internally: bound what came after the read
+            # it began in (a head within the limit never gets there, however it is cut).
+            if self.in_head and self.head_rest > MAX_HEAD_BYTES:
+                self._reject(HeadTooLarge("request head over 64 KiB"))
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after its request still gets the response.
+        if self.active is None and not self.queue:
+            return False
+        self.close_after_response = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.stats.active_downstream -= 1
+        self.route.connections.discard(self)
+        ex = self.active
+        if ex is not None:
+            self.active = None
+            ex.abandon()
+        self.queue.clear()
+
+    # --- httptools callbacks (request parser) -------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_started = self.last_active
+        self.url = b""
+        self.headers.clear()
+        self.head_first = self.read_size
+        self.head_rest = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        parsing = self.parsing
+        if parsing is not None:  # after the head: a trailer of a chunked body
+            trailers = parsing.trailers
+            if trailers is None:
+                trailers = parsing.trailers = []
+            trailers.append(b"%s: %s\r\n" % (name, value))
+            return
+        headers = self.headers
+        headers.append(name)
+        headers.append(value)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        method = parser.get_method()
+        url = self.url
+        headers = self.headers
+        # Measured only when it may be over: the reads it came in are at most that big.
+        if (
+            self.head_first + self.head_rest > MAX_HEAD_BYTES
+            and heads.head_size(method, url, headers) > MAX_HEAD_BYTES
+        ):
+            raise HeadTooLarge("request head over 64 KiB")
+        if method == b"CONNECT":
+            raise MethodNotAllowed("CONNECT is not allowed")
+        ex = Exchange(self, method, url, perf_counter())
+        ex.keep_alive = parser.should_keep_alive()
+        target = url
+        if not target.startswith(b"/") and target != b"*":
+            answered = self.route.watch.answered_name
+            target = heads.origin_form(target, heads.own_hosts(self.route.config.service, answered))
+        head = heads.scan_request(method, target, headers)
+        if heads.version_unsure(ex.keep_alive, head.tokens):
+            version = parser.get_http_version()  # (slow: asked only when it may matter)
+            if version not in ("1.1", "1.0"):
+                raise VersionNotSupported(f"HTTP/{version} is not supported")
+            ex.http10 = version == "1.0"
+        ex.chunked = head.chunked
+        ex.upgrade = head.upgrade is not None and parser.should_upgrade()
+        hosts = self.hosts
+        host = heads.host_line(hosts.fixed, head.host, hosts.default)
+        ex.head = heads.request_bytes(head, host, ex.upgrade)
+        self.parsing = ex
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            if len(self.queue) >= MAX_PIPELINED:
+                self.flow.pause(PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.send(heads.chunk(body) if ex.chunked else body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.parsing = None
+        if ex.chunked:
+            ex.send(LAST_CHUNK + b"".join(ex.trailers or ()) + CRLF)
+        ex.request_complete()
+
+    # --- what an exchange calls -------------------------------------------------------
+
+    def new_upstream(self) -> H1Upstream:
+        return H1Upstream(self.route)
+
+    def touch(self, now: float) -> None:
+        """The upstream side moved: the connection is not idle."""
+        self.last_active = now
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+            self.stats.bytes_to_downstream += len(data)
+
+    def answer_error(self, ex: Exchange, error: ProxyError, keep_alive: bool) -> None:
+        ex.deliver(heads.error_response(error, keep_alive and not self.last_response))
+
+    def finished(self, ex: Exchange, keep_alive: bool) -> None:
+        """ex is answered: start the next pipelined request, or close, or wait for one."""
+        if ex is not self.active:
+            return
+        self.active = None
+        if not keep_alive or self.last_response:
+            self.close()
+            return
+        queue = self.queue
+        if queue:
+            nxt = self.active = queue.popleft()
+            nxt.start()
+        elif self.rejected is not None:
+            self._send_rejection(self.rejected)
+        if len(queue) < MAX_PIPELINED:
+            self.flow.resume(PIPELINE)
+
+    def switch_to_tunnel(self, ex: Exchange) -> None:
+        """101 Switching Protocols: from now on both connections are one byte pipe."""
+        pending, self.tunnel = self.tunnel or b"", b""
+        if pending:
+            ex.send_raw(pending)
+        self.flow.resume(BUFFER)
+
+    def _tunnel_data(self, data: bytes) -> None:
+        ex = self.active
+        if ex is not None and ex.phase == TUNNEL:
+            ex.send_raw(data)
+        elif data:
+            # Bytes after an Upgrade request, before the 101: hold them (bounded).
+            assert self.tunnel is not None
+            self.tunnel += data
+            if len(self.tunnel) > TUNNEL_BUFFER_LIMIT:
+                self.flow.pause(BUFFER)
+
+    # --- refusals ---------------------------------------------------------------------
+
+    def _reject(self, error: ClientError) -> None:
+        """Refuse a malformed or forbidden request: answer in turn, then close."""
+        self.rejected = error
+        if self.url:  # (the target began: the method was read whole)
+            with contextlib.suppress(httptools.HttpParserError):
+                self.rejected_method = self.parser.get_method()
+        self.flow.pause(REFUSED)
+        ex = self.parsing
+        if ex is not None:
+            # Its body broke off: the request can never be forwarded whole, so it goes no
+            # further, and an upstream connection holding part of it is not reused.
+            self.parsing = None
+            if ex is self.active:
+                answered = ex.phase >= STREAMING  # the client has (part of) an answer
+                self.active = None
+                ex.abandon()
+                if answered:
+                    self.close()
+                    return
+            elif ex in self.queue:
+                self.queue.remove(ex)
+        if self.active is None:
+            self._send_rejection(error)
+
+    def _send_rejection(self, error: ClientError) -> None:
+        # An exchange of its own, so a refusal is timed, counted and logged as any answer.
+        waited = self.clock() - self.head_started if self.head_started else 0.0
+        ex = Exchange(self, self.rejected_method, self.url, perf_counter() - waited)
+        ex.refuse(error)
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        # Lingering close: send our FIN after the answer, then read and drop whatever the
+        # client still sends, so a close with unread bytes (a reset) does not destroy
+        # the answer before the client has read it.
+        transport.write_eof()
+        self.linger_until = self.clock() + LINGER_TIMEOUT
+        self.flow.resume(REFUSED)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Timeouts, checked by the route's ticker rather than a timer per request."""
+        ex = self.active
+        settings = self.settings
+        if ex is None:
+            if self.rejected is not None:
+                # Refused and lingering (never refused twice): closed when the client
+                # hangs up, or at the end of the linger time.
+                if now > self.linger_until:
+                    self.close()
+            elif self.in_head and now - self.head_started > settings.head_timeout:
+                self._reject(HeadTimeout("request head too slow"))
+            elif not self.in_head and now - self.last_active > settings.idle_timeout:
+                self.close()
+            return
+        if ex.timed_out(now, settings.request_timeout):
+            ex.fail(UpstreamTimeout("upstream did not answer in time"))
+        elif now - self.last_active > settings.idle_timeout:
+            if ex is self.parsing and ex.phase < STREAMING:
+                # The client stopped halfway through its request body.
+                self._reject(BodyStalled("request body stalled"))
+            else:
+                self.close()
+
+    def shutdown(self) -> None:
+        if self.active is None and not self.queue and not self.in_head:
+            self.close()
+        else:
+            self.close_after_response = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            if self.transport.is_closing():
+                # Closed before and still not gone: the client has not taken what was
+                # left to flush for a whole timeout. Drop it rather than hold it for ever.
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+
+class H1Upstream(Forwarding):
+    """A (pooled) connection to one endpoint; parses the responses coming back."""
+
+    def __init__(self, route: Route) -> None:
+        self.stats = route.stats
+        loop = asyncio.get_running_loop()
+        self.clock = loop.time
+        self.transport: asyncio.Transport | None = None
+        self.write: Callable[[bytes], object] | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.feed = self.parser.feed_data
+        self.pool: Pool[H1Upstream] | None = None
+        self.exchange: Exchange | None = None
+        self.created = loop.time()
+        self.idle_since = self.created
+        self.closed = False  # closed or closing: never handed out again
+        self.headers: list[bytes] = []  # name, value, name, value...
+        self.out: list[bytes] = []
+        self.head_bytes = 0  # received while waiting for a response head
+        self.rechunk = False  # frame the body as chunked for the client
+        self.until_close = False  # the body ends when the server closes
+        self.interim = False
+        self.keep_alive_down = True
+        self.tunnel = False
+
+    def __repr__(self) -> str:
+        pool = self.pool
+        return f"<H1Upstream {pool.name if pool else '-'} exchange={self.exchange}>"
+
+    # --- what an exchange calls -------------------------------------------------------
+
+    def attach(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.head_bytes = 0
+
+    def send(self, data: bytes) -> None:
+        write = self.write
+        if write is not None:
+            write(data)
+            self.stats.bytes_to_upstream += len(data)
+
+    def detach(self, reusable: bool, now: float) -> None:
+        self.exchange = None
+        if self.pool is not None:
+            self.pool.put(self, now, reusable)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
+        self.flow = FlowControl(self.transport)
+        self.stats.active_upstream += 1
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # Bytes on an idle connection: the server broke the protocol; drop it.
+            if self.pool is not None:
+                self.pool.discard(self)
+            self.close()
+            return
+        ex.down.touch(self.clock())
+        if self.tunnel:
+            ex.deliver(data)
+            return
+        try:
+            self.feed(data)
+        except httptools.HttpParserUpgrade as e:
+            self._flush(ex)
+            if self.tunnel:
+                rest = data[e.args[0] :]
+                if rest:
+                    ex.deliver(rest)
+            return
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadOnly):
+                self._flush(ex)
+                end = data.find(b"\r\n\r\n")
+                clean = end != -1 and end + 4 == len(data)
+                self.parser = httptools.HttpResponseParser(self)
+                self.feed = self.parser.feed_data
+                ex.response_complete(reusable=clean, keep_alive=self.keep_alive_down)
+                return
+            self._protocol_error(ex, str(e.__context__ or e))
+            return
+        except httptools.HttpParserError as e:
+            self._protocol_error(ex, f"invalid response: {e}")
+            return
+        if self.out:
+            self._flush(ex)
+        if ex.phase < STREAMING:
+            # Still no (final) head: bound what httptools holds of it, as for requests.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._protocol_error(ex, "response head over 64 KiB")
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.stats.active_upstream -= 1
+        ex = self.exchange
+        if ex is None:
+            if self.pool is not None:
+                self.pool.discard(self)
+            return
+        if self.tunnel:
+            ex.down.close()
+            return
+        if ex.phase == STREAMING and self.until_close:
+            # The body was delimited by the close: this is its normal end.
+            if self.rechunk:
+                self.out.append(LAST_CHUNK + CRLF)
+            self._flush(ex)
+            ex.response_complete(reusable=False, keep_alive=self.keep_alive_down)
+            return
+        detail = "upstream closed the connection" + (f": {exc}" if exc else "")
+        ex.upstream_failed(UpstreamReset(detail))
+
+    # --- httptools callbacks (response parser) -------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Before the head completes these are headers; after it, trailers. (The list is
+        # emptied after each head and each message.)
+        headers = self.headers
+        headers.append(name)
+        headers.append(value)
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        status = self.parser.get_status_code()
+        lines, framing = heads.response_lines(status, self.headers)
+        self.headers.clear()  # what on_header collects from now on are trailers
+        if 100 <= status < 200 and status != 101:
+            self.interim = True
+            if not ex.http10:  # HTTP/1.0 clients do not know interim responses
+                lines.append(CRLF)
+                self.out.append(b"".join(lines))
+            return
+        keep_alive = ex.keep_alive and not ex.down.last_response
+        self.rechunk = self.until_close = False
+        if framing != FRAMING_LENGTH and heads.has_body(ex.method, status):
+            # Chunked or delimited by the close: re-frame as chunked for HTTP/1.1 clients;
+            # 1.0 clients read to the close.
+            self.until_close = framing == FRAMING_CLOSE
+            self.rechunk = not ex.http10
+            if self.rechunk:
+                lines.append(b"transfer-encoding: chunked\r\n")
+            else:
+                keep_alive = False
+        if status == 101:
+            keep_alive = self.tunnel = True
+        elif ex.upgrade:
+            keep_alive = False  # the client's stream is raw bytes after an Upgrade request
+        self.keep_alive_down = keep_alive
+        lines.append(heads.last_line(keep_alive, ex.http10))
+        self.out.append(b"".join(lines))
+        ex.response_started(status)
+        if ex.method == b"HEAD" and status != 101:
+            raise _HeadOnly
+
+    def on_body(self, body: bytes) -> None:
+        self.out.append(heads.chunk(body) if self.rechunk else body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if self.interim:
+            self.interim = False
+            return
+        if self.tunnel:
+            # llhttp completes a 101 before it stops at the upgrade: the exchange goes on
+            # as a tunnel, it is not done (nor its connection reusable).
+            return
+        if self.rechunk:
+            self.out.append(heads.trailer_block(self.headers))
+        self._flush(ex)
+        reusable = self.parser.should_keep_alive() and not self.until_close
+        self.headers.clear()
+        ex.response_complete(reusable=reusable, keep_alive=self.keep_alive_down)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _flush(self, ex: Exchange) -> None:
+        out = self.out
+        if out:
+            ex.deliver(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _protocol_error(self, ex: Exchange, detail: str) -> None:
+        self.out.clear()
+        self.close()
+        ex.upstream_failed(ProtocolError(detail))

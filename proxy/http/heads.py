@@ -1,0 +1,292 @@
+"""The rules for HTTP/1.x message heads, pure: values in, values out, no I/O.
+
+What the proxy does with each header (hop-by-hop ones go, RFC 9110 7.6.1), the Host
+it sends, how a body is framed, whether a connection is kept, the smuggling shapes
+it refuses, and the answers it makes itself. ``h1.py`` calls these from the parser's
+callbacks; ``tests/unit/test_heads.py`` feeds them values.
+
+On every request's path and compiled with mypyc (setup.py): constants are ``Final``
+(compiled code reads them without a dict lookup).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Final
+
+import httptools
+
+from proxy.errors import BadRequest, ForbiddenHost, ProxyError
+
+# The largest request or response head accepted, however its bytes arrive.
+MAX_HEAD_BYTES: Final = 64 * 1024
+
+# What the proxy does with a header, by its lowercase name: most pass as they came.
+# The kinds up to LENGTH are end-to-end; the others hop-by-hop (RFC 9110 7.6.1).
+PASS: Final = 0
+HOST: Final = 1
+LENGTH: Final = 2
+CONNECTION: Final = 3
+TRANSFER_ENCODING: Final = 4
+UPGRADE: Final = 5
+HOP: Final = 6
+FIELDS: Final = {
+    b"host": HOST,
+    b"content-length": LENGTH,
+    b"connection": CONNECTION,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"upgrade": UPGRADE,
+    b"keep-alive": HOP,
+    b"proxy-connection": HOP,
+    b"te": HOP,
+}
+# The usual spellings of the usual names, so that most headers are classified by one
+# lookup (lowercasing each name costs more); any other spelling is lowercased.
+SPELLINGS: Final = {
+    spelling: FIELDS.get(name, PASS)
+    for name in (
+        *FIELDS,
+        *(
+            b"accept accept-encoding accept-language accept-ranges age authorization "
+            b"cache-control content-encoding content-language content-type cookie date etag "
+            b"expires if-modified-since if-none-match last-modified location origin pragma "
+            b"referer server set-cookie traceparent tracestate user-agent vary "
+            b"x-forwarded-for x-forwarded-proto x-request-id"
+        ).split(),
+    )
+    for spelling in (name, name.title())
+}
+# Connection tokens that are not header names, or that name the framing: dropping
+# that would have the receiver read a body as the next message (smuggling).
+CONNECTION_OPTIONS: Final = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
+
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n"
+
+# How a response body is delimited.
+FRAMING_LENGTH: Final = 0
+FRAMING_CHUNKED: Final = 1
+FRAMING_CLOSE: Final = 2
+
+
+def field_kind(name: bytes) -> int:
+    kind = SPELLINGS.get(name)
+    return FIELDS.get(name.lower(), PASS) if kind is None else kind
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",")}
+
+
+def drop_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
+    """Head lines (after the first) less the headers Connection names: they are hop-by-hop
+    too (RFC 9110 7.6.1). Never the framing: see CONNECTION_OPTIONS."""
+    named = tokens - CONNECTION_OPTIONS
+    if not named:
+        return lines
+    return [lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in named]
+
+
+def error_response(error: ProxyError, keep_alive: bool) -> bytes:
+    """sidelink's own answer: a short text body and the reason in ``sidelink-error``."""
+    status = error.status
+    phrase = REASONS.get(status, b"Error")
+    body = b"%d %s: %s\n" % (status, phrase, error.detail.encode(errors="replace"))
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, phrase),
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"sidelink-error: %s\r\n" % error.reason.encode(),
+            b"connection: keep-alive\r\n\r\n" if keep_alive else b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+# --- requests ---------------------------------------------------------------------
+
+
+class RequestHead:
+    """A request head as it goes upstream, and what its headers said about it."""
+
+    __slots__ = ("chunked", "host", "lines", "tokens", "upgrade")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []  # the head less Host, framing and its last line
+        self.host: bytes | None = None
+        self.chunked = False
+        self.upgrade: bytes | None = None  # the Upgrade header's value
+        self.tokens: set[bytes] | None = None  # what Connection named
+
+
+def scan_request(method: bytes, target: bytes, headers: list[bytes]) -> RequestHead:
+    """One pass over a request's headers (``name, value, name, value...``): hop-by-hop
+    ones are dropped, end-to-end ones kept as they came; the smuggling shapes (two
+    Hosts, Content-Lengths that differ) raise BadRequest."""
+    head = RequestHead()
+    lines = head.lines
+    lines.append(b"%s %s HTTP/1.1\r\n" % (method, target))
+    content_length: bytes | None = None
+    for i in range(0, len(headers), 2):
+        name = headers[i]
+        value = headers[i + 1]
+        kind = field_kind(name)
+        if kind == PASS:
+            lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == HOST:
+            if head.host is not None:
+                raise BadRequest("more than one Host header")
+            head.host = value
+        elif kind == LENGTH:
+            if content_length is not None and content_length != value:
+                raise BadRequest("conflicting Content-Length headers")
+            content_length = value
+            lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == CONNECTION:
+            tokens = connection_tokens(value)
+            head.tokens = tokens if head.tokens is None else head.tokens | tokens
+        elif kind == TRANSFER_ENCODING:
+            head.chunked = True
+        elif kind == UPGRADE:
+            head.upgrade = value
+    return head
+
+
+def request_bytes(head: RequestHead, host_line: bytes, upgrade: bool) -> bytes:
+    """The head for upstream: Connection-named headers out, one Host, the framing."""
+    lines = head.lines
+    if head.tokens:
+        lines = drop_named(lines, head.tokens)
+    lines.append(host_line)
+    if head.chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    if upgrade:
+        lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.upgrade)
+    lines.append(CRLF)
+    return b"".join(lines)
+
+
+def host_line(fixed: bytes | None, client: bytes | None, default: bytes) -> bytes:
+    """The Host line upstream gets: the route's own (``auto`` or a literal, made once per
+    connection), else the client's (``preserve``), else the service as written."""
+    if fixed is not None:
+        return fixed
+    return b"host: %s\r\n" % (client or default)
+
+
+def version_unsure(keep_alive: bool, tokens: set[bytes] | None) -> bool:
+    """Whether a request may be other than HTTP/1.1 and its version must be asked for:
+    llhttp takes 0.9, 1.0, 1.1 and 2.0, and only 1.1 keeps the connection unasked."""
+    return not keep_alive or (tokens is not None and b"keep-alive" in tokens)
+
+
+def origin_form(target: bytes, own_hosts: set[str]) -> bytes:
+    """An absolute-form target as origin-form, only for the route's own service (never an
+    open proxy); ForbiddenHost otherwise."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise BadRequest("invalid request target") from None
+    host = (url.host or b"").decode(errors="replace").lower().rstrip(".")
+    if host not in own_hosts:
+        raise ForbiddenHost(f"{host} is not this route's service")
+    path: bytes | None = url.path  # (typed: compiled code checks what it is given)
+    query: bytes | None = url.query
+    if not path:
+        path = b"/"
+    return path + b"?" + query if query else path
+
+
+# --- responses --------------------------------------------------------------------
+
+
+def response_lines(status: int, headers: list[bytes]) -> tuple[list[bytes], int]:
+    """The response head for the client, less its last line, and how the body is framed.
+
+    One pass over the headers: hop-by-hop ones are dropped (the framing is redone for
+    the client), end-to-end ones kept as they came.
+    """
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))]
+    framing = FRAMING_CLOSE
+    tokens: set[bytes] | None = None
+    for i in range(0, len(headers), 2):
+        name = headers[i]
+        value = headers[i + 1]
+        kind = field_kind(name)
+        if kind <= LENGTH:
+            if kind == LENGTH:
+                framing = FRAMING_LENGTH
+            lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == TRANSFER_ENCODING:
+            if b"chunked" in value.lower() and framing == FRAMING_CLOSE:
+                framing = FRAMING_CHUNKED
+        elif status == 101 and kind in (UPGRADE, CONNECTION):
+            lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == CONNECTION and value.lower() not in (b"keep-alive", b"close"):
+            tokens = connection_tokens(value) | (tokens or set())
+    if tokens:
+        lines = drop_named(lines, tokens)
+    return lines, framing
+
+
+def has_body(method: bytes, status: int) -> bool:
+    return not (method == b"HEAD" or status in (204, 304) or status == 101)
+
+
+def last_line(keep_alive: bool, http10: bool) -> bytes:
+    """How a response head for the client ends: what it says about the connection."""
+    if not keep_alive:
+        return b"connection: close\r\n\r\n"
+    return b"connection: keep-alive\r\n\r\n" if http10 else CRLF
+
+
+def trailer_block(headers: list[bytes]) -> bytes:
+    """The last chunk with the end-to-end trailers of ``headers`` (name, value, ...)."""
+    trailers = b"".join(
+        b"%s: %s\r\n" % (headers[i], headers[i + 1])
+        for i in range(0, len(headers), 2)
+        if field_kind(headers[i]) <= LENGTH
+    )
+    return LAST_CHUNK + trailers + CRLF
+
+
+# --- the route's names --------------------------------------------------------------
+
+
+class HostRule:
+    """What a route's ``host`` setting makes of the Host header, worked out once."""
+
+    __slots__ = ("default", "fixed")
+
+    def __init__(self, service: str, port: int | str, setting: str) -> None:
+        # The service as written, with its port unless 80 (a port name: no port).
+        auto = service if port == 80 or isinstance(port, str) else f"{service}:{port}"
+        self.default = auto.encode()
+        host = None if setting == "preserve" else auto if setting == "auto" else setting
+        # The whole Host line for upstream, unless it is the client's (host: preserve).
+        self.fixed = None if host is None else b"host: %s\r\n" % host.encode()
+
+
+def own_hosts(service: str, answered_name: str | None) -> set[str]:
+    """Names an absolute-form request may use: the service as written or as answered."""
+    service = service.lower().rstrip(".")
+    names = {service, f"{service}.svc", "localhost", "127.0.0.1"}
+    if answered_name:
+        names.add(answered_name.lower().rstrip("."))
+    return names
+
+
+def head_size(method: bytes, target: bytes, headers: list[bytes]) -> int:
+    """A request head's size as written plainly (``Name: value`` lines): what the 64 KiB
+    limit counts, the same however the bytes were cut into reads."""
+    size = len(method) + len(target) + 14  # " ", " HTTP/1.1\r\n" and the final CRLF
+    for field in headers:
+        size += len(field) + 2  # ": " after a name, CRLF after a value
+    return size
