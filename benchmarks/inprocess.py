@@ -20,7 +20,7 @@ import uvloop
 
 from proxy import build
 from proxy.config import Overrides, parse
-from proxy.http import HttpDownstream, Upstream
+from proxy.http.h1 import H1Upstream, downstream_factory
 from proxy.metrics import Metrics
 from proxy.resolver import Resolver
 from proxy.route import Route
@@ -43,14 +43,14 @@ async def measure(requests: int, profile: bool) -> None:
     metrics = Metrics()
     route = Route(config.routes[0], Resolver(config.resolver, metrics, {}), metrics)
     await asyncio.sleep(0)  # the IP service "resolves" at once
-    down = HttpDownstream(route)
+    down = downstream_factory(route)()
     down.connection_made(FakeTransport(keep=False))
     [endpoint] = route.endpoints.all()
-    up = Upstream(route)
+    up = H1Upstream(route)
     up.connection_made(FakeTransport(keep=False))
-    up.endpoint, up.pool = endpoint, route.pool(endpoint)
-    up.pool.opened()
-    up.pool.put(up, asyncio.get_running_loop().time(), reusable=True)
+    pool = route.pool(endpoint)
+    pool.adopt(up)
+    pool.put(up, asyncio.get_running_loop().time(), reusable=True)
 
     def exchange() -> None:
         down.data_received(REQUEST)  # parsed, rewritten, written to the pooled upstream

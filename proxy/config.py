@@ -344,7 +344,7 @@ class PoolConfig:
 class RouteSettings:
     """The keys of ``defaults:``, which every route may override."""
 
-    connect_timeout: float = duration(1.0)
+    connect_timeout: float = duration(2.0)
     request_timeout: float = duration(30.0)
     idle_timeout: float = duration(300.0)
     head_timeout: float = duration(10.0)

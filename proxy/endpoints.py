@@ -26,6 +26,7 @@ DRAINING: Final = "draining"
 
 EJECT_FIRST: Final = 1.0
 EJECT_MAX: Final = 30.0
+EJECT_DOUBLINGS: Final = 16  # failures counted at most: past EJECT_MAX either way
 
 
 class Endpoint:
@@ -151,7 +152,8 @@ class EndpointSet:
 
     def failed(self, ep: Endpoint) -> None:
         """A connect to ep failed: eject it for a while, doubling on repeated failures."""
-        ep.failures += 1
+        # (The doubling stops at the cap: 2 ** 1024 seconds would not even be a float.)
+        ep.failures = min(ep.failures + 1, EJECT_DOUBLINGS)
         ep.ejected_until = time.monotonic() + min(EJECT_FIRST * 2 ** (ep.failures - 1), EJECT_MAX)
         if ep.state == ACTIVE:
             ep.state = EJECTED

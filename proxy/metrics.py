@@ -174,7 +174,9 @@ class _Collector:
                 key = (METHOD_LABELS.get(method, "OTHER"), code)
                 by_label[key] = by_label.get(key, 0) + n
             for (label, code), n in by_label.items():
-                requests.add_metric([r.name, label, "reset" if code == RESET_CODE else str(code)], n)
+                requests.add_metric(
+                    [r.name, label, "reset" if code == RESET_CODE else str(code)], n
+                )
         yield requests
 
         for name, doc, attr in (

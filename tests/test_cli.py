@@ -241,7 +241,7 @@ def test_check_prints_the_normalised_config(results: Results) -> None:
         6379,
         "tcp",
     )
-    assert redis["connect_timeout"] == "1s"  # the built-in default: the file's defaults lack it
+    assert redis["connect_timeout"] == "2s"  # the built-in default: the file's defaults lack it
 
 
 CHECK_BAD = case("check-bad", "check", env={"SIDELINK_CONFIG": "{dir}/bad.yaml"})

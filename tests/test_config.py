@@ -50,7 +50,7 @@ shutdown:
   drain_delay: 5s
   drain_timeout: 30s
 defaults:
-  connect_timeout: 1s
+  connect_timeout: 2s
   request_timeout: 30s
   idle_timeout: 5m
   head_timeout: 10s

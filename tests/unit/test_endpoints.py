@@ -472,12 +472,6 @@ def test_ejections_count_each_time_an_endpoint_is_taken_out(clock: Clock) -> Non
     assert eps.stats.ejections == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="failed() computes EJECT_FIRST * 2 ** (failures - 1) before capping it at "
-    "EJECT_MAX: on the 1025th failure in a row 2**1024 does not fit a float and "
-    "OverflowError escapes into the connect path",
-)
 def test_a_long_run_of_failures_stays_at_the_cap(clock: Clock) -> None:
     eps = make_set(A)
     (a,) = eps.endpoints
