@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from support.inproc import route_address, running_server, serving
 from support.wait import until
 
 from proxy.config import ConfigSource, Overrides
+from proxy.logs import JsonFormatter
 from proxy.server import Server
 
 POD = "127.0.0.2"
@@ -147,3 +149,84 @@ async def test_a_reload_turns_the_access_log_on_and_off_for_kept_routes(
         assert server.routes[name] is route
         await one_connection(server, name)
         assert len(access.lines) == 1
+
+
+HTTP_KEYS = [
+    "time",
+    "route",
+    "protocol",
+    "method",
+    "path",
+    "status",
+    "duration_seconds",
+    "bytes_received",
+    "bytes_sent",
+    "endpoint",
+    "retries",
+    "error",
+]
+TCP_KEYS = [
+    "time",
+    "route",
+    "protocol",
+    "duration_seconds",
+    "bytes_received",
+    "bytes_sent",
+    "endpoint",
+    "error",
+]
+
+
+def json_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    formatter = JsonFormatter()
+    records = [r for r in caplog.records if r.name == "sidelink.access"]
+    return [json.loads(formatter.format(r)) for r in records]
+
+
+async def test_json_lines_have_every_field_as_its_own_key(
+    pod: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidelink.access")
+    async with running_server(config(pod, access_log=True)) as server:
+        host, port = route_address(server, "web")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://{host}:{port}/made?x=1", data=b"12345") as r:
+                body = await r.read()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /two HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")  # refused by sidelink
+        assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+        writer.close()
+        await until(lambda: len(json_lines(caplog)) == 2, what="two http lines")
+        post, refused = json_lines(caplog)
+        assert list(post) == HTTP_KEYS
+        assert {k: post[k] for k in HTTP_KEYS[1:6]} == {
+            "route": "web",
+            "protocol": "http",
+            "method": "POST",
+            "path": "/made?x=1",
+            "status": 201,
+        }
+        assert post["bytes_received"] == 5  # the request body forwarded
+        assert isinstance(post["bytes_sent"], int) and post["bytes_sent"] > len(body)
+        assert post["endpoint"] == f"{POD}:{pod}"
+        assert (post["retries"], post["error"]) == (0, None)
+        assert 0 < float(post["duration_seconds"]) < 5  # type: ignore[arg-type]
+        assert str(post["time"]).endswith("Z")
+        assert {k: refused[k] for k in ("method", "path", "status", "endpoint", "error")} == {
+            "method": "GET",
+            "path": "/two",
+            "status": 400,
+            "endpoint": None,
+            "error": "bad_request",
+        }
+
+        reader, writer = await asyncio.open_connection(*route_address(server, "raw"))
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        await until(lambda: len(json_lines(caplog)) == 3, what="the tcp line")
+        tcp = json_lines(caplog)[2]
+        assert list(tcp) == TCP_KEYS
+        assert (tcp["route"], tcp["protocol"], tcp["bytes_sent"]) == ("raw", "tcp", len(answer))
+        assert tcp["endpoint"] == f"{POD}:{pod}"
+        assert tcp["error"] is None

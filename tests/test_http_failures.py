@@ -1137,3 +1137,69 @@ async def test_an_endless_response_head_is_502_protocol() -> None:
         assert_error(response, 502, "protocol")
         assert b"64 KiB" in response.body
         assert upstream_errors(before, server) == {"protocol": 1}
+
+
+# --- every answer counted and timed once ------------------------------------------------
+
+
+async def test_every_answer_is_counted_and_timed_once_refusals_included() -> None:
+    """requests_total and the duration histogram see the same answers: the upstream's,
+    sidelink's own errors, and its refusals (400, 405, 408, 431), each with its method,
+    or OTHER for a request too malformed to have one."""
+
+    async def ok_or_404(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        while (request := await read_request(reader)) is not None:
+            w.write(
+                OK
+                if request.target != "/missing"
+                else b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+            )
+            await w.drain()
+
+    refusals = [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "GET", "400"),
+        (b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org\r\n\r\n", "OTHER", "405"),
+        (b"\x01\x02\x03 / HTTP/1.1\r\n\r\n", "OTHER", "400"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 70 * KIB + b"\r\n\r\n", "POST", "431"),
+        (b"PUT /slow HTTP/1.1\r\nHost: a\r\n", "PUT", "408"),  # the head never ends
+    ]
+    async with (
+        RawUpstream(ok_or_404) as up,
+        running_server(config(port=up.port)) as server,
+    ):
+        before = Scrape.of(server)
+        async with raw_client(server) as (reader, writer):
+            for path in ("/", "/missing", "/"):
+                writer.write(get(path))
+                await read_response(reader)
+        for raw, _, code in refusals:
+            async with raw_client(server) as (reader, writer):
+                writer.write(raw)
+                response = await read_response(reader)
+                assert response.status == int(code), raw[:40]
+        after = Scrape.of(server)
+
+        def grown(name: str, **labels: str) -> float:
+            return after.get(name, **labels) - before.get(name, **labels)
+
+        assert requests_by_code(before, server) == {
+            "200": 2,
+            "404": 1,
+            "400": 2,
+            "405": 1,
+            "408": 1,
+            "431": 1,
+        }
+        for method, code in (
+            ("GET", "400"),
+            ("OTHER", "400"),
+            ("OTHER", "405"),
+            ("POST", "431"),
+            ("PUT", "408"),
+        ):
+            assert grown("sidelink_requests_total", method=method, code=code) == 1, (method, code)
+        assert grown("sidelink_requests_total", method="DELETE") == 0
+        assert grown("sidelink_request_duration_seconds_count") == 8
+        assert grown("sidelink_requests_total") == 8
