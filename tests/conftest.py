@@ -27,9 +27,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Compiled modules older than their source would test yesterday's code."""
     package = Path(__file__).parent.parent / "proxy"
     stale = sorted(
-        source.name
-        for built in package.glob("*.so")
-        if (source := package / f"{built.name.split('.')[0]}.py").exists()
+        str(source.relative_to(package))
+        for built in package.rglob("*.so")
+        if (source := built.parent / f"{built.name.split('.')[0]}.py").exists()
         and built.stat().st_mtime < source.stat().st_mtime
     )
     if stale:

@@ -189,9 +189,11 @@ async def test_json_lines_have_every_field_as_its_own_key(
     caplog.set_level(logging.INFO, logger="sidelink.access")
     async with running_server(config(pod, access_log=True)) as server:
         host, port = route_address(server, "web")
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"http://{host}:{port}/made?x=1", data=b"12345") as r:
-                body = await r.read()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://{host}:{port}/made?x=1", data=b"12345") as r,
+        ):
+            body = await r.read()
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"GET /two HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")  # refused by sidelink
         assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
