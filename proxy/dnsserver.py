@@ -71,7 +71,7 @@ _SOA = dns.rrset.from_text(
 # RFC 1035 limit for UDP replies when the client did not offer EDNS.
 _CLASSIC_UDP_SIZE = 512
 _MAX_MESSAGE_SIZE = 65535
-# Picking a free UDP port and then taking the same TCP port is racy; a few
+# Picking a free TCP port and then taking the same UDP port is racy; a few
 # fresh attempts make a collision with another process vanishingly unlikely.
 _BIND_ATTEMPTS = 5
 # Idle TCP clients must not pin server resources forever.
@@ -416,19 +416,22 @@ class DnsServer(_RecordApi):
         # previously used port must be honoured exactly or fail loudly.
         attempts = _BIND_ATTEMPTS if self._port == 0 else 1
         for attempt in range(1, attempts + 1):
-            udp, protocol = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self._handle_wire),
-                local_addr=(self._host, self._port),
-            )
-            port: int = udp.get_extra_info("sockname")[1]
+            # TCP first: the kernel then picks a port no TCP socket holds, not even the
+            # local end of an outgoing connection (plenty of those under load), and UDP
+            # ports are rarely taken.
+            tcp = await asyncio.start_server(self._serve_tcp, self._host, self._port)
+            port: int = tcp.sockets[0].getsockname()[1]
             try:
-                tcp = await asyncio.start_server(self._serve_tcp, self._host, port)
+                udp, protocol = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self._handle_wire),
+                    local_addr=(self._host, port),
+                )
             except OSError as exc:
-                udp.close()
-                await protocol.closed
+                tcp.close()
+                await tcp.wait_closed()
                 if exc.errno != errno.EADDRINUSE or attempt == attempts:
                     raise
-                _log.debug("TCP port %d taken, retrying with a new port", port)
+                _log.debug("UDP port %d taken, retrying with a new port", port)
                 continue
             self._udp, self._udp_protocol, self._tcp = udp, protocol, tcp
             self._port = port

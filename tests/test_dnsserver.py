@@ -448,24 +448,26 @@ def test_threaded_server_from_sync_code() -> None:
     assert not server.running
 
 
-async def test_tcp_port_collision_retries_with_a_fresh_port(
+async def test_udp_port_collision_retries_with_a_fresh_port(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_start_server = asyncio.start_server
+    loop = asyncio.get_running_loop()
+    real_endpoint = loop.create_datagram_endpoint
     calls = 0
 
-    async def flaky_start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
+    async def flaky_endpoint(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OSError(errno.EADDRINUSE, "Address already in use")
-        return await real_start_server(*args, **kwargs)
+        return await real_endpoint(*args, **kwargs)
 
-    monkeypatch.setattr(asyncio, "start_server", flaky_start_server)
+    monkeypatch.setattr(loop, "create_datagram_endpoint", flaky_endpoint)
     async with DnsServer() as server:
         server.set_a("web.example", ["10.0.0.1"])
         assert calls >= 2  # (a real collision may add one more)
         assert addresses(await ask(server, "web.example", tcp=True), "web.example.") == {"10.0.0.1"}
+        assert addresses(await ask(server, "web.example"), "web.example.") == {"10.0.0.1"}
 
 
 async def test_explicit_port_in_use_fails_loudly(server: DnsServer) -> None:
