@@ -49,6 +49,12 @@ log = logging.getLogger("sidelink.http")
 MAX_PIPELINED: Final = 32
 # Bytes held after an Upgrade request, before the 101, before the client is paused.
 TUNNEL_BUFFER_LIMIT: Final = 256 * 1024
+# The raw bytes an unfinished head may take before it is cut, whitespace and all: the
+# limit itself is on the head's plain size (heads.head_size), measured once it is whole.
+RAW_HEAD_LIMIT: Final = 2 * MAX_HEAD_BYTES
+# Reads of a head under this many bytes surely hold a head within the limit (at most
+# one byte a header short of the plain size: "Name:value"), so it is not measured.
+MEASURE_ABOVE: Final = MAX_HEAD_BYTES // 2
 # After refusing a request, how long to read and drop what the client still sends.
 LINGER_TIMEOUT: Final = 2.0
 # The method counted for a request refused before its method was read.
@@ -155,7 +161,7 @@ class H1Downstream(Forwarding):
         else:
             # httptools holds a partial head internally: bound what came after the read
             # it began in (a head within the limit never gets there, however it is cut).
-            if self.in_head and self.head_rest > MAX_HEAD_BYTES:
+            if self.in_head and self.head_rest > RAW_HEAD_LIMIT:
                 self._reject(HeadTooLarge("request head over 64 KiB"))
 
     def eof_received(self) -> bool:
@@ -206,9 +212,9 @@ class H1Downstream(Forwarding):
         method = parser.get_method()
         url = self.url
         headers = self.headers
-        # Measured only when it may be over: the reads it came in are at most that big.
+        # Measured only when it may be over: the reads it came in are at least that big.
         if (
-            self.head_first + self.head_rest > MAX_HEAD_BYTES
+            self.head_first + self.head_rest > MEASURE_ABOVE
             and heads.head_size(method, url, headers) > MAX_HEAD_BYTES
         ):
             raise HeadTooLarge("request head over 64 KiB")
@@ -416,6 +422,7 @@ class H1Upstream(Forwarding):
         self.until_close = False  # the body ends when the server closes
         self.interim = False
         self.keep_alive_down = True
+        self.head_keep_alive = True  # the server keeps the connection (a HEAD's answer)
         self.tunnel = False
 
     def __repr__(self) -> str:
@@ -466,6 +473,8 @@ class H1Upstream(Forwarding):
         if self.tunnel:
             ex.deliver(data)
             return
+        if ex.phase < STREAMING:
+            self.head_bytes += len(data)  # (with what follows the head: a bound to measure)
         try:
             self.feed(data)
         except httptools.HttpParserUpgrade as e:
@@ -482,7 +491,8 @@ class H1Upstream(Forwarding):
                 clean = end != -1 and end + 4 == len(data)
                 self.parser = httptools.HttpResponseParser(self)
                 self.feed = self.parser.feed_data
-                ex.response_complete(reusable=clean, keep_alive=self.keep_alive_down)
+                reusable = clean and self.head_keep_alive
+                ex.response_complete(reusable=reusable, keep_alive=self.keep_alive_down)
                 return
             self._protocol_error(ex, str(e.__context__ or e))
             return
@@ -491,11 +501,9 @@ class H1Upstream(Forwarding):
             return
         if self.out:
             self._flush(ex)
-        if ex.phase < STREAMING:
+        if ex.phase < STREAMING and self.head_bytes > RAW_HEAD_LIMIT:
             # Still no (final) head: bound what httptools holds of it, as for requests.
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self._protocol_error(ex, "response head over 64 KiB")
+            self._protocol_error(ex, "response head over 64 KiB")
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -534,8 +542,15 @@ class H1Upstream(Forwarding):
     def on_headers_complete(self) -> None:
         ex = self.exchange
         assert ex is not None
-        status = self.parser.get_status_code()
-        lines, framing = heads.response_lines(status, self.headers)
+        parser = self.parser
+        status = parser.get_status_code()
+        headers = self.headers
+        if (
+            self.head_bytes > MEASURE_ABOVE
+            and heads.head_size(b"HTTP/1.1", b"%d" % status, headers) > MAX_HEAD_BYTES
+        ):
+            raise ProtocolError("response head over 64 KiB")
+        lines, framing = heads.response_lines(status, headers)
         self.headers.clear()  # what on_header collects from now on are trailers
         if 100 <= status < 200 and status != 101:
             self.interim = True
@@ -563,6 +578,7 @@ class H1Upstream(Forwarding):
         self.out.append(b"".join(lines))
         ex.response_started(status)
         if ex.method == b"HEAD" and status != 101:
+            self.head_keep_alive = parser.should_keep_alive()
             raise _HeadOnly
 
     def on_body(self, body: bytes) -> None:

@@ -400,11 +400,6 @@ async def test_head_response_has_no_body_and_its_upstream_is_reused(rig: Rig) ->
     assert rig.stats.requests == {(b"HEAD", 200): 1, (b"GET", 200): 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h1.py H1Upstream.data_received, the _HeadOnly branch: a HEAD response is reusable "
-    "when its head ended the read, whatever the server said; Connection: close is ignored",
-)
 async def test_head_response_with_connection_close_does_not_go_back_to_the_pool(rig: Rig) -> None:
     rig.request(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
     rig.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n")
@@ -692,13 +687,6 @@ async def test_head_of_64_kib_and_one_byte_gets_431_however_it_is_cut(rig: Rig, 
     assert rig.stats.requests == {(b"GET", 431): 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h1.py H1Downstream.data_received: a head still incomplete is bounded by its raw "
-    "bytes after the first read, while a complete one is measured plainly (heads.head_size, "
-    "no optional whitespace): a head within the limit, padded with whitespace, gets 431 when "
-    "cut in three reads and passes in one",
-)
 async def test_head_within_the_limit_padded_with_whitespace_passes_in_three_reads(
     rig: Rig,
 ) -> None:
@@ -716,12 +704,6 @@ async def test_head_within_the_limit_padded_with_whitespace_passes_in_three_read
     assert rig.server.take().startswith(b"GET / HTTP/1.1\r\nX-Fill: v")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h1.py H1Downstream.on_headers_complete: the plain size is measured only when the "
-    "raw reads exceed the limit, on the belief that the raw bytes are never fewer; with "
-    "'Name:value' lines (no space) they are, and a head of plain size 64 KiB + 1 passes",
-)
 async def test_head_over_the_limit_written_without_spaces_gets_431(rig: Rig) -> None:
     head = request_head(MAX_HEAD_BYTES + 1).replace(b"X-Fill: ", b"X-Fill:")
     assert len(head) == MAX_HEAD_BYTES  # one byte fewer than it counts
@@ -812,14 +794,6 @@ HUNDRED_KB_RESPONSE_HEAD = (
     + b"Content-Length: 0\r\n\r\n"
 )
 
-RESPONSE_HEAD_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="h1.py H1Upstream.data_received: the response head is bounded only while it is "
-    "incomplete at the end of a read; the read that completes it is never counted, so a "
-    "head of any size that ends in the read it began in (or one after a short first read) "
-    "passes, while heads.MAX_HEAD_BYTES says 'however its bytes arrive'",
-)
-
 
 @pytest.mark.parametrize(
     "cut",
@@ -827,9 +801,9 @@ RESPONSE_HEAD_BUG = pytest.mark.xfail(
         65537,
         80000,
         len(HUNDRED_KB_RESPONSE_HEAD) - 1,
-        pytest.param(1, marks=RESPONSE_HEAD_BUG),
-        pytest.param(60000, marks=RESPONSE_HEAD_BUG),
-        pytest.param(len(HUNDRED_KB_RESPONSE_HEAD), marks=RESPONSE_HEAD_BUG),
+        1,
+        60000,
+        len(HUNDRED_KB_RESPONSE_HEAD),
     ],
 )
 async def test_response_head_over_64_kib_gets_502_protocol(rig: Rig, cut: int) -> None:
