@@ -7,6 +7,6 @@ __version__ = "0.1.0"
 
 def build() -> str:
     """How the forwarding hot path runs: "compiled" (with mypyc, see setup.py) or not."""
-    spec = find_spec("proxy.http")  # (finds the module without running it)
+    spec = find_spec("proxy.http.h1")  # (finds the module without running it)
     origin = spec.origin if spec is not None else None
     return "pure Python" if origin is None or origin.endswith(".py") else "compiled"

@@ -15,7 +15,7 @@ from typing import cast
 
 from proxy.addr import join_host_port
 from proxy.endpoints import Endpoint
-from proxy.errors import UpstreamError
+from proxy.errors import UpstreamError, UpstreamReset
 from proxy.flow import CONNECTING, FlowControl, Forwarding
 from proxy.logs import log_access
 from proxy.route import Route, peer_name
@@ -148,8 +148,8 @@ class TcpDownstream(Forwarding):
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.outcome == "ok":
-            self.outcome = "reset"
-            self.stats.errors["reset"] += 1
+            self.outcome = UpstreamReset.reason
+            self.stats.errors[UpstreamReset.reason] += 1
         self.close()
 
     # Connection (lifecycle) interface
