@@ -16,24 +16,23 @@ answered, while the body still arrives.
 
 The two sides are seams with few calls. An upstream connection (:class:`Upstream`)
 is attached, sent to and detached; it calls back only the exchange's
-``response_*`` methods and ``upstream_failed``. The downstream connection
-(:class:`Downstream`) writes what the exchange hands it and is told when the
-exchange is over. HTTP/1 provides one of each (``h1.py``).
+``response_*`` methods, ``deliver`` and ``upstream_failed``. The downstream
+connection (:class:`Downstream`) writes what the exchange hands it and is told when
+the exchange is over. HTTP/1 provides one of each (``h1.py``).
 
 On every request's path and compiled with mypyc (setup.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final
 
 from proxy.addr import join_host_port
 from proxy.endpoints import DRAINING, Endpoint
 from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset
-from proxy.flow import BUFFER, FlowControl
+from proxy.flow import BUFFER, Forwarding
 from proxy.http.heads import IDEMPOTENT
 from proxy.logs import log_access
 from proxy.metrics import RESET_CODE
@@ -62,27 +61,40 @@ PHASES: Final = ("HEAD", "CONNECTING", "SENDING", "AWAITING", "STREAMING", "TUNN
 NO_ENDPOINTS: Final[tuple[Endpoint, ...]] = ()
 
 
-class Upstream(Protocol):
-    """An upstream connection as an exchange uses it."""
+class Upstream(Forwarding):
+    """An upstream connection as an exchange uses it: attached, sent to, detached.
 
-    flow: FlowControl
-    pool: Pool[Any] | None
+    What it may call back is the exchange's ``response_started``, ``deliver``,
+    ``response_complete`` and ``upstream_failed``, and its downstream's ``touch``.
+    (A base class rather than a typing Protocol: compiled code calls a base class's
+    methods directly, a Protocol's through a generic lookup, on every request.)
+    """
+
+    pool: Pool[Upstream] | None
+    created: float  # loop times, for the pool's idle timeout and max lifetime
+    idle_since: float
+    closed: bool  # closed or closing: never handed out again
 
     def attach(self, exchange: Exchange) -> None:
         """Carry ``exchange``: its response goes to it from now on."""
+        raise NotImplementedError
 
     def send(self, data: bytes) -> None:
         """Request bytes, as they should go on the wire."""
+        raise NotImplementedError
 
     def detach(self, reusable: bool, now: float) -> None:
         """The exchange is over: back to the pool if ``reusable``, else closed."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
-class Downstream(Protocol):
+class Downstream(Forwarding):
     """The client connection as an exchange uses it."""
 
     route: Route
-    flow: FlowControl
     clock: Callable[[], float]  # the loop's
     last_active: float  # the loop time of the last read on either side
     closed: bool
@@ -90,29 +102,38 @@ class Downstream(Protocol):
     @property
     def last_response(self) -> bool:
         """The connection closes after the response under way."""
+        raise NotImplementedError
 
     def peer(self) -> str:
         """The client's address, for the access log."""
+        raise NotImplementedError
 
-    def new_upstream(self) -> asyncio.BaseProtocol:
-        """A protocol object for a new upstream connection (an :class:`Upstream`)."""
+    def new_upstream(self) -> Upstream:
+        """A protocol object for a new upstream connection."""
+        raise NotImplementedError
 
     def touch(self, now: float) -> None:
         """The upstream side moved: the connection is not idle."""
+        raise NotImplementedError
 
     def write(self, data: bytes) -> None:
         """Response bytes for the client."""
+        raise NotImplementedError
 
     def answer_error(self, exchange: Exchange, error: ProxyError, keep_alive: bool) -> None:
         """Send sidelink's own answer to ``exchange``."""
+        raise NotImplementedError
 
     def finished(self, exchange: Exchange, keep_alive: bool) -> None:
         """``exchange`` is answered: go on to the next request, or close."""
+        raise NotImplementedError
 
     def switch_to_tunnel(self, exchange: Exchange) -> None:
         """A 101 came: from now on the connections are one byte pipe."""
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 class Exchange:
@@ -258,7 +279,7 @@ class Exchange:
         tried = self.tried = list(self.tried)  # route.connect adds the endpoints that fail
         before = len(tried)
         try:
-            ep, _, protocol = await route.connect(down.new_upstream, exclude=tried, first=first)
+            ep, _, conn = await route.connect(down.new_upstream, exclude=tried, first=first)
         except UpstreamError as e:
             if self.phase == CONNECTING and not down.closed:
                 self.fail(e)
@@ -266,7 +287,6 @@ class Exchange:
                 route.stats.errors[e.reason] += 1  # (nobody is told, but it happened)
             return
         self.retries += len(tried) - before
-        conn = cast(Upstream, protocol)
         pool = route.pool(ep)
         pool.adopt(conn)
         now = down.clock()

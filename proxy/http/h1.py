@@ -37,9 +37,9 @@ from proxy.errors import (
     UpstreamTimeout,
     VersionNotSupported,
 )
-from proxy.flow import BUFFER, PIPELINE, REFUSED, FlowControl, Forwarding
+from proxy.flow import BUFFER, PIPELINE, REFUSED, FlowControl
 from proxy.http import heads
-from proxy.http.exchange import STREAMING, TUNNEL, Exchange, perf_counter
+from proxy.http.exchange import STREAMING, TUNNEL, Downstream, Exchange, Upstream, perf_counter
 from proxy.http.heads import CRLF, FRAMING_CLOSE, FRAMING_LENGTH, LAST_CHUNK, MAX_HEAD_BYTES
 from proxy.pool import Pool
 from proxy.route import Route, peer_name
@@ -72,7 +72,7 @@ class _HeadOnly(Exception):
     """Stops the response parser after the head of a response that has no body."""
 
 
-class H1Downstream(Forwarding):
+class H1Downstream(Downstream):
     """An accepted client connection: parses requests, answers them in order."""
 
     def __init__(self, route: Route, hosts: heads.HostRule) -> None:
@@ -399,7 +399,7 @@ class H1Downstream(Forwarding):
                 self.transport.close()
 
 
-class H1Upstream(Forwarding):
+class H1Upstream(Upstream):
     """A (pooled) connection to one endpoint; parses the responses coming back."""
 
     def __init__(self, route: Route) -> None:
@@ -410,7 +410,7 @@ class H1Upstream(Forwarding):
         self.write: Callable[[bytes], object] | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.feed = self.parser.feed_data
-        self.pool: Pool[H1Upstream] | None = None
+        self.pool: Pool[Upstream] | None = None
         self.exchange: Exchange | None = None
         self.created = loop.time()
         self.idle_since = self.created
