@@ -23,7 +23,7 @@ D = ("10.0.0.4", 80)
 
 
 class Clock:
-    """Stands in for the time module inside proxy.endpoints: monotonic() moves on demand."""
+    """Stands in for proxy.endpoints.monotonic: it moves on demand."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -48,7 +48,7 @@ class Conn:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(endpoints, "time", clock)
+    monkeypatch.setattr(endpoints, "monotonic", clock.monotonic)
     return clock
 
 

@@ -90,7 +90,8 @@ class Rig:
         self.up, self.server = self.pooled_upstream()
 
     def spawn(self, coro: Any) -> None:
-        self.connects.append(coro.__qualname__)
+        # (a compiled coroutine has no __qualname__; its type is named after the function)
+        self.connects.append(getattr(coro, "__qualname__", type(coro).__name__))
         coro.close()
 
     def new_client(self, **kwargs: Any) -> tuple[H1Downstream, Transport]:
@@ -737,7 +738,7 @@ async def test_get_on_a_reused_connection_lost_before_any_response_byte_is_retri
     rig.request(b"GET /g HTTP/1.1\r\nHost: x\r\n\r\n")
     ex = rig.active
     rig.server.lose()
-    assert rig.connects == ["Exchange._connect"]
+    assert rig.connects in (["Exchange._connect"], ["_connect_Exchange_gen"])
     assert PHASES[ex.phase] == "CONNECTING" and ex.tried == [rig.endpoint]
     assert ex.buffer is None  # nothing to replay but the head
     assert rig.stats.retries == 1 and rig.stats.errors["reset"] == 0
