@@ -32,6 +32,10 @@ _DEFAULT_PORT: int | str = 80  # typed so, as a port may be a name
 DEFAULT_CONFIG_PATH = "/etc/sidelink/sidelink.yaml"
 CONFIG_ENV = "SIDELINK_CONFIG"
 ROUTES_ENV = "SIDELINK_ROUTES"
+# The key a ConfigMap holds the config under: mounted on /etc/sidelink, it is the default path.
+CONFIG_MAP_KEY = DEFAULT_CONFIG_PATH.rsplit("/", 1)[1]
+# A config is a few kilobytes; a file far past that is a mistake (or a log), not read whole.
+MAX_CONFIG_BYTES = 1 << 20
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -366,6 +370,8 @@ class RouteConfig:
     protocol: str = setting("tcp", _choice(PROTOCOLS))
     expose: bool = setting(False, _boolean)
     settings: RouteSettings = field(default_factory=RouteSettings, metadata=_INLINE)
+    # Given as a quick route (--route, $SIDELINK_ROUTES), not in the file: only naming reads it.
+    quick: bool = field(default=False, compare=False)
 
     @property
     def listen(self) -> str:
@@ -419,6 +425,8 @@ class Config:
     defaults: RouteSettings = field(default_factory=RouteSettings, metadata=_SECTION)
     routes: tuple[RouteConfig, ...] = field(default=(), metadata=_LIST)
     source: str | None = None  # the file read, if any
+    # Where in the file the config sat, when the file is a ConfigMap manifest.
+    embedded: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised config, in the file's own shape (what ``sidelink check`` prints)."""
@@ -463,18 +471,50 @@ class ConfigSource:
             origin = "$" + ROUTES_ENV
         return cls(path, routes, origin, overrides)
 
-    def load(self) -> Config:
+    def load(self, *, require_routes: bool = True) -> Config:
+        """Read and validate the config; with ``require_routes``, one without routes is refused.
+
+        ``run`` and ``check`` (and a reload) all come through here, so they accept exactly the
+        same configs; ``resolve`` needs only the resolver section and passes False.
+        """
         text = None
         if self.path is not None:
-            try:
-                text = Path(self.path).read_text(encoding="utf-8")
-            except OSError as e:
-                raise ConfigError([f"{self.path}: cannot read: {e.strerror or e}"]) from e
-            except UnicodeDecodeError as e:
-                raise ConfigError([f"{self.path}: cannot read: not UTF-8 text ({e.reason})"]) from e
-        return parse(
+            text = _read_config_file(self.path)
+        config = parse(
             text, self.path or "<none>", self.quick_routes, self.quick_origin, self.overrides
         )
+        if require_routes and not config.routes:
+            raise ConfigError([self.no_routes()])
+        return config
+
+    def no_routes(self) -> str:
+        """Why there are no routes, naming what was looked at."""
+        env = "$" + ROUTES_ENV
+        if self.path is not None:
+            return (
+                f"{self.path}: no routes: the file has no routes: list, and no --route SPEC "
+                f"or {env} adds one"
+            )
+        return (
+            f"no routes: no config file (none given with -c FILE or ${CONFIG_ENV}, and "
+            f"{DEFAULT_CONFIG_PATH} does not exist), and no --route SPEC or {env}"
+        )
+
+
+def _read_config_file(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"{path}: too large: a config file may hold at most {MAX_CONFIG_BYTES} bytes (1 MiB)"]
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 text ({e.reason})"]) from e
 
 
 def parse(
@@ -484,19 +524,43 @@ def parse(
     quick_origin: str = "--route",
     overrides: Overrides = Overrides(),
 ) -> Config:
-    """Build a Config from YAML text plus quick routes; raise ConfigError listing every problem."""
+    """Build a Config from YAML text plus quick routes; raise ConfigError listing every problem.
+
+    ``text`` may also be a ConfigMap manifest (one document or several): the config is then
+    read from its ``data`` key ``sidelink.yaml``, and problems name the manifest's lines.
+    """
     reader = _Reader(Path(filename).name if filename.startswith("/") else filename)
+    try:
+        return _parse(
+            reader,
+            text,
+            filename=filename,
+            quick_routes=quick_routes,
+            quick_origin=quick_origin,
+            overrides=overrides,
+        )
+    except RecursionError:
+        # PyYAML composes and constructs recursively: [[[[...]]]] a few thousand deep ends here.
+        raise ConfigError([f"{reader.filename}: invalid YAML: nested too deeply"]) from None
+
+
+def _parse(
+    reader: _Reader,
+    text: str | None,
+    *,
+    filename: str,
+    quick_routes: Sequence[str],
+    quick_origin: str,
+    overrides: Overrides,
+) -> Config:
     root: yaml.Node | None = None
+    embedded = None
     if text is not None:
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            line = mark.line + 1 if mark is not None else 1
-            problem = getattr(e, "problem", None) or str(e)
-            if context := getattr(e, "context", None):  # "while parsing a flow sequence"
-                problem = f"{context}{',' if problem.startswith('but') else ':'} {problem}"
-            raise ConfigError([f"{reader.filename}:{line}: invalid YAML: {problem}"]) from e
+        root = _compose(reader, text)
+        found = _config_map(reader, text, root)
+        if found is not None:
+            embedded, config_text, reader.line_offset = found
+            root = _compose(reader, config_text)
     config = reader.config(root)
     routes = list(config.routes)
     for i, spec in enumerate(quick_routes):
@@ -505,12 +569,88 @@ def parse(
             routes.append(route)
     config = _apply_overrides(reader, config, overrides)
     config = dataclasses.replace(
-        config, routes=tuple(_name_routes(routes)), source=None if text is None else filename
+        config,
+        routes=tuple(_name_routes(routes)),
+        source=None if text is None else filename,
+        embedded=embedded,
     )
     reader.check_listeners(config)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_line_of))
     return config
+
+
+def _compose(reader: _Reader, text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.composer.ComposerError as e:
+        if e.problem and e.problem.startswith("expected a single document"):
+            return None  # several documents: _config_map looks for a ConfigMap among them
+        raise ConfigError([_yaml_problem(reader, e)]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([_yaml_problem(reader, e)]) from e
+
+
+def _yaml_problem(reader: _Reader, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = mark.line + 1 + reader.line_offset if mark is not None else 1
+    problem = getattr(e, "problem", None) or str(e)
+    if context := getattr(e, "context", None):  # "while parsing a flow sequence"
+        problem = f"{context}{',' if problem.startswith('but') else ':'} {problem}"
+    return f"{reader.filename}:{line}: invalid YAML: {problem}"
+
+
+def _config_map(reader: _Reader, text: str, root: yaml.Node | None) -> tuple[str, str, int] | None:
+    """(where, the config text, its line offset) when the file is a ConfigMap manifest.
+
+    None for a plain config. A manifest without the key is an error saying what it holds.
+    """
+    documents = [root] if root is not None else list(yaml.compose_all(text, yaml.SafeLoader))
+    maps = [d for d in documents if d is not None and _kind(d) == "ConfigMap"]
+    if not maps:
+        if root is None and len(documents) > 1:  # several documents, none a ConfigMap
+            raise ConfigError(
+                [
+                    f"{reader.filename}:{documents[1].start_mark.line + 1}: invalid YAML: "
+                    "expected a single document in the stream, but found another document"
+                ]
+            )
+        return None
+    seen = []
+    for node in maps:
+        name = _scalar(_child(_child(node, "metadata"), "name")) or "(unnamed)"
+        data = _child(node, "data")
+        value = _child(data, CONFIG_MAP_KEY)
+        if isinstance(value, yaml.ScalarNode):
+            # A block scalar (|) starts on the line after its indicator; others where they stand.
+            offset = value.start_mark.line + (1 if value.style in ("|", ">") else 0)
+            return f"ConfigMap {name}, data.{CONFIG_MAP_KEY}", str(value.value), offset
+        keys = [str(k.value) for k, _ in data.value] if isinstance(data, yaml.MappingNode) else []
+        seen.append(f"ConfigMap {name} has data keys: {', '.join(keys) or '(none)'}")
+    raise ConfigError(
+        [
+            f"{reader.filename}:{maps[0].start_mark.line + 1}: a ConfigMap manifest without "
+            f"data.{CONFIG_MAP_KEY}, the key the sidecar reads ({DEFAULT_CONFIG_PATH}); "
+            + "; ".join(seen)
+        ]
+    )
+
+
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(v, yaml.Node):
+            return v
+    return None
+
+
+def _scalar(node: yaml.Node | None) -> str | None:
+    return str(node.value) if isinstance(node, yaml.ScalarNode) else None
+
+
+def _kind(node: yaml.Node) -> str | None:
+    return _scalar(_child(node, "kind"))
 
 
 # --- the reader ------------------------------------------------------------------------
@@ -521,6 +661,7 @@ class _Reader:
 
     def __init__(self, filename: str) -> None:
         self.filename = filename
+        self.line_offset = 0  # the config's first line in the file (a ConfigMap's data)
         self.problems: list[str] = []
         # Where each accepted route came from, in order, for problems found across routes.
         self.route_origins: list[_Origin] = []
@@ -530,10 +671,13 @@ class _Reader:
 
     def at(self, node: yaml.Node | None) -> str:
         """The ``file:line: `` prefix of a problem about ``node``."""
-        return "" if node is None else f"{self.filename}:{node.start_mark.line + 1}: "
+        return "" if node is None else f"{self.filename}:{self.line(node)}: "
+
+    def line(self, node: yaml.Node) -> int:
+        return int(node.start_mark.line) + 1 + self.line_offset
 
     def problem(self, node: yaml.Node | None, path: str, message: str) -> None:
-        where = self.filename if node is None else f"{self.filename}:{node.start_mark.line + 1}"
+        where = self.filename if node is None else f"{self.filename}:{self.line(node)}"
         self.problems.append(f"{where}: {path}: {message}")
 
     def value(self, node: yaml.Node) -> Any:
@@ -675,7 +819,9 @@ class _Reader:
         if "listen" not in nodes or "service" not in nodes:
             return None
         self.route_origins.append(
-            _Origin(path, self.at(nodes["listen"]), self.at(nodes.get("name", node)))
+            _Origin(
+                path, self.at(nodes["listen"]), self.at(nodes.get("name", node)), "name" in nodes
+            )
         )
         return route
 
@@ -721,6 +867,7 @@ class _Reader:
             protocol=protocol,
             expose=m["host"] is not None and not is_loopback(host),
             settings=defaults,
+            quick=True,
         )
 
     def check_exposure(self, route: RouteConfig, node: yaml.Node | None, path: str) -> None:
@@ -749,9 +896,10 @@ class _Reader:
         names: dict[str, str] = {}
         for origin, r in zip(self.route_origins, config.routes, strict=True):
             if r.name in names:
+                hint = "" if origin.named or r.quick else " (routes to one service need a name:)"
                 self.problems.append(
                     f"{origin.name_at}{origin.path}.name: {r.name!r} is already the name of "
-                    f"{names[r.name]}"
+                    f"{names[r.name]}{hint}"
                 )
             names.setdefault(r.name, origin.path)
 
@@ -763,6 +911,7 @@ class _Origin:
     path: str
     listen_at: str = ""
     name_at: str = ""
+    named: bool = False  # the route wrote its name: key
 
 
 def _apply_overrides(reader: _Reader, config: Config, overrides: Overrides) -> Config:
@@ -781,12 +930,16 @@ def _apply_overrides(reader: _Reader, config: Config, overrides: Overrides) -> C
 
 
 def _name_routes(routes: list[RouteConfig]) -> Iterator[RouteConfig]:
-    """Unnamed routes are named after their service, or service:listen_port when shared."""
-    services = [r.service for r in routes if not r.name]
+    """Name each unnamed route from its own fields, so adding a route renames no other.
+
+    The name is the metric label: a file route's default is its service (SPEC.md); a quick
+    route, which has no way to write a name, is ``service:listen_port``, unique per listener.
+    Two file routes to one service without names clash, and check_listeners says so.
+    """
     for r in routes:
         if r.name:
             yield r
-        elif services.count(r.service) > 1:
+        elif r.quick:
             yield dataclasses.replace(r, name=f"{r.service}:{r.listen_port}")
         else:
             yield dataclasses.replace(r, name=r.service)

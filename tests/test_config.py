@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from proxy.config import (
     DEFAULT_CONFIG_PATH,
+    MAX_CONFIG_BYTES,
     Config,
     ConfigError,
     ConfigSource,
@@ -255,7 +256,7 @@ EXPECTED_ROUTE = f"name, listen, service, port, protocol, expose, {EXPECTED_SETT
             f"sidelink.yaml:4: routes[0].upstream: unknown key (expected one of: {EXPECTED_ROUTE})",
         ),
         (
-            "routes:\n  - {listen: 1, service: s}\n  - listen: 2\n    service: s\n    pool: "
+            "routes:\n  - {listen: 1, service: s}\n  - listen: 2\n    service: t\n    pool: "
             "{max_idel: 1}\n",
             f"sidelink.yaml:5: routes[1].pool.max_idel: unknown key (expected one of: "
             f"{EXPECTED_POOL})",
@@ -937,7 +938,7 @@ def test_quick_routes(spec: str, expected: tuple[object, ...]) -> None:
     config = parse(None, FILE, (spec,))
     (r,) = config.routes
     assert (r.listen_host, r.listen_port, r.service, r.port, r.protocol, r.expose) == expected
-    assert r.name == r.service
+    assert r.name == f"{r.service}:{r.listen_port}"
     assert r.settings == RouteSettings()
     assert config.source is None
 
@@ -990,17 +991,42 @@ def test_two_quick_routes_on_one_port() -> None:
     ]
 
 
-def test_unnamed_routes_sharing_a_service_are_named_service_colon_port() -> None:
+def test_a_default_name_depends_on_its_route_alone() -> None:
+    """Adding a route never renames another: its name is its metric label (issue 12 defect 3)."""
     text = yml(
         """
         routes:
-          - {listen: 8081, service: redis}
           - {listen: 8082, service: app}
           - {name: explicit, listen: 8083, service: redis}
         """
     )
-    config = parse(text, FILE, ("9000=redis", "9001=db/tcp"))
-    assert [r.name for r in config.routes] == ["redis:8081", "app", "explicit", "redis:9000", "db"]
+    alone = parse(None, FILE, ("18081=127.0.0.2:18080/http",))
+    assert [r.name for r in alone.routes] == ["127.0.0.2:18081"]
+    two = parse(None, FILE, ("18081=127.0.0.2:18080/http", "18082=127.0.0.2:18080/http"))
+    assert [r.name for r in two.routes] == ["127.0.0.2:18081", "127.0.0.2:18082"]
+    # A file route is named after its service, a quick route after service and listen port.
+    config = parse(text, FILE, ("9000=redis", "9001=db/tcp", "9002=app"))
+    assert [r.name for r in config.routes] == [
+        "app",
+        "explicit",
+        "redis:9000",
+        "db:9001",
+        "app:9002",
+    ]
+
+
+def test_unnamed_file_routes_to_one_service_must_be_named() -> None:
+    text = yml(
+        """
+        routes:
+          - {listen: 8081, service: redis}
+          - {listen: 8082, service: redis}
+        """
+    )
+    assert problems(text) == [
+        "sidelink.yaml:3: routes[1].name: 'redis' is already the name of routes[0] "
+        "(routes to one service need a name:)"
+    ]
 
 
 # --- discovery --------------------------------------------------------------------------
@@ -1028,7 +1054,7 @@ def test_discover_precedence(tmp_path: Path) -> None:
         "--route",
     )
     config = source.load()
-    assert [r.name for r in config.routes] == ["from-flag", "flag-svc"]
+    assert [r.name for r in config.routes] == ["from-flag", "flag-svc:9001"]
     assert config.source == str(flag)
 
     # Without -c and --route, the environment answers.
@@ -1038,13 +1064,13 @@ def test_discover_precedence(tmp_path: Path) -> None:
         ("9000=env-svc",),
         "$SIDELINK_ROUTES",
     )
-    assert [r.name for r in source.load().routes] == ["from-env", "env-svc"]
+    assert [r.name for r in source.load().routes] == ["from-env", "env-svc:9000"]
 
     # Nothing at all (and an empty $SIDELINK_CONFIG counts as unset): no file, no routes.
     for env in ({}, {"SIDELINK_CONFIG": "", "SIDELINK_ROUTES": " "}):
         source = ConfigSource.discover(None, [], environ=env)
         assert (source.path, source.quick_routes) == (None, ())
-        config = source.load()
+        config = source.load(require_routes=False)
         assert (config.routes, config.source) == ((), None)
 
 
@@ -1248,3 +1274,99 @@ def test_every_key_printed_reads_back_and_a_changed_one_is_seen() -> None:
     route = {**out["routes"][0], **changed, "name": "r", "listen": "127.0.0.1:8090"}
     text = yaml.safe_dump({"routes": [route]}, sort_keys=False)
     assert parse(text, FILE).to_dict()["routes"] == [route]
+
+
+# --- loading: limits, no routes, ConfigMap manifests --------------------------------------
+
+
+def test_a_file_over_the_size_cap_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text(route_yaml() + "#" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError) as info:
+        ConfigSource(str(path)).load()
+    assert info.value.problems == [
+        f"{path}: too large: a config file may hold at most 1048576 bytes (1 MiB)"
+    ]
+    path.write_text(route_yaml())  # a normal file still loads
+    assert ConfigSource(str(path)).load().routes
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 5000 + "]" * 5000,
+        "a: " + "{b: " * 3000,
+        "resolver:\n  nameservers: " + "[" * 3000 + "]" * 3000 + "\n",  # deep in a known key
+    ],
+    ids=["sequences", "mappings", "a-value"],
+)
+def test_a_document_nested_too_deeply_is_a_config_error(text: str) -> None:
+    """PyYAML's RecursionError must not escape as a traceback (issue 13 defect 5)."""
+    assert problems(text) == ["sidelink.yaml: invalid YAML: nested too deeply"]
+
+
+@pytest.mark.usefixtures("no_default_file")
+def test_no_routes_names_what_was_looked_at(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("admin:\n  listen: 127.0.0.1:9901\n")
+    with pytest.raises(ConfigError) as info:
+        ConfigSource.discover(str(empty), environ={}).load()
+    assert info.value.problems == [
+        f"{empty}: no routes: the file has no routes: list, and no --route SPEC or "
+        "$SIDELINK_ROUTES adds one"
+    ]
+    with pytest.raises(ConfigError) as info:
+        ConfigSource.discover(None, environ={}).load()
+    assert info.value.problems == [
+        "no routes: no config file (none given with -c FILE or $SIDELINK_CONFIG, and "
+        "/etc/sidelink/sidelink.yaml does not exist), and no --route SPEC or $SIDELINK_ROUTES"
+    ]
+    # resolve needs no routes; a quick route fills an empty file.
+    assert ConfigSource.discover(str(empty), environ={}).load(require_routes=False).routes == ()
+    assert ConfigSource.discover(str(empty), ["9000=a"], environ={}).load().routes
+
+
+CONFIG_MAP = yml(
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: other}
+    ---
+    apiVersion: v1
+    kind: ConfigMap
+    metadata:
+      name: sidelink-config
+    data:
+      sidelink.yaml: |
+        routes:
+          - listen: 8081
+            service: app1
+            port: 70000
+    """
+)
+
+
+def test_a_config_map_manifest_is_read_from_its_data() -> None:
+    good = CONFIG_MAP.replace("70000", "80")
+    config = parse(good, FILE)
+    assert [(r.name, r.port) for r in config.routes] == [("app1", 80)]
+    assert config.embedded == "ConfigMap sidelink-config, data.sidelink.yaml"
+    # Problems name the manifest's own lines.
+    assert problems(CONFIG_MAP) == [
+        "sidelink.yaml:14: routes[0].port: must be 1..65535 or a port name, got 70000"
+    ]
+
+
+def test_a_config_map_without_the_key_says_what_it_holds() -> None:
+    text = yml(
+        """
+        kind: ConfigMap
+        metadata: {name: app-config}
+        data: {config.yaml: "x", other: "y"}
+        """
+    )
+    assert problems(text) == [
+        "sidelink.yaml:1: a ConfigMap manifest without data.sidelink.yaml, the key the sidecar "
+        "reads (/etc/sidelink/sidelink.yaml); "
+        "ConfigMap app-config has data keys: config.yaml, other"
+    ]
