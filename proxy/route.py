@@ -53,6 +53,9 @@ class Route:
     ) -> None:
         self.config = config
         self.settings = config.settings
+        # The loop, taken once: asyncio.get_running_loop() costs a getpid() per call.
+        self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time
         self.access_log = access_log
         self.stats = metrics.route(config.name)
         self.endpoints = EndpointSet(config.name, config.settings.balance, self.stats)
@@ -121,13 +124,13 @@ class Route:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a connection's coroutine (a connect), holding it until done: the loop keeps
         only weak references to tasks, and one collected mid-connect would vanish."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+            self._ticker = self.loop.create_task(self._tick())
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()

@@ -34,7 +34,7 @@ class TcpDownstream(Forwarding):
         # Bound once, for every read: each side's transport write, and the clock.
         self.write_up: Callable[[bytes], object] | None = None
         self.write_down: Callable[[bytes], object] | None = None
-        self.clock = asyncio.get_running_loop().time
+        self.clock = route.clock
         self.endpoint: Endpoint | None = None
         self.started = 0.0
         self.last_active = 0.0
@@ -62,8 +62,7 @@ class TcpDownstream(Forwarding):
         self.stats.active_downstream += 1
         self.route.connections.add(self)
         self.route.ensure_ticker()
-        loop = asyncio.get_running_loop()
-        self.started = self.last_active = loop.time()
+        self.started = self.last_active = self.clock()
         self.route.spawn(self._connect())
 
     async def _connect(self) -> None:

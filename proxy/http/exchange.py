@@ -128,10 +128,6 @@ class Downstream(Forwarding):
         """``exchange`` is answered: go on to the next request, or close."""
         raise NotImplementedError
 
-    def switch_to_tunnel(self, exchange: Exchange) -> None:
-        """A 101 came: from now on the connections are one byte pipe."""
-        raise NotImplementedError
-
     def close(self) -> None:
         raise NotImplementedError
 
@@ -337,11 +333,7 @@ class Exchange:
     def response_started(self, status: int) -> None:
         """The (final) response head is in: it starts going to the client."""
         self._answered(status)
-        if status == 101:
-            self.phase = TUNNEL
-            self.down.switch_to_tunnel(self)
-        else:
-            self.phase = STREAMING
+        self.phase = TUNNEL if status == 101 else STREAMING
 
     def deliver(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -349,7 +341,8 @@ class Exchange:
 
     def response_complete(self, reusable: bool, keep_alive: bool) -> None:
         complete = self.complete
-        self._detach(reusable and complete)
+        # (After an Upgrade request the upstream may hold bytes of the new protocol.)
+        self._detach(reusable and complete and not self.upgrade)
         self.end()
         # Answered before the request was all read: the connection cannot go on.
         self.down.finished(self, keep_alive and complete)

@@ -37,7 +37,7 @@ from proxy.errors import (
     UpstreamTimeout,
     VersionNotSupported,
 )
-from proxy.flow import BUFFER, PIPELINE, REFUSED, FlowControl
+from proxy.flow import PIPELINE, REFUSED, FlowControl
 from proxy.http import heads
 from proxy.http.exchange import STREAMING, TUNNEL, Downstream, Exchange, Upstream, perf_counter
 from proxy.http.heads import CRLF, FRAMING_CLOSE, FRAMING_LENGTH, LAST_CHUNK, MAX_HEAD_BYTES
@@ -47,8 +47,6 @@ from proxy.route import Route, peer_name
 log = logging.getLogger("sidelink.http")
 
 MAX_PIPELINED: Final = 32
-# Bytes held after an Upgrade request, before the 101, before the client is paused.
-TUNNEL_BUFFER_LIMIT: Final = 256 * 1024
 # The raw bytes an unfinished head may take before it is cut, whitespace and all: the
 # limit itself is on the head's plain size (heads.head_size), measured once it is whole.
 RAW_HEAD_LIMIT: Final = 2 * MAX_HEAD_BYTES
@@ -59,6 +57,10 @@ MEASURE_ABOVE: Final = MAX_HEAD_BYTES // 2
 LINGER_TIMEOUT: Final = 2.0
 # The method counted for a request refused before its method was read.
 OTHER: Final = b"OTHER"
+# What a lost connection holds instead of its parsers: they call back the protocol, so
+# keeping them would leave every connection a cycle for the garbage collector to find.
+CLOSED_REQUESTS: Final = httptools.HttpRequestParser(object())
+CLOSED_RESPONSES: Final = httptools.HttpResponseParser(object())
 
 
 def downstream_factory(route: Route) -> Callable[[], H1Downstream]:
@@ -80,7 +82,7 @@ class H1Downstream(Downstream):
         self.stats = route.stats
         self.settings = route.settings
         self.hosts = hosts
-        self.clock = asyncio.get_running_loop().time  # (bound once: called for every read)
+        self.clock = route.clock  # (the loop's, bound once: called for every read)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.feed = self.parser.feed_data
@@ -97,11 +99,13 @@ class H1Downstream(Downstream):
         self.head_started = 0.0
         self.in_head = False
         self.last_active = 0.0
-        self.tunnel: bytes | None = None  # after an Upgrade request: raw bytes for upstream
+        # After an Upgrade request: the exchange the raw bytes that follow belong to.
+        self.upgrading: Exchange | None = None
         self.rejected: ClientError | None = None
         self.rejected_method = OTHER
         self.linger_until = float("inf")
         self.close_after_response = False
+        self.fresh = True  # no byte yet: head_timeout runs from the accept
         self.closed = False
 
     def __repr__(self) -> str:
@@ -126,7 +130,7 @@ class H1Downstream(Downstream):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.flow = FlowControl(self.transport)
-        self.last_active = self.clock()
+        self.last_active = self.head_started = self.clock()
         self.stats.opened_downstream += 1
         self.stats.active_downstream += 1
         self.route.connections.add(self)
@@ -134,7 +138,7 @@ class H1Downstream(Downstream):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.clock()
-        if self.tunnel is not None:
+        if self.upgrading is not None:
             self._tunnel_data(data)
             return
         if self.rejected is not None:
@@ -145,7 +149,10 @@ class H1Downstream(Downstream):
         try:
             self.feed(data)
         except httptools.HttpParserUpgrade as e:
-            self.tunnel = b""
+            # The request just read asked for an Upgrade: llhttp stops at its head, and
+            # what follows (a body, if it has one, then the new protocol) goes upstream
+            # as it comes, as over a plain connection.
+            self.upgrading = self.queue[-1] if self.queue else self.active
             self._tunnel_data(data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
@@ -157,7 +164,10 @@ class H1Downstream(Downstream):
                 )
                 self._reject(InternalError("internal error"))
         except httptools.HttpParserError as e:
-            self._reject(BadRequest(f"malformed request: {e}"))
+            if str(e) == "Invalid HTTP version":  # HTTP/1.2, 3.0...: as for 0.9 and 2.0
+                self._reject(VersionNotSupported("only HTTP/1.0 and 1.1 are supported"))
+            else:
+                self._reject(BadRequest(f"malformed request: {e}"))
         else:
             # httptools holds a partial head internally: bound what came after the read
             # it began in (a head within the limit never gets there, however it is cut).
@@ -165,9 +175,14 @@ class H1Downstream(Downstream):
                 self._reject(HeadTooLarge("request head over 64 KiB"))
 
     def eof_received(self) -> bool:
-        # A client that half-closes after its request still gets the response.
         if self.active is None and not self.queue:
             return False
+        if self.parsing is not None or self.in_head:
+            # Half-closed in the middle of a request: it can never be whole. Free both
+            # sides now (the upstream's copy of it is cut) rather than at idle_timeout.
+            self.close()
+            return False
+        # A client that half-closes after its request still gets the response.
         self.close_after_response = True
         return True
 
@@ -180,11 +195,14 @@ class H1Downstream(Downstream):
             self.active = None
             ex.abandon()
         self.queue.clear()
+        self.parser = CLOSED_REQUESTS
+        self.feed = CLOSED_REQUESTS.feed_data
 
     # --- httptools callbacks (request parser) -------------------------------------
 
     def on_message_begin(self) -> None:
         self.in_head = True
+        self.fresh = False
         self.head_started = self.last_active
         self.url = b""
         self.headers.clear()
@@ -227,6 +245,8 @@ class H1Downstream(Downstream):
             answered = self.route.watch.answered_name
             target = heads.origin_form(target, heads.own_hosts(self.route.config.service, answered))
         head = heads.scan_request(method, target, headers)
+        if head.host is None and parser.get_http_version() == "1.1":
+            raise BadRequest("HTTP/1.1 request without Host")  # RFC 9112 3.2
         if heads.version_unsure(ex.keep_alive, head.tokens):
             version = parser.get_http_version()  # (slow: asked only when it may matter)
             if version not in ("1.1", "1.0"):
@@ -293,23 +313,15 @@ class H1Downstream(Downstream):
         if len(queue) < MAX_PIPELINED:
             self.flow.resume(PIPELINE)
 
-    def switch_to_tunnel(self, ex: Exchange) -> None:
-        """101 Switching Protocols: from now on both connections are one byte pipe."""
-        pending, self.tunnel = self.tunnel or b"", b""
-        if pending:
-            ex.send_raw(pending)
-        self.flow.resume(BUFFER)
-
     def _tunnel_data(self, data: bytes) -> None:
-        ex = self.active
-        if ex is not None and ex.phase == TUNNEL:
+        ex = self.upgrading
+        assert ex is not None
+        if ex.phase == TUNNEL:
             ex.send_raw(data)
         elif data:
-            # Bytes after an Upgrade request, before the 101: hold them (bounded).
-            assert self.tunnel is not None
-            self.tunnel += data
-            if len(self.tunnel) > TUNNEL_BUFFER_LIMIT:
-                self.flow.pause(BUFFER)
+            # Before the answer: held while no upstream is attached (bounded), replayed
+            # if the request is; after an answer other than 101, dropped.
+            ex.send(data)
 
     # --- refusals ---------------------------------------------------------------------
 
@@ -367,6 +379,8 @@ class H1Downstream(Downstream):
                     self.close()
             elif self.in_head and now - self.head_started > settings.head_timeout:
                 self._reject(HeadTimeout("request head too slow"))
+            elif self.fresh and now - self.head_started > settings.head_timeout:
+                self.close()  # not a byte since the accept: no request to answer
             elif not self.in_head and now - self.last_active > settings.idle_timeout:
                 self.close()
             return
@@ -404,15 +418,14 @@ class H1Upstream(Upstream):
 
     def __init__(self, route: Route) -> None:
         self.stats = route.stats
-        loop = asyncio.get_running_loop()
-        self.clock = loop.time
+        self.clock = route.clock
         self.transport: asyncio.Transport | None = None
         self.write: Callable[[bytes], object] | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.feed = self.parser.feed_data
         self.pool: Pool[Upstream] | None = None
         self.exchange: Exchange | None = None
-        self.created = loop.time()
+        self.created = self.clock()
         self.idle_since = self.created
         self.closed = False  # closed or closing: never handed out again
         self.headers: list[bytes] = []  # name, value, name, value...
@@ -512,6 +525,8 @@ class H1Upstream(Upstream):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.stats.active_upstream -= 1
+        self.parser = CLOSED_RESPONSES
+        self.feed = CLOSED_RESPONSES.feed_data
         ex = self.exchange
         if ex is None:
             if self.pool is not None:
