@@ -8,7 +8,7 @@ collector turns them into metric families when Prometheus scrapes.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Final
 
 from prometheus_client import (
@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from proxy import __version__
+from proxy import __version__, build
 from proxy.errors import UPSTREAM_ERRORS
 
 LATENCY_BUCKETS = (
@@ -51,6 +51,8 @@ UPSTREAM_ERROR_REASONS: Final = tuple(error.reason for error in UPSTREAM_ERRORS)
 # The code counted for a response cut short by an upstream failure after its head was
 # sent (the client never got it whole): `code="reset"`.
 RESET_CODE: Final = -1
+# sidelink_build_info{build}: the hot path compiled with mypyc, or plain Python.
+BUILD_LABEL: Final = "compiled" if build() == "compiled" else "python"
 DNS_RESULTS: Final = ("ok", "nxdomain", "error", "timeout")
 # Methods counted under their own label (requests are counted by the method as sent).
 METHOD_LABELS: Final = {
@@ -138,6 +140,13 @@ class Metrics:
         if stats is None:
             stats = self.services[name] = ServiceStats(name)
         return stats
+
+    def retain(self, routes: Collection[str], services: Collection[str]) -> None:
+        """Forget the stats of every route and service not named (their series go too)."""
+        for name in [n for n in self.routes if n not in routes]:
+            del self.routes[name]
+        for name in [n for n in self.services if n not in services]:
+            del self.services[name]
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type, OpenMetrics when the client asks."""
@@ -266,6 +275,8 @@ class _Collector:
             reloads.add_metric([result], n)
         yield reloads
 
-        info = GaugeMetricFamily("sidelink_build_info", "Build information", labels=["version"])
-        info.add_metric([__version__], 1)
+        info = GaugeMetricFamily(
+            "sidelink_build_info", "Build information", labels=["version", "build"]
+        )
+        info.add_metric([__version__, BUILD_LABEL], 1)
         yield info

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from proxy import __version__, admin, build
+from proxy.addr import join_host_port
 from proxy.config import Config, ConfigError, ConfigSource, RouteConfig
 from proxy.http.h1 import downstream_factory
 from proxy.logs import configure_logging
@@ -36,6 +37,10 @@ log = logging.getLogger("sidelink.server")
 # How often the config file is checked for a change on disk (a ConfigMap update
 # swaps a symlink, which inotify on the file itself would miss).
 CONFIG_POLL_INTERVAL = 1.0
+# How often routes replaced by a reload are checked for their last connection.
+RETIRED_SWEEP_INTERVAL = 0.5
+# A reload error's log line is cut here (a MemoryError's or a bug's text may be huge).
+MAX_ERROR_CHARS = 500
 
 
 class StartupError(Exception):
@@ -91,6 +96,7 @@ class Server:
         self._force = asyncio.Event()
         self._done = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         # The config file as last read, by whichever trigger: the poller compares with this.
         self._file_seen: tuple[str, int, int, int] | None = None
@@ -129,6 +135,8 @@ class Server:
             if self.admin_address
             else "",
         )
+        for route in self.routes.values():
+            log.info("listening: %s", _describe(route))
 
     async def _add_route(self, rc: RouteConfig, reuse: Route | None = None) -> None:
         acceptor = self.acceptors.get(rc.name) if reuse is not None else None
@@ -212,8 +220,9 @@ class Server:
             log.warning("drain timeout: closing %d connection(s) still open", self.in_flight())
 
     async def _close_everything(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
         for route in self._all_routes():
             route.close()
             for conn in list(route.connections):
@@ -237,20 +246,27 @@ class Server:
                 # Before reading, so a write racing this read is seen by the next poll.
                 self._file_seen = _file_signature(self.source.path)
             try:
-                config = self.source.load()
+                # Off the loop: a big file must not stall traffic and /healthz while it parses.
+                config = await asyncio.to_thread(self.source.load)
             except ConfigError as e:
-                self.metrics.config_reloads["error"] += 1
-                log.error("config reload rejected, keeping the running config:\n%s", e)
-                return False
+                return self._reload_failed("rejected, keeping the running config:\n%s", e)
+            except Exception as e:  # RecursionError, MemoryError, a bug: the same rule
+                return self._reload_failed("failed, keeping the running config: %s", _one_line(e))
             try:
                 await self._apply(config)
-            except OSError as e:
-                self.metrics.config_reloads["error"] += 1
-                log.error("config reload failed: %s", e)
-                return False
+            except Exception as e:  # OSError: a port that cannot be bound; anything else a bug
+                return self._reload_failed("failed: %s", _one_line(e))
+            finally:
+                self._forget_unused_stats()
             self.metrics.config_reloads["ok"] += 1
             log.info("config reloaded: %d route(s)", len(self.routes))
             return True
+
+    def _reload_failed(self, message: str, error: object) -> bool:
+        """Every failed reload is counted and logged once, and the running config stays."""
+        self.metrics.config_reloads["error"] += 1
+        log.error("config reload " + message, error)
+        return False
 
     async def _apply(self, config: Config) -> None:
         """Switch to `config`; OSError when a listener cannot bind, having changed nothing."""
@@ -298,6 +314,9 @@ class Server:
                 self.routes[name], self.acceptors[name] = fresh[name]
             elif name not in self.routes:
                 await self._add_route(rc)
+            else:
+                continue
+            log.info("listening: %s", _describe(self.routes[name]))
 
     def _retire(self, route: Route) -> None:
         route.close()
@@ -305,14 +324,53 @@ class Server:
             conn.shutdown()
         if route.connections:
             self.retired.append(route)
-        self.retired = [r for r in self.retired if r.connections]
+            if self._sweep_task is None or self._sweep_task.done():
+                self._sweep_task = asyncio.get_running_loop().create_task(self._sweep_retired())
+
+    async def _sweep_retired(self) -> None:
+        """Forget retired routes (and their series) as their last connections finish."""
+        while self.retired:
+            await asyncio.sleep(RETIRED_SWEEP_INTERVAL)
+            if any(not r.connections for r in self.retired):
+                self.retired = [r for r in self.retired if r.connections]
+                self._forget_unused_stats()
+
+    def _forget_unused_stats(self) -> None:
+        """Drop the series of routes gone from the config (once their connections are) and of
+        services no route resolves any more, so a big reload and its revert leave /metrics as
+        it was. A retired route has released its DNS watch already: only live routes count."""
+        self.metrics.retain(
+            routes={r.config.name for r in self._all_routes()},
+            services={r.config.service for r in self.routes.values()},
+        )
 
     async def _watch_config(self, path: str) -> None:
         while True:
             await asyncio.sleep(CONFIG_POLL_INTERVAL)
-            if _file_signature(path) != self._file_seen and not self.draining:
-                log.info("config file %s changed on disk", path)
-                await self.reload()
+            try:
+                if _file_signature(path) != self._file_seen and not self.draining:
+                    log.info("config file %s changed on disk", path)
+                    await self.reload()
+            except Exception:  # reload() counts its own failures; this is a bug, not a config
+                log.exception("config file watcher: unexpected error, still watching")
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one log line: OSErrors say it themselves, others need their class."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, OSError):
+        return text or type(e).__name__
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _describe(route: Route) -> str:
+    """Where a listener is and where it goes: ``127.0.0.1:8081 -> app1.ns:80 http (app1)``."""
+    rc = route.config
+    listen = join_host_port(*route.bound) if route.bound else rc.listen
+    service = f"[{rc.service}]" if ":" in rc.service else rc.service
+    target = f"{service}:{rc.port}"
+    return f"{listen} -> {target} {rc.protocol} (route {rc.name})"
 
 
 def _address(rc: RouteConfig) -> tuple[str, int]:
