@@ -584,7 +584,7 @@ def _compose(reader: _Reader, text: str) -> yaml.Node | None:
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.composer.ComposerError as e:
-        if e.problem and e.problem.startswith("expected a single document"):
+        if e.context and e.context.startswith("expected a single document"):
             return None  # several documents: _config_map looks for a ConfigMap among them
         raise ConfigError([_yaml_problem(reader, e)]) from e
     except yaml.YAMLError as e:
