@@ -585,7 +585,9 @@ def _compose(reader: _Reader, text: str) -> yaml.Node | None:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.composer.ComposerError as e:
         if e.context and e.context.startswith("expected a single document"):
-            return None  # several documents: _config_map looks for a ConfigMap among them
+            # Several documents: _config_map looks for a ConfigMap among them, else this is it.
+            reader.several_documents = _yaml_problem(reader, e)
+            return None
         raise ConfigError([_yaml_problem(reader, e)]) from e
     except yaml.YAMLError as e:
         raise ConfigError([_yaml_problem(reader, e)]) from e
@@ -608,13 +610,8 @@ def _config_map(reader: _Reader, text: str, root: yaml.Node | None) -> tuple[str
     documents = [root] if root is not None else list(yaml.compose_all(text, yaml.SafeLoader))
     maps = [d for d in documents if d is not None and _kind(d) == "ConfigMap"]
     if not maps:
-        if root is None and len(documents) > 1:  # several documents, none a ConfigMap
-            raise ConfigError(
-                [
-                    f"{reader.filename}:{documents[1].start_mark.line + 1}: invalid YAML: "
-                    "expected a single document in the stream, but found another document"
-                ]
-            )
+        if reader.several_documents is not None:
+            raise ConfigError([reader.several_documents])
         return None
     seen = []
     for node in maps:
@@ -662,6 +659,7 @@ class _Reader:
     def __init__(self, filename: str) -> None:
         self.filename = filename
         self.line_offset = 0  # the config's first line in the file (a ConfigMap's data)
+        self.several_documents: str | None = None  # the problem, unless one is a ConfigMap
         self.problems: list[str] = []
         # Where each accepted route came from, in order, for problems found across routes.
         self.route_origins: list[_Origin] = []
