@@ -1,11 +1,12 @@
-"""Service discovery through DNS, kept off the request path.
+"""Service discovery through /etc/hosts and DNS, kept off the request path.
 
-A :class:`Watch` follows one (service, port) pair: it expands a short name through
-the search list once, then queries the name that answered directly; it refreshes
-ahead of the (clamped) TTL in the background, serves the last good answer for
-``stale_ttl`` while DNS fails, re-resolves early (at most once a second) when the
-forwarders report a dead endpoint, and falls back to the ``<SVC>_SERVICE_HOST``
-variables Kubernetes injects while DNS has never answered.
+Names are looked up as libc does with ``hosts: files dns``: the hosts file first (the
+name as written, no search list), then DNS. A :class:`Watch` follows one (service, port)
+pair: it expands a short name through the search list once, then queries the name that
+answered directly; it refreshes ahead of the (clamped) TTL in the background, serves the
+last good answer for ``stale_ttl`` while DNS fails, re-resolves early (at most once a
+second) when the forwarders report a dead endpoint, and falls back to the
+``<SVC>_SERVICE_HOST`` variables Kubernetes injects while DNS has never answered.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ EARLY_REFRESH_INTERVAL = 1.0
 RETRY_BACKOFF_FIRST = 0.25
 RETRY_BACKOFF_MAX = 5.0
 MAX_SRV_TARGETS = 64
+HOSTS_PATH = "/etc/hosts"
+# The hosts file has no TTL: an answer from it is looked at again this often (clamped like a
+# TTL), which costs a stat() while the file is unchanged.
+HOSTS_TTL = 5.0
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -62,7 +67,7 @@ class Resolution:
     endpoints: tuple[Address, ...]
     ttl: float  # clamped into [min_ttl, max_ttl]
     record_ttl: int  # as the server sent it
-    source: str  # dns | env | static
+    source: str  # hosts | dns | env | static
 
     @property
     def headless(self) -> bool:
@@ -78,10 +83,12 @@ class Resolver:
         config: ResolverConfig,
         metrics: Metrics | None = None,
         environ: Mapping[str, str] = os.environ,
+        hosts_path: str | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.environ = environ
+        self.hosts = HostsFile(HOSTS_PATH if hosts_path is None else hosts_path)
         system = _system_resolver()
         if config.nameservers:
             servers = list(config.nameservers)
@@ -128,6 +135,14 @@ class Resolver:
             if isinstance(port, str):
                 raise DnsError("error", f"a port name ({port}) needs a DNS name, not an IP")
             return Resolution(service, (), None, ((service, port),), 0.0, 0, "static")
+        if isinstance(port, int):  # the hosts file has no SRV records: a port name asks DNS
+            addresses = self.hosts.lookup(service)
+            if addresses:
+                name = service.rstrip(".")
+                endpoints = tuple((a, port) for a in addresses)
+                return Resolution(
+                    service, (name,), name, endpoints, self.clamp(HOSTS_TTL), 0, "hosts"
+                )
         stats = self.metrics.service(service)
         try:
             resolution = await self._lookup(service, port, answered_name)
@@ -332,7 +347,7 @@ class Watch:
                     self.answered_name = None
                 delay = backoff
                 backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
-                if self.source == "dns" and self.endpoints:
+                if self.source in ("dns", "hosts") and self.endpoints:
                     stale_left = self._expires + stale_ttl - time.monotonic()
                     if stale_left <= 0:
                         log.warning("dropping stale endpoints of %s", self.service)
@@ -344,8 +359,11 @@ class Watch:
                 delay = RETRY_BACKOFF_MAX
             else:
                 backoff = RETRY_BACKOFF_FIRST
-                self.source = "dns"
-                self.answered_name = resolution.answered_name
+                self.source = resolution.source
+                # A hosts answer names no DNS name to query directly next time.
+                self.answered_name = (
+                    resolution.answered_name if resolution.source == "dns" else None
+                )
                 self.last_resolved = time.time()
                 self.last_error = None
                 self.ttl = resolution.ttl
@@ -394,6 +412,57 @@ class Watch:
                 listener(endpoints)
             except Exception:  # one broken subscriber must not stop DNS refreshes
                 log.exception("endpoint update for %s failed", self.service)
+
+
+class HostsFile:
+    """The addresses /etc/hosts gives a name, read again only when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._signature: tuple[int, int, int] | None = None
+        self._names: dict[str, tuple[str, ...]] = {}
+
+    def __repr__(self) -> str:
+        return f"<HostsFile {self.path} names={len(self._names)}>"
+
+    def lookup(self, name: str) -> tuple[str, ...]:
+        """IPv4 addresses if the name has any, else IPv6 ones (as A, then AAAA, in DNS)."""
+        self._refresh()
+        found = self._names.get(name.lower().rstrip("."), ())
+        v4 = tuple(a for a in found if ":" not in a)
+        return v4 or found
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._signature, self._names = None, {}
+            return
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if signature == self._signature:
+            return
+        try:
+            text = Path(self.path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return
+        self._signature, self._names = signature, parse_hosts(text)
+
+
+def parse_hosts(text: str) -> dict[str, tuple[str, ...]]:
+    """hosts(5): an address, then its names; ``#`` starts a comment; bad lines are skipped."""
+    names: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        address = fields[0].split("%", 1)[0]  # fe80::1%eth0: the zone is not ours to use
+        if not is_ip(address):
+            continue
+        for name in fields[1:]:
+            listed = names.setdefault(name.lower().rstrip("."), [])
+            if address not in listed:
+                listed.append(address)
+    return {name: tuple(addresses) for name, addresses in names.items()}
 
 
 def _system_resolver() -> dns.resolver.Resolver | None:

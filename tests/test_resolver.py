@@ -12,6 +12,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from support.metrics import Scrape
@@ -20,7 +21,7 @@ from support.wait import until
 from proxy.config import ResolverConfig
 from proxy.dnsserver import DnsServer
 from proxy.metrics import Metrics
-from proxy.resolver import Address, DnsError, Resolver, Watch
+from proxy.resolver import Address, DnsError, Resolver, Watch, parse_hosts
 
 SEARCH = ("ns1.svc.cluster.local", "svc.cluster.local", "cluster.local")
 NAMESPACE_ENV = {"POD_NAMESPACE": "ns1"}
@@ -35,6 +36,7 @@ def make_resolver(
     max_ttl: float = 60.0,
     stale_ttl: float = 30.0,
     environ: Mapping[str, str] = NAMESPACE_ENV,
+    hosts: str = "/nonexistent/hosts",
 ) -> Resolver:
     config = ResolverConfig(
         nameservers=(("127.0.0.1", dns.port),),
@@ -45,7 +47,8 @@ def make_resolver(
         max_ttl=max_ttl,
         stale_ttl=stale_ttl,
     )
-    return Resolver(config, Metrics(), environ=dict(environ))
+    # No test reads the machine's /etc/hosts unless it says so: a developer's entries stay out.
+    return Resolver(config, Metrics(), environ=dict(environ), hosts_path=hosts)
 
 
 OpenWatch = Callable[[Resolver, str, int | str], Watch]
@@ -628,3 +631,69 @@ async def test_reprs_are_informative(dns: DnsServer, watch: OpenWatch) -> None:
     assert repr(w) == "<Watch app:80 source=dns endpoints=0 answered=None>"
     await until(lambda: len(w.endpoints) == 2, 2.0, "the answer")
     assert repr(w) == ("<Watch app:80 source=dns endpoints=2 answered=app.ns1.svc.cluster.local.>")
+
+
+# --- /etc/hosts first, as libc's "hosts: files dns" ----------------------------------
+
+
+HOSTS = """\
+# comments and blank lines are skipped
+
+127.0.0.1   localhost
+::1         localhost ip6-localhost
+10.0.0.7    Pinned.NS1.svc.cluster.local pinned   # an alias, any case
+fe80::1%lo0 linklocal
+not-an-ip   broken
+10.0.0.8
+"""
+
+
+async def test_the_hosts_file_answers_before_dns(
+    dns: DnsServer, watch: OpenWatch, tmp_path: Path
+) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text(HOSTS)
+    dns.set_a("pinned.ns1.svc.cluster.local.", ["10.9.9.9"])
+    resolver = make_resolver(dns, hosts=str(hosts))
+
+    local = await resolver.lookup("localhost", 8080)
+    assert (local.source, local.endpoints, local.answered_name) == (
+        "hosts",
+        (("127.0.0.1", 8080),),  # IPv4 first, as an A answer comes before AAAA
+        "localhost",
+    )
+    assert (await resolver.lookup("ip6-localhost", 80)).endpoints == (("::1", 80),)
+    assert (await resolver.lookup("PINNED.", 80)).endpoints == (("10.0.0.7", 80),)
+    assert (await resolver.lookup("linklocal", 80)).endpoints == (("fe80::1", 80),)
+    assert dns.queries == [], "the hosts file answered: no DNS query"
+
+    # The name as written only (no search list), and a port name (SRV) is DNS's.
+    w = watch(resolver, "localhost", 80)
+    await until(lambda: w.resolved)
+    assert (w.source, w.endpoints, w.ttl_remaining) == ("hosts", (("127.0.0.1", 80),), None)
+    with pytest.raises(DnsError):
+        await resolver.lookup("broken", 80)
+    assert dns.queries, "a name the hosts file lacks goes to DNS"
+
+
+async def test_a_hosts_file_change_is_seen(dns: DnsServer, tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("10.0.0.1 app\n")
+    dns.set_a("app.ns1.svc.cluster.local.", ["10.0.0.2"])
+    resolver = make_resolver(dns, hosts=str(hosts))
+    assert (await resolver.lookup("app", 80)).endpoints == (("10.0.0.1", 80),)
+    hosts.write_text("10.0.0.3 app other\n")
+    assert (await resolver.lookup("app", 80)).endpoints == (("10.0.0.3", 80),)
+    hosts.unlink()
+    found = await resolver.lookup("app", 80)
+    assert (found.source, found.endpoints) == ("dns", (("10.0.0.2", 80),))
+
+
+def test_parse_hosts() -> None:
+    assert parse_hosts(HOSTS) == {
+        "localhost": ("127.0.0.1", "::1"),
+        "ip6-localhost": ("::1",),
+        "pinned.ns1.svc.cluster.local": ("10.0.0.7",),
+        "pinned": ("10.0.0.7",),
+        "linklocal": ("fe80::1",),
+    }
