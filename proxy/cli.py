@@ -4,34 +4,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from proxy import __version__, build
-from proxy.addr import join_host_port
+from proxy.addr import is_ip, join_host_port, split_host_port
 from proxy.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
     LOG_FORMATS,
     LOG_LEVELS,
+    ROUTES_ENV,
     ConfigError,
     ConfigSource,
     Overrides,
+    format_duration,
+    upstream_port,
+    valid_service,
 )
+from proxy.inject import CONFIG_MOUNT_PATH, DEFAULT_IMAGE
 from proxy.logs import configure_logging
 
 # The commands import what they need (aiohttp, dnspython, the forwarders) themselves,
 # so `check`, `inject` and `--version` start fast.
+
+# Where `sidelink top` looks: a port-forward to the pod's admin port, or the pod itself.
+DEFAULT_ADMIN = "127.0.0.1:9901"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 log = logging.getLogger("sidelink")
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,46 +64,204 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples keep their lines; options are listed as argparse does."""
+
+
+def _command(
+    sub: Any, name: str, summary: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=textwrap.dedent(description).strip(),
+        epilog=textwrap.dedent(epilog).strip(),
+        formatter_class=_HelpFormatter,
+    )
+    return parser
+
+
+_CONFIG_SOURCES = f"""\
+    config: -c FILE, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH} if it exists;
+            routes from the file plus --route (else ${ROUTES_ENV}, comma-separated)"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sidelink", description="A sidecar proxy for stable pod-to-service calls."
+        prog="sidelink",
+        description="A sidecar proxy for stable pod-to-service calls.",
+        epilog="Run `sidelink COMMAND --help` for a command's options and an example.",
     )
     parser.add_argument(
         "--version", action="version", version=f"sidelink {__version__} ({build()})"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
+    run = _command(
+        sub,
+        "run",
+        "run the proxy until SIGTERM/SIGINT",
+        """
+        Run the proxy: listen on every route, forward to its service, serve the admin
+        endpoints (/metrics /healthz /readyz /routes) until SIGTERM or SIGINT. SIGHUP, or a
+        change of the config file, reloads the config.
+        """,
+        f"""
+        {_CONFIG_SOURCES}
+        exit:   0 clean shutdown, 2 config or usage error, 1 cannot start (a port taken)
+
+        example:
+          sidelink run --route 8081=app1-service.namespace-a:80/http --admin 127.0.0.1:9901
+        """,
+    )
     _config_arg(run)
     _route_arg(run)
-    run.add_argument("--admin", metavar="ADDR", help="admin listen address (IP:PORT)")
-    run.add_argument("--log-level", choices=LOG_LEVELS)
-    run.add_argument("--log-format", choices=LOG_FORMATS)
+    run.add_argument(
+        "--admin",
+        metavar="ADDR",
+        help="admin listen address IP:PORT (default: admin.listen, 0.0.0.0:9901)",
+    )
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="default: logging.level, info")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="default: logging.format, text")
     run.set_defaults(handler=cmd_run)
 
-    check = sub.add_parser("check", help="validate a config and print it normalised")
+    check = _command(
+        sub,
+        "check",
+        "validate a config and print it normalised",
+        """
+        Validate the config exactly as `run` does, then print it normalised (every default
+        filled in) as YAML. A ConfigMap manifest is read from its data."sidelink.yaml".
+        """,
+        f"""
+        {_CONFIG_SOURCES}
+        exit:   0 valid; 2 with every problem listed on stderr, one per line (file:line: key)
+
+        example:
+          sidelink check -c config/sidelink.yaml
+        """,
+    )
     _config_arg(check)
     _route_arg(check)
     check.set_defaults(handler=cmd_check)
 
-    resolve = sub.add_parser("resolve", help="show how a name resolves")
-    resolve.add_argument("name", metavar="NAME")
-    resolve.add_argument("--port", default="80", help="port number, or a port name (SRV)")
+    resolve = _command(
+        sub,
+        "resolve",
+        "show how a name resolves",
+        """
+        Resolve NAME once as a route to it would: the hosts file, then DNS through the
+        configured resolver (nameservers, search list, ndots), then Kubernetes'
+        <SVC>_SERVICE_HOST variables. Prints the names tried, the one that answered, the
+        addresses, the TTL and whether the Service is headless.
+        """,
+        f"""
+        {_CONFIG_SOURCES}
+        exit:   0 resolved (an answer from the environment counts, as it does for run);
+                1 no answer; 2 a name or port the config would refuse
+
+        example:
+          sidelink resolve app1-service.namespace-a --port 80 --nameserver 10.96.0.10
+        """,
+    )
+    resolve.add_argument("name", metavar="NAME", help="svc, svc.ns, svc.ns.svc..., or an IP")
+    resolve.add_argument(
+        "--port", default="80", help="1..65535, or a port name looked up by SRV (default: 80)"
+    )
+    resolve.add_argument(
+        "--nameserver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="ask this server instead of the configured ones; repeatable (default port 53)",
+    )
     _config_arg(resolve)
     resolve.set_defaults(handler=cmd_resolve)
 
-    inject = sub.add_parser("inject", help="add the sidelink sidecar to Kubernetes manifests")
-    inject.add_argument("file", nargs="?", default="-", metavar="FILE|-")
+    inject = _command(
+        sub,
+        "inject",
+        "add the sidelink sidecar to Kubernetes manifests",
+        """
+        Read Kubernetes YAML (several documents, kind: List too) and add a container named
+        sidelink to every pod template: a native sidecar first in initContainers with
+        restartPolicy: Always (--classic: a regular container). Documents go to stdout in
+        the same order; what was done to each object goes to stderr. Running it twice
+        changes nothing. Routes are checked as `run` checks them: a sidecar that could not
+        start is refused.
+        """,
+        f"""
+        routes: --route values go into ${ROUTES_ENV}; --config-map NAME mounts that
+                ConfigMap (key sidelink.yaml) on {CONFIG_MOUNT_PATH}; one of them is required
+        exit:   0 written; 2 bad input or routes the sidecar would refuse
+
+        example:
+          sidelink inject deploy/client-app.yaml --route 8081=app1-service.namespace-a:80/http \\
+            | kubectl apply -f -
+        """,
+    )
+    inject.add_argument("file", nargs="?", default="-", metavar="FILE|-", help="default: stdin")
     _route_arg(inject)
-    inject.add_argument("--config-map", metavar="NAME")
-    inject.add_argument("--image", metavar="IMAGE")
-    inject.add_argument("--classic", action="store_true", help="a regular container")
+    inject.add_argument("--config-map", metavar="NAME", help="a ConfigMap holding sidelink.yaml")
+    inject.add_argument("--image", metavar="IMAGE", help=f"default: {DEFAULT_IMAGE}")
+    inject.add_argument(
+        "--classic", action="store_true", help="a regular container (Kubernetes before 1.29)"
+    )
     inject.set_defaults(handler=cmd_inject)
 
-    demo = sub.add_parser("demo", help="a local cluster with rollouts, sidelink in front")
-    demo.add_argument("--duration", type=float, default=20.0, metavar="S")
+    top = _command(
+        sub,
+        "top",
+        "a live view of a running sidelink",
+        """
+        Show a running sidelink live, read from its admin endpoints (/metrics, /routes):
+        one row per route with requests per second (connections for tcp) and their
+        success rate over the last interval, p50/p99 request duration from the histogram,
+        endpoints by state, and where and how long ago the addresses were resolved.
+        Ctrl-C ends it.
+        """,
+        """
+        exit:   0; 1 when --once cannot reach the admin server
+
+        example:
+          kubectl port-forward pod/client-app-7d9c 9901 &  sidelink top --admin 127.0.0.1:9901
+        """,
+    )
+    top.add_argument(
+        "--admin", metavar="ADDR", default=DEFAULT_ADMIN, help=f"IP:PORT (default: {DEFAULT_ADMIN})"
+    )
+    top.add_argument(
+        "--interval", type=_seconds, default=1.0, metavar="S", help="seconds per frame (default: 1)"
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(handler=cmd_top)
+
+    demo = _command(
+        sub,
+        "demo",
+        "a local cluster with rollouts, sidelink in front",
+        """
+        A self-contained local "cluster": an in-process DNS server, replica servers on
+        127.0.0.x, sidelink in front, traffic flowing and rolling updates of the replicas,
+        with live figures. Needs no root and no network.
+        """,
+        """
+        example:
+          sidelink demo --duration 10
+        """,
+    )
+    demo.add_argument(
+        "--duration", type=float, default=20.0, metavar="S", help="seconds (default: 20)"
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be 0.05..3600 seconds, got {text}")
+    return value
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +274,7 @@ def _route_arg(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="[HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http]; repeatable",
+        help="[HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http]; repeatable (default port 80, tcp)",
     )
 
 
@@ -114,8 +285,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.config, args.route, Overrides(args.admin, args.log_level, args.log_format)
     )
     config = source.load()
-    if not config.routes:
-        raise ConfigError(["no routes: give -c FILE, --route SPEC or $SIDELINK_ROUTES"])
     configure_logging(config.logging.level, config.logging.format)
 
     async def serve() -> int:
@@ -142,46 +311,94 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = ConfigSource.discover(args.config, args.route).load()
-    print(f"# {config.source or 'no config file'}: ok, {len(config.routes)} route(s)")
+    where = config.source or "no config file"
+    if config.embedded:
+        where += f" ({config.embedded})"
+    print(f"# {where}: ok, {len(config.routes)} route(s)")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return EXIT_OK
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from proxy.resolver import DnsError, Resolver
+    from proxy.resolver import DnsError, Resolution, Resolver
 
-    config = ConfigSource.discover(args.config).load()
-    port: int | str = int(args.port) if args.port.isdigit() else args.port
-    resolver = Resolver(config.resolver)
-    print(f"resolver: {resolver!r}")
+    name, port = _resolve_target(args.name, args.port)
+    config = ConfigSource.discover(args.config).load(require_routes=False)
+    resolver_config = config.resolver
+    if args.nameserver:
+        servers = []
+        for text in args.nameserver:
+            try:
+                servers.append(split_host_port(text, 53))
+            except ValueError as e:
+                raise ConfigError(
+                    [f"--nameserver: must be IP or IP:PORT ({e}), got {text!r}"]
+                ) from None
+        resolver_config = dataclasses.replace(resolver_config, nameservers=tuple(servers))
+    resolver = Resolver(resolver_config)
+    servers_text = " ".join(join_host_port(h, p) for h, p in resolver.nameservers)
+    _field("nameservers", servers_text or "(none)")
+    _field("search", " ".join(s.to_text() for s in resolver.search) or "(none)")
+    _field("ndots", str(resolver.ndots))
+    _field("hosts file", resolver.hosts.path)
 
-    async def lookup() -> int:
+    async def lookup() -> Resolution | DnsError:
         try:
-            res = await resolver.lookup(args.name, port)
+            return await resolver.lookup(name, port)
         except DnsError as e:
-            for name in e.names_tried:
-                print(f"tried:    {name}")
-            print(f"error:    {e} ({e.result})")
-            env = resolver.env_endpoints(args.name, port)
-            if env:
-                print(
-                    f"env:      {', '.join(join_host_port(*a) for a in env)} (from $*_SERVICE_HOST)"
-                )
-            return EXIT_FAILURE
-        for name in res.names_tried:
-            print(f"tried:    {name}")
-        print(f"answered: {res.answered_name or '-'} (source: {res.source})")
-        for address in res.endpoints:
-            print(f"address:  {join_host_port(*address)}")
-        print(f"ttl:      {res.record_ttl}s (used: {res.ttl:g}s)")
-        print(f"headless: {'yes' if res.headless else 'no'}")
-        return EXIT_OK
+            return e
 
-    return run_async(lookup())
+    res = run_async(lookup())
+    if isinstance(res, DnsError):
+        for tried in res.names_tried:
+            _field("tried", tried)
+        _field("error", f"{res} ({res.result})")
+        env = resolver.env_endpoints(name, port)
+        if not env:
+            return EXIT_FAILURE
+        # run serves these addresses while DNS has not answered, so the name does resolve.
+        variable = name.split(".")[0].upper().replace("-", "_") + "_SERVICE_HOST"
+        _field("answered", f"- (source: env, from ${variable})")
+        for address in env:
+            _field("address", join_host_port(*address))
+        return EXIT_OK
+    for tried in res.names_tried:
+        _field("tried", tried)
+    _field("answered", f"{res.answered_name or '-'} (source: {res.source})")
+    for address in res.endpoints:
+        _field("address", join_host_port(*address))
+    if res.source == "dns":
+        _field("ttl", f"{res.record_ttl}s (used: {format_duration(res.ttl)})")
+    _field("headless", "yes" if res.headless else "no")
+    return EXIT_OK
+
+
+def _resolve_target(name: str, port_text: str) -> tuple[str, int | str]:
+    """NAME and --port as a route's service and port: what the config refuses, resolve does."""
+    problems = []
+    if not valid_service(name):
+        problems.append(
+            "NAME: must be a DNS name (svc, svc.ns, svc.ns.svc.cluster.local) or an IP, "
+            f"got {name!r}"
+        )
+    port: int | str = 80
+    try:
+        port = upstream_port(port_text)
+    except ValueError as e:
+        problems.append(f"--port: {e}, got {port_text!r}")
+    if not problems and isinstance(port, str) and is_ip(name):
+        problems.append(f"--port: a port name ({port}) needs a DNS name, not an IP")
+    if problems:
+        raise ConfigError(problems)
+    return name, port
+
+
+def _field(label: str, value: str) -> None:
+    print(f"{label + ':':<12} {value}")
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from proxy.inject import DEFAULT_IMAGE, InjectError, inject
+    from proxy.inject import InjectError, inject_objects
 
     try:
         if args.file == "-":
@@ -193,7 +410,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
         print(f"{args.file}: cannot read: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        out = inject(
+        done = inject_objects(
             text,
             routes=args.route,
             config_map=args.config_map,
@@ -204,8 +421,20 @@ def cmd_inject(args: argparse.Namespace) -> int:
     except InjectError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
-    sys.stdout.write(out)
+    sys.stdout.write(done.text)
+    for line in done.report:
+        print(line, file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from proxy.top import run_top
+
+    try:
+        split_host_port(args.admin)
+    except ValueError as e:
+        raise ConfigError([f"--admin: must be IP:PORT ({e}), got {args.admin!r}"]) from None
+    return run_top(args.admin, once=args.once, interval=args.interval)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -214,7 +443,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_async(run_demo(args.duration))
 
 
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed, else on asyncio's default loop."""
     try:
         import uvloop

@@ -10,12 +10,17 @@ Injecting is idempotent: an existing ``sidelink`` container is replaced in place
 generated one (or moved, if it sits in the other list), so running the command again, or again
 with different options, leaves exactly one.
 
+The routes are checked as ``sidelink run`` checks them, so a sidecar that could not start is
+refused rather than written: quick routes must parse, and either some route or a ConfigMap
+must be given (a ConfigMap in the same input is validated too, with the quick routes).
+
 The output is re-serialised YAML: key order and values are kept, but comments, quoting style
 and anchors of the input are not.
 """
 
 from __future__ import annotations
 
+import copy
 import posixpath
 import re
 from collections.abc import Callable, Sequence
@@ -25,7 +30,14 @@ from typing import Any
 import yaml
 
 from proxy import __version__
-from proxy.config import DEFAULT_CONFIG_PATH, ROUTES_ENV, AdminConfig
+from proxy.config import (
+    CONFIG_MAP_KEY,
+    DEFAULT_CONFIG_PATH,
+    ROUTES_ENV,
+    AdminConfig,
+    ConfigError,
+    parse,
+)
 
 DEFAULT_IMAGE = "ghcr.io/sidelink/sidelink:" + __version__
 
@@ -102,6 +114,14 @@ class _Document:
         return InjectError(f"{self.source}:{line}: {where}: {subject} {message}")
 
 
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """The documents written, and one line per object saying what was done to it."""
+
+    text: str
+    report: tuple[str, ...]  # "deployment/web: injected", "service/web: skipped", ...
+
+
 def inject(
     text: str,
     *,
@@ -113,11 +133,30 @@ def inject(
 ) -> str:
     """Return ``text`` with the sidelink container added to every pod template.
 
-    ``routes`` become the comma-separated ``SIDELINK_ROUTES`` variable, unvalidated: the proxy
+    See :func:`inject_objects`, which also reports what it did per object.
+    """
+    return inject_objects(
+        text, routes=routes, config_map=config_map, image=image, classic=classic, source=source
+    ).text
+
+
+def inject_objects(
+    text: str,
+    *,
+    routes: Sequence[str] = (),
+    config_map: str | None = None,
+    image: str = DEFAULT_IMAGE,
+    classic: bool = False,
+    source: str = "<stdin>",
+) -> Injection:
+    """Add the sidelink container to every pod template in ``text``; say what was done.
+
+    ``routes`` become the comma-separated ``SIDELINK_ROUTES`` variable, checked as the proxy
     checks them when it starts. ``config_map`` names a ConfigMap holding ``sidelink.yaml``,
     mounted read-only where the proxy looks by default. ``source`` only labels error messages.
 
-    Raises :class:`InjectError` for invalid YAML, a document that is not a mapping, or a pod
+    Raises :class:`InjectError` for routes the proxy would refuse, no routes and no ConfigMap
+    (the sidecar could not start), invalid YAML, a document that is not a mapping, or a pod
     template that is malformed.
     """
     # A bare string is a Sequence[str] too, and would silently become one route per character.
@@ -127,13 +166,67 @@ def inject(
         raise ValueError("config_map must be a ConfigMap name, got an empty string")
     options = _Options(tuple(routes), config_map, image, classic)
 
+    loaded = _load(text, source)
+    _check_routes(options, [data for _, data in loaded], source)
     documents: list[Any] = []
-    for doc, data in _load(text, source):
+    report: list[str] = []
+    for doc, data in loaded:
         if data is None:
             continue
-        _inject_object(data, doc, (), options)
+        _inject_object(data, doc, (), options, report)
         documents.append(data)
-    return yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True, width=float("inf"))
+    out = yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True, width=float("inf"))
+    return Injection(out, tuple(report))
+
+
+def _check_routes(options: _Options, documents: list[Any], source: str) -> None:
+    """Refuse what ``sidelink run`` in the sidecar would refuse (it exits 2, the pod crash-loops)."""
+    config_text = None
+    if options.config_map is not None:
+        # A ConfigMap in the same input is checked with the routes; one elsewhere cannot be.
+        for data in _objects(documents):
+            metadata = data.get("metadata")
+            if (
+                data.get("kind") == "ConfigMap"
+                and isinstance(metadata, dict)
+                and metadata.get("name") == options.config_map
+            ):
+                held = data.get("data")
+                value = held.get(CONFIG_MAP_KEY) if isinstance(held, dict) else None
+                if not isinstance(value, str):
+                    raise InjectError(
+                        f"{source}: ConfigMap {options.config_map} has no data.{CONFIG_MAP_KEY}, "
+                        f"which the sidecar reads as {DEFAULT_CONFIG_PATH}"
+                    )
+                config_text = value
+    elif not options.routes:
+        raise InjectError(
+            "no routes: give --route SPEC (repeatable) or --config-map NAME; "
+            "a sidecar without routes cannot start"
+        )
+    label = "<none>"
+    if config_text is not None:
+        label = f"{source}: ConfigMap {options.config_map} data.{CONFIG_MAP_KEY}"
+    try:
+        config = parse(config_text, label, options.routes, "--route")
+    except ConfigError as e:
+        raise InjectError("\n".join(e.problems)) from None
+    if config_text is not None and not config.routes:
+        raise InjectError(
+            f"{label}: no routes, and no --route SPEC adds one; "
+            "a sidecar without routes cannot start"
+        )
+
+
+def _objects(documents: list[Any]) -> list[dict[str, Any]]:
+    """Every object, the items of ``kind: List`` included."""
+    out: list[dict[str, Any]] = []
+    for data in documents:
+        if isinstance(data, dict):
+            out.append(data)
+            if data.get("kind") == "List" and isinstance(data.get("items"), list):
+                out += _objects(data["items"])
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,12 +257,17 @@ def _load(text: str, source: str) -> list[tuple[_Document, Any]]:
         raise InjectError(f"{source}{line}: document {len(loaded) + 1}: {problem}") from e
     except yaml.YAMLError as e:
         raise InjectError(f"{source}: document {len(loaded) + 1}: {e}") from e
+    except RecursionError:
+        # PyYAML composes recursively: a document nested thousands deep ends here.
+        raise InjectError(f"{source}: document {len(loaded) + 1}: nested too deeply") from None
     finally:
         loader.dispose()
     return loaded
 
 
-def _inject_object(obj: Any, doc: _Document, base: _Path, options: _Options) -> None:
+def _inject_object(
+    obj: Any, doc: _Document, base: _Path, options: _Options, report: list[str]
+) -> None:
     if not isinstance(obj, dict):
         where = f"document {doc.index}" + (f", {_dotted(base)}" if base else "")
         line = _line_of(doc.node, base)
@@ -179,6 +277,8 @@ def _inject_object(obj: Any, doc: _Document, base: _Path, options: _Options) -> 
         )
     kind = obj.get("kind")
     if not isinstance(kind, str):
+        where = f"document {doc.index}" + (f", {_dotted(base)}" if base else "")
+        report.append(f"{where}: skipped (no kind)")
         return
     if kind == "List":
         items = obj.get("items")
@@ -187,11 +287,13 @@ def _inject_object(obj: Any, doc: _Document, base: _Path, options: _Options) -> 
         if not isinstance(items, list):
             raise doc.error(obj, base, ("items",), f"must be a list, got {_type_name(items)}")
         for i, item in enumerate(items):
-            _inject_object(item, doc, (*base, "items", i), options)
+            _inject_object(item, doc, (*base, "items", i), options, report)
         return
     spec_path = _POD_SPEC_PATHS.get(kind)
     if spec_path is None:
+        report.append(f"{_object_name(obj, kind)}: skipped")
         return
+    before = copy.deepcopy(obj)
     spec: Any = obj
     for depth, key in enumerate(spec_path):
         child = spec.get(key)
@@ -201,7 +303,26 @@ def _inject_object(obj: Any, doc: _Document, base: _Path, options: _Options) -> 
             )
             raise doc.error(obj, base, spec_path[: depth + 1], problem)
         spec = child
+    had = _has_sidecar(spec)
     _inject_pod_spec(spec, options, lambda path, msg: doc.error(obj, base, spec_path + path, msg))
+    done = "unchanged" if obj == before else ("updated" if had else "injected")
+    report.append(f"{_object_name(obj, kind)}: {done}")
+
+
+def _object_name(obj: dict[str, Any], kind: str) -> str:
+    """``deployment/web``, as kubectl names objects."""
+    metadata = obj.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return f"{kind.lower()}/{name if isinstance(name, str) else '(unnamed)'}"
+
+
+def _has_sidecar(spec: dict[str, Any]) -> bool:
+    return any(
+        isinstance(c, dict) and c.get("name") == CONTAINER_NAME
+        for key in ("containers", "initContainers")
+        if isinstance(spec.get(key), list)
+        for c in spec[key]
+    )
 
 
 def _inject_pod_spec(spec: dict[str, Any], options: _Options, error: _ErrorAt) -> None:

@@ -12,7 +12,20 @@ from hypothesis import strategies as st
 from support.manifests import DEPLOYMENT
 
 from proxy import __version__
-from proxy.inject import DEFAULT_IMAGE, InjectError, inject
+from proxy.inject import DEFAULT_IMAGE, InjectError, inject_objects
+from proxy.inject import inject as inject_into
+
+ROUTE = "8081=app1-service.namespace-a:80/http"
+
+
+def inject(text: str, **options: Any) -> str:
+    """proxy.inject.inject, with a route unless the test gives routes or a ConfigMap.
+
+    A sidecar needs routes from one or the other to start, and inject refuses one without.
+    """
+    if not options.get("routes") and options.get("config_map") is None:
+        options["routes"] = [ROUTE]
+    return inject_into(text, **options)
 
 SERVICE = textwrap.dedent(
     """\
@@ -61,7 +74,7 @@ def test_deployment_gets_a_native_sidecar_first_in_init_containers() -> None:
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == DEFAULT_IMAGE
     assert sidecar["args"] == ["run"]
-    assert "env" not in sidecar
+    assert sidecar["env"] == [{"name": "SIDELINK_ROUTES", "value": ROUTE}]
     assert "volumeMounts" not in sidecar
     assert "volumes" not in spec
 
@@ -208,7 +221,7 @@ def test_an_existing_sidelink_is_replaced_in_place() -> None:
     spec = pod_spec(load(inject(text, image="new"))[0])
     assert names(spec["initContainers"]) == ["migrate", "sidelink"]
     assert spec["initContainers"][1]["image"] == "new"
-    assert "env" not in spec["initContainers"][1]
+    assert spec["initContainers"][1]["env"] == [{"name": "SIDELINK_ROUTES", "value": ROUTE}]
 
 
 def test_routes_go_into_sidelink_routes() -> None:
@@ -342,7 +355,9 @@ def deployments(draw: st.DrawFn) -> str:
 @given(
     text=deployments(),
     classic=st.booleans(),
-    routes=st.lists(st.from_regex(r"\A[0-9]{2,5}=[a-z]{1,8}:[0-9]{2,4}\Z"), max_size=3),
+    routes=st.lists(st.integers(1024, 9000), unique=True, max_size=3).map(
+        lambda ports: [f"{p}=svc{p}:{p % 1000 + 1}" for p in ports]
+    ),
     config_map=st.none() | st.just("cm"),
 )
 def test_injecting_is_idempotent_and_leaves_one_sidelink(
@@ -365,3 +380,90 @@ def test_injecting_is_idempotent_and_leaves_one_sidelink(
             assert spec["initContainers"][0] == sidecar
     others = [n for n in names(original["containers"]) if n != "sidelink"]
     assert [n for n in names(spec["containers"]) if n != "sidelink"] == others
+
+
+# --- a sidecar that could not start is refused (issue 12 defect 1) ------------------------
+
+
+def test_no_routes_and_no_config_map_is_refused() -> None:
+    with pytest.raises(InjectError) as info:
+        inject_into(DEPLOYMENT)
+    assert str(info.value) == (
+        "no routes: give --route SPEC (repeatable) or --config-map NAME; "
+        "a sidecar without routes cannot start"
+    )
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        (["8081"], "--route[0]: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], got '8081'"),
+        (["8081=bad_name!"], "--route[0]: service: not a DNS name or IP address: 'bad_name!'"),
+        (["8081=a", "8081=b"], "--route[1].listen: 127.0.0.1:8081 is already used by --route[0]"),
+        (["9901=a"], "--route[0].listen: 127.0.0.1:9901 is already used by admin.listen"),
+    ],
+)
+def test_routes_are_checked_as_run_checks_them(routes: list[str], expected: str) -> None:
+    with pytest.raises(InjectError) as info:
+        inject_into(DEPLOYMENT, routes=routes)
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+CONFIG_MAP = textwrap.dedent(
+    """\
+    apiVersion: v1
+    kind: ConfigMap
+    metadata: {name: web-sidelink}
+    data:
+      sidelink.yaml: |
+        routes:
+          - {listen: 8081, service: app1, port: %s}
+    ---
+    """
+)
+
+
+def test_a_config_map_in_the_input_is_checked_too() -> None:
+    good = CONFIG_MAP % 80 + DEPLOYMENT
+    assert "sidelink" in inject_into(good, config_map="web-sidelink")
+    with pytest.raises(InjectError) as info:
+        inject_into(CONFIG_MAP % 70000 + DEPLOYMENT, config_map="web-sidelink", source="app.yaml")
+    assert str(info.value) == (
+        "app.yaml: ConfigMap web-sidelink data.sidelink.yaml:2: routes[0].port: "
+        "must be 1..65535 or a port name, got 70000"
+    )
+    with pytest.raises(InjectError, match="already used by routes"):
+        inject_into(good, config_map="web-sidelink", routes=["8081=other"])
+    # A ConfigMap the input does not hold cannot be checked: it is trusted.
+    assert "sidelink" in inject_into(DEPLOYMENT, config_map="elsewhere")
+
+
+def test_the_report_names_each_object_and_what_was_done() -> None:
+    listing = textwrap.dedent(
+        """\
+        kind: List
+        items:
+        - {kind: Pod, metadata: {name: p}, spec: {containers: [{name: a, image: a}]}}
+        - {kind: Secret, metadata: {name: s}}
+        """
+    )
+    first = inject_objects(SERVICE + "---\n" + DEPLOYMENT + "---\n" + listing, routes=[ROUTE])
+    assert first.report == (
+        "service/web: skipped",
+        "deployment/web: injected",
+        "pod/p: injected",
+        "secret/s: skipped",
+    )
+    again = inject_objects(first.text, routes=[ROUTE])
+    assert again.report == ("service/web: skipped", "deployment/web: unchanged") + (
+        "pod/p: unchanged",
+        "secret/s: skipped",
+    )
+    other = inject_objects(first.text, routes=["8082=x"])
+    assert other.report[1] == "deployment/web: updated"
+    assert inject_objects("a: 1\n", routes=[ROUTE]).report == ("document 1: skipped (no kind)",)
+
+
+def test_a_document_nested_too_deeply_is_an_inject_error() -> None:
+    with pytest.raises(InjectError, match="nested too deeply"):
+        inject("[" * 5000 + "]" * 5000)
