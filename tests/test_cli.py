@@ -175,10 +175,35 @@ BAD_PROBLEMS = [
 
 ROUTE = "8081=app1-service.namespace-a:80/http"
 
+EMPTY = "admin:\n  listen: 127.0.0.1:9901\n"
+NO_ROUTES_ANYWHERE = (
+    "no routes: no config file (none given with -c FILE or $SIDELINK_CONFIG, and "
+    "/etc/sidelink/sidelink.yaml does not exist), and no --route SPEC or $SIDELINK_ROUTES"
+)
+CONFIG_MAP = textwrap.dedent(
+    """\
+    apiVersion: v1
+    kind: ConfigMap
+    metadata:
+      name: sidelink-config
+    data:
+      sidelink.yaml: |
+        routes:
+          - listen: 8081
+            service: app1-service.namespace-a
+            protocol: http
+    """
+)
+
 FILES: dict[str, str | bytes] = {
     "good.yaml": GOOD,
     "bad.yaml": BAD,
     "binary.yaml": b"admin:\n  listen: \xff\xfe\n",
+    "empty.yaml": EMPTY,
+    "configmap.yaml": CONFIG_MAP,
+    "configmap-bad.yaml": CONFIG_MAP.replace("protocol: http", "protocol: udp"),
+    # A resolver that gives up fast, and a search list of its own (the machine's stays out).
+    "quick-dns.yaml": "resolver:\n  timeout: 200ms\n  search: []\n",
 }
 
 
@@ -278,7 +303,7 @@ def test_check_with_quick_routes_only(results: Results) -> None:
     assert lines(result.stdout)[0] == "# no config file: ok, 2 route(s)"
     x, redis = checked(result.stdout)["routes"]
     assert (x["name"], x["listen"], x["service"], x["port"], x["protocol"]) == (
-        "x",
+        "x:8081",
         "127.0.0.1:8081",
         "x",
         80,
@@ -306,7 +331,49 @@ RUN_NO_ROUTES = case("run-no-routes", "run")
 def test_run_without_routes_exits_2(results: Results) -> None:
     result = results[RUN_NO_ROUTES]
     assert (result.returncode, result.stdout) == (2, "")
-    assert lines(result.stderr) == ["no routes: give -c FILE, --route SPEC or $SIDELINK_ROUTES"]
+    assert lines(result.stderr) == [NO_ROUTES_ANYWHERE]
+
+
+# check and run share one validation: what one refuses, so does the other (issue 12 defect 2).
+NO_ROUTES = {
+    "check": case("check-no-routes", "check"),
+    "check -c empty": case("check-empty", "check", "-c", "{dir}/empty.yaml"),
+    "run -c empty": case("run-empty", "run", "-c", "{dir}/empty.yaml", "--admin", "127.0.0.1:0"),
+}
+
+
+@pytest.mark.parametrize("name", NO_ROUTES)
+def test_no_routes_is_refused_by_check_and_run_alike(results: Results, name: str) -> None:
+    result = results[NO_ROUTES[name]]
+    assert (result.returncode, result.stdout) == (2, ""), result
+    expected = NO_ROUTES_ANYWHERE
+    if "empty" in name:
+        expected = (
+            f"{results.dir}/empty.yaml: no routes: the file has no routes: list, and no "
+            "--route SPEC or $SIDELINK_ROUTES adds one"
+        )
+    assert lines(result.stderr) == [expected]
+    assert "give -c FILE" not in result.stderr
+
+
+CHECK_CONFIG_MAP = case("check-configmap", "check", "-c", "{dir}/configmap.yaml")
+CHECK_CONFIG_MAP_BAD = case("check-configmap-bad", "check", "-c", "{dir}/configmap-bad.yaml")
+
+
+def test_check_reads_a_config_map_manifest_from_its_data(results: Results) -> None:
+    result = results[CHECK_CONFIG_MAP]
+    assert (result.returncode, result.stderr) == (0, "")
+    assert lines(result.stdout)[0] == (
+        f"# {results.dir}/configmap.yaml (ConfigMap sidelink-config, data.sidelink.yaml): "
+        "ok, 1 route(s)"
+    )
+    assert checked(result.stdout)["routes"][0]["service"] == "app1-service.namespace-a"
+    bad = results[CHECK_CONFIG_MAP_BAD]
+    assert (bad.returncode, bad.stdout) == (2, "")
+    # The line is the manifest's own.
+    assert lines(bad.stderr) == [
+        "configmap-bad.yaml:10: routes[0].protocol: must be one of http | tcp, got 'udp'"
+    ]
 
 
 RUN_BAD_ADMIN = {
@@ -379,7 +446,7 @@ FILES["injected.yaml"] = INJECTED
 
 def test_inject_from_stdin(results: Results) -> None:
     result = results[INJECT]
-    assert (result.returncode, result.stderr) == (0, "")
+    assert (result.returncode, result.stderr) == (0, "deployment/web: injected\n")
     spec = yaml.safe_load(result.stdout)["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["containers"]] == ["app"]
     (sidecar,) = spec["initContainers"]
@@ -388,7 +455,11 @@ def test_inject_from_stdin(results: Results) -> None:
     assert result.stdout == INJECTED
 
     again = results[INJECT_AGAIN]
-    assert (again.returncode, again.stdout, again.stderr) == (0, INJECTED, "")
+    assert (again.returncode, again.stdout, again.stderr) == (
+        0,
+        INJECTED,
+        "deployment/web: unchanged\n",
+    )
 
 
 INJECT_BAD = {
@@ -415,3 +486,127 @@ def test_inject_missing_file_exits_2(results: Results) -> None:
     assert lines(result.stderr) == [
         f"{results.dir}/nope.yaml: cannot read: No such file or directory"
     ]
+
+
+# A sidecar that could not start is refused, with the message check gives (issue 12 defect 1).
+INJECT_NO_ROUTES = case("inject-no-routes", "inject", "-", stdin=DEPLOYMENT)
+INJECT_ROUTE_8081 = case("inject-route-8081", "inject", "-", "--route", "8081", stdin=DEPLOYMENT)
+CHECK_ROUTE_8081 = case("check-route-8081", "check", "--route", "8081")
+INJECT_REPORT = case(
+    "inject-report",
+    "inject",
+    "-",
+    "--route",
+    ROUTE,
+    stdin="apiVersion: v1\nkind: Service\nmetadata: {name: x}\n---\n" + DEPLOYMENT,
+)
+
+
+def test_inject_refuses_a_sidecar_that_could_not_start(results: Results) -> None:
+    result = results[INJECT_NO_ROUTES]
+    assert (result.returncode, result.stdout) == (2, "")
+    assert lines(result.stderr) == [
+        "no routes: give --route SPEC (repeatable) or --config-map NAME; "
+        "a sidecar without routes cannot start"
+    ]
+    inject_8081, check_8081 = results[INJECT_ROUTE_8081], results[CHECK_ROUTE_8081]
+    assert (inject_8081.returncode, inject_8081.stdout) == (2, "")
+    assert check_8081.returncode == 2
+    assert inject_8081.stderr == check_8081.stderr
+    assert lines(inject_8081.stderr) == [
+        "--route[0]: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], got '8081'"
+    ]
+
+
+def test_inject_says_per_object_what_it_did(results: Results) -> None:
+    result = results[INJECT_REPORT]
+    assert result.returncode == 0, result.stderr
+    assert lines(result.stderr) == ["service/x: skipped", "deployment/web: injected"]
+    assert [d["kind"] for d in yaml.safe_load_all(result.stdout)] == ["Service", "Deployment"]
+
+
+# --- resolve ------------------------------------------------------------------------------
+
+RESOLVE_ENV = case(
+    "resolve-env",
+    "resolve",
+    "app1-service",
+    "-c",
+    "{dir}/quick-dns.yaml",
+    "--nameserver",
+    "127.0.0.1:{free}",
+    env={"APP1_SERVICE_SERVICE_HOST": "10.0.0.7"},
+)
+
+
+def test_resolve_exits_0_on_an_env_answer_as_run_serves_it(results: Results) -> None:
+    result = results[RESOLVE_ENV]
+    assert result.returncode == 0, result
+    out = lines(result.stdout)
+    assert out[0].startswith("nameservers: 127.0.0.1:")
+    assert "<" not in result.stdout, "no Python reprs"
+    assert "tried:       app1-service." in out
+    assert "answered:    - (source: env, from $APP1_SERVICE_SERVICE_HOST)" in out
+    assert out[-1] == "address:     10.0.0.7:80"
+
+
+RESOLVE_REFUSED = {
+    case("resolve-bad-name", "resolve", "bad_name!", "--nameserver", "127.0.0.1:{free}"): [
+        "NAME: must be a DNS name (svc, svc.ns, svc.ns.svc.cluster.local) or an IP, got 'bad_name!'"
+    ],
+    case("resolve-bad-port", "resolve", "app1", "--port", "99999"): [
+        "--port: must be 1..65535 or a port name, got '99999'"
+    ],
+    case("resolve-ip-port-name", "resolve", "10.0.0.1", "--port", "http"): [
+        "--port: a port name (http) needs a DNS name, not an IP"
+    ],
+    case("resolve-bad-nameserver", "resolve", "app1", "--nameserver", "dns.example"): [
+        "--nameserver: must be IP or IP:PORT "
+        "('dns.example' does not appear to be an IPv4 or IPv6 address), got 'dns.example'"
+    ],
+}
+
+
+@pytest.mark.parametrize("name", RESOLVE_REFUSED)
+def test_resolve_refuses_what_the_config_refuses_before_any_query(
+    results: Results, name: str
+) -> None:
+    result = results[name]
+    # Nothing printed: no resolver was made, so no query was sent.
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert lines(result.stderr) == RESOLVE_REFUSED[name]
+
+
+RESOLVE_LOCALHOST = case("resolve-localhost", "resolve", "localhost", "--port", "8080")
+
+
+def test_resolve_reads_the_hosts_file_first(results: Results) -> None:
+    if "localhost" not in Path("/etc/hosts").read_text():
+        pytest.skip("this machine's /etc/hosts has no localhost")
+    result = results[RESOLVE_LOCALHOST]
+    assert result.returncode == 0, result
+    out = lines(result.stdout)
+    assert "answered:    localhost (source: hosts)" in out
+    assert any(re.fullmatch(r"address: +(127\.0\.0\.1|\[::1\]):8080", line) for line in out)
+
+
+# --- help -----------------------------------------------------------------------------------
+
+HELP = {
+    command: case(f"help-{command}", command, "--help")
+    for command in ("run", "check", "resolve", "inject", "top", "demo")
+}
+
+
+@pytest.mark.parametrize("command", HELP)
+def test_each_command_has_help_with_an_example(results: Results, command: str) -> None:
+    result = results[HELP[command]]
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith(f"usage: sidelink {command}")
+    assert "example:" in result.stdout
+    assert f"  sidelink {command}" in result.stdout.split("example:")[1]
+    if command in ("run", "check", "resolve"):
+        assert "$SIDELINK_CONFIG" in result.stdout
+        assert "$SIDELINK_ROUTES" in result.stdout
+    if command == "top":
+        assert "default: 127.0.0.1:9901" in result.stdout

@@ -27,6 +27,7 @@ def inject(text: str, **options: Any) -> str:
         options["routes"] = [ROUTE]
     return inject_into(text, **options)
 
+
 SERVICE = textwrap.dedent(
     """\
     apiVersion: v1
@@ -397,7 +398,10 @@ def test_no_routes_and_no_config_map_is_refused() -> None:
 @pytest.mark.parametrize(
     ("routes", "expected"),
     [
-        (["8081"], "--route[0]: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], got '8081'"),
+        (
+            ["8081"],
+            "--route[0]: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], got '8081'",
+        ),
         (["8081=bad_name!"], "--route[0]: service: not a DNS name or IP address: 'bad_name!'"),
         (["8081=a", "8081=b"], "--route[1].listen: 127.0.0.1:8081 is already used by --route[0]"),
         (["9901=a"], "--route[0].listen: 127.0.0.1:9901 is already used by admin.listen"),
@@ -455,7 +459,9 @@ def test_the_report_names_each_object_and_what_was_done() -> None:
         "secret/s: skipped",
     )
     again = inject_objects(first.text, routes=[ROUTE])
-    assert again.report == ("service/web: skipped", "deployment/web: unchanged") + (
+    assert again.report == (
+        "service/web: skipped",
+        "deployment/web: unchanged",
         "pod/p: unchanged",
         "secret/s: skipped",
     )
