@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import stale_sources
 from support.manifests import DEPLOYMENT
 from support.procs import clean_environ, free_port
 
@@ -610,3 +611,31 @@ def test_each_command_has_help_with_an_example(results: Results, command: str) -
         assert "$SIDELINK_ROUTES" in result.stdout
     if command == "top":
         assert "default: 127.0.0.1:9901" in result.stdout
+
+
+# --- the stale-build guard (tests/conftest.py) ------------------------------------------------
+
+
+def test_the_stale_build_guard_compares_source_text_not_times(tmp_path: Path) -> None:
+    package, record = tmp_path / "proxy", tmp_path / "build" / "sources.json"
+    (package / "http").mkdir(parents=True)
+    source = package / "http" / "h1.py"
+    source.write_text("x = 1\n")
+    built = package / "http" / "h1.cpython-311-x86_64-linux-gnu.so"
+    built.write_bytes(b"\x7fELF")
+    os.utime(source, ns=(1_000_000_000, 1_000_000_000))
+    assert stale_sources(package, record) == []  # built after its source: its hash is kept
+
+    # A checkout rewrites the file with the same text: newer, yet the build is current.
+    source.write_text("x = 1\n")
+    assert source.stat().st_mtime_ns > built.stat().st_mtime_ns
+    assert stale_sources(package, record) == []
+    # An edit is stale, whatever the times say.
+    source.write_text("x = 2\n")
+    os.utime(source, ns=(1_000_000_000, 1_000_000_000))
+    assert stale_sources(package, record) == ["http/h1.py"]
+    # A rebuild (a new .so mtime) starts afresh.
+    os.utime(built, ns=(2_000_000_000, 2_000_000_000))
+    assert stale_sources(package, record) == []
+    source.write_text("x = 1\n")
+    assert stale_sources(package, record) == ["http/h1.py"]
