@@ -1370,3 +1370,26 @@ def test_a_config_map_without_the_key_says_what_it_holds() -> None:
         "reads (/etc/sidelink/sidelink.yaml); "
         "ConfigMap app-config has data keys: config.yaml, other"
     ]
+
+
+def test_the_example_config_documents_every_key() -> None:
+    """config/sidelink.yaml is said to hold every key (issue 12 defect 8)."""
+    example = Path(__file__).resolve().parent.parent / "config" / "sidelink.yaml"
+
+    def keys(value: object, path: str = "") -> set[str]:
+        found: set[str] = set()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                found |= {where} | keys(child, where)
+        elif isinstance(value, list):
+            for item in value:
+                found |= keys(item, f"{path}[]")
+        return found
+
+    # What check prints holds every key; a route's settings are documented under defaults.
+    printed = keys(parse("routes: [{listen: 1, service: a}]", FILE).to_dict())
+    settings = {k.removeprefix("defaults.") for k in printed if k.startswith("defaults.")}
+    wanted = {k for k in printed if k.removeprefix("routes[].") not in settings}
+    assert "routes[].expose" in wanted
+    assert wanted - keys(yaml.safe_load(example.read_text())) == set()
