@@ -64,6 +64,7 @@ async def test_prometheus_scrapes_sidelink(tmp_path: Path, dns: DnsServer) -> No
                 await asyncio.sleep(0.2)
             info = await series("sidelink_build_info")
             assert info and info[0]["metric"]["version"] == "0.1.0"  # type: ignore[index]
+            assert info[0]["metric"]["build"] in ("compiled", "python")  # type: ignore[index]
             ok = await series('sidelink_dns_lookups_total{service="app1",result="ok"} >= 1')
             assert ok, "the DNS lookups were counted and scraped"
             opened = await series('sidelink_connections_opened_total{side="downstream"}')
