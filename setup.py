@@ -13,6 +13,7 @@ from setuptools import setup
 
 HOT_PATH = [
     "proxy/endpoints.py",
+    "proxy/fds.py",
     "proxy/flow.py",
     "proxy/http/exchange.py",
     "proxy/http/h1.py",

@@ -62,6 +62,13 @@ class ProtocolError(UpstreamError):
     reason = "protocol"
 
 
+class FdLimit(UpstreamError):
+    """No file descriptor for an upstream connection: this process is at its limit."""
+
+    reason = "fd_limit"
+    status = 503
+
+
 # Every reason of sidelink_upstream_errors_total, in the order the metrics list them.
 UPSTREAM_ERRORS: tuple[type[UpstreamError], ...] = (
     ConnectRefused,
@@ -70,6 +77,7 @@ UPSTREAM_ERRORS: tuple[type[UpstreamError], ...] = (
     UpstreamTimeout,
     NoEndpoints,
     ProtocolError,
+    FdLimit,
 )
 
 
@@ -79,6 +87,8 @@ def connect_error(exc: BaseException) -> UpstreamError:
         return ConnectTimeout("connect timed out")
     if isinstance(exc, OSError) and exc.errno in (errno.ETIMEDOUT,):
         return ConnectTimeout(exc.strerror or "connect timed out")
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return FdLimit(exc.strerror or "too many open files")
     if isinstance(exc, OSError):
         return ConnectRefused(exc.strerror or str(exc))
     return ConnectRefused(str(exc))

@@ -15,8 +15,9 @@ from typing import Any, Protocol, TypeVar
 
 from proxy.addr import join_host_port
 from proxy.config import RouteConfig
-from proxy.endpoints import Endpoint, EndpointSet
-from proxy.errors import NoEndpoints, UpstreamError, connect_error
+from proxy.endpoints import DRAINING, Endpoint, EndpointSet
+from proxy.errors import FdLimit, NoEndpoints, UpstreamError, connect_error
+from proxy.fds import process_budget
 from proxy.metrics import Metrics
 from proxy.pool import Pool
 from proxy.resolver import Resolver
@@ -56,6 +57,7 @@ class Route:
         # The loop, taken once: asyncio.get_running_loop() costs a getpid() per call.
         self.loop = asyncio.get_running_loop()
         self.clock = self.loop.time
+        self.fds = process_budget()
         self.access_log = access_log
         self.stats = metrics.route(config.name)
         self.endpoints = EndpointSet(config.name, config.settings.balance, self.stats)
@@ -163,8 +165,14 @@ class Route:
         error: UpstreamError | None = None
         for attempt in range(settings.retries + 1):
             ep = first if attempt == 0 and first is not None else self.endpoints.pick(tried)
+            if ep is None and tried and len(self.endpoints) == 1 and tried[-1].state != DRAINING:
+                # The one endpoint (a ClusterIP) failed to connect: a lost SYN, say. With
+                # nowhere else to go, try it again rather than fail at once.
+                ep = tried[-1]
             if ep is None:
                 break
+            if not self.fds.room_upstream():
+                raise FdLimit("no file descriptor left for an upstream connection")
             if attempt:
                 stats.retries += 1
             self.endpoints.acquire(ep)
@@ -181,6 +189,9 @@ class Route:
                 if error is not None:
                     stats.errors[error.reason] += 1
                 error = connect_error(e)
+                if isinstance(error, FdLimit):
+                    self.fds.warn("upstream connects fail (fd_limit)")
+                    raise error from None  # ours, not the endpoint's: no ejection, no retry
                 self.endpoints.failed(ep)
                 self.watch.nudge()
                 tried.append(ep)

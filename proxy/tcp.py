@@ -44,6 +44,7 @@ class TcpDownstream(Forwarding):
         self.eof_down = False
         self.eof_up = False
         self.closed = False
+        self.shed = False
         self.outcome = "ok"
 
     def __repr__(self) -> str:
@@ -53,6 +54,10 @@ class TcpDownstream(Forwarding):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
+        if not self.route.fds.admit():
+            self.closed = self.shed = True  # at the fd limit: shed before any work
+            transport.abort()
+            return
         self.write_down = transport.write
         self.flow = FlowControl(transport)
         # Read nothing until upstream is connected: the kernel buffers meanwhile. (uvloop
@@ -125,6 +130,9 @@ class TcpDownstream(Forwarding):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.shed:
+            return
+        self.route.fds.closed()
         if exc is not None and self.outcome == "ok":
             self.outcome = "downstream_reset"
         self.close()
@@ -213,6 +221,7 @@ class TcpUpstream(Forwarding):
         self.transport = transport
         self.flow = FlowControl(transport)
         self.downstream.stats.active_upstream += 1
+        self.downstream.route.fds.opened()
 
     def data_received(self, data: bytes) -> None:
         self.downstream.last_active = self.clock()
@@ -223,4 +232,5 @@ class TcpUpstream(Forwarding):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.downstream.stats.active_upstream -= 1
+        self.downstream.route.fds.closed()
         self.downstream.upstream_lost(exc)

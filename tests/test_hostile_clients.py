@@ -17,6 +17,9 @@ from support.pods import HANG_UPS, StreamPods
 from support.wait import until
 from support.wire import closed_by_peer, connect, get, raw_client, read_response
 
+from proxy import fds
+from proxy.fds import FdBudget, open_fds
+
 pytestmark = [pytest.mark.both_loops, pytest.mark.usefixtures("loop_errors")]
 
 POD = "127.0.0.2"
@@ -50,14 +53,12 @@ class Upstream(StreamPods):
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.received.append(head)
-            if self.answer_after:
-                self.received.append(await reader.readexactly(self.answer_after))
-            writer.write(self.answer)
-            await writer.drain()
-            while await reader.read(65536):
-                pass
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                self.received.append(head)
+                if self.answer_after:
+                    self.received.append(await reader.readexactly(self.answer_after))
+                writer.write(self.answer)
+                await writer.drain()
         finally:
             self.eof.set()  # sidelink closed its side (cleanly or not)
 
@@ -127,11 +128,14 @@ async def test_requests_sidelink_will_not_forward(request_line: bytes, status: i
 
 
 async def test_http10_without_host_is_served() -> None:
-    async with Upstream() as up, running_server(config(up.port)) as server:
-        async with raw_client(server) as (reader, writer):
-            writer.write(b"GET / HTTP/1.0\r\n\r\n")
-            response = await asyncio.wait_for(read_response(reader, http10=True), 5.0)
-            assert response.status == 200
+    async with (
+        Upstream() as up,
+        running_server(config(up.port)) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        response = await asyncio.wait_for(read_response(reader, http10=True), 5.0)
+        assert response.status == 200
 
 
 async def test_half_closed_after_a_whole_request_still_gets_its_answer() -> None:
@@ -143,3 +147,62 @@ async def test_half_closed_after_a_whole_request_still_gets_its_answer() -> None
         assert response.status == 200
         assert await closed_by_peer(reader)
         writer.close()
+
+
+@pytest.fixture
+def small_fd_budget(monkeypatch: pytest.MonkeyPatch) -> FdBudget:
+    """This process's fd budget as if its limit were 100 descriptors above what it holds."""
+    base = open_fds()
+    budget = FdBudget(base + 100, base)
+    monkeypatch.setattr(fds, "_process", budget)
+    return budget
+
+
+async def test_at_the_fd_budget_new_connections_are_shed_and_the_admin_answers(
+    small_fd_budget: FdBudget,
+) -> None:
+    budget = small_fd_budget
+    async with Upstream() as up, running_server(config(up.port)) as server:
+        admitted = []
+        for _ in range(budget.downstream_cap):
+            admitted.append(await connect(server))
+        await until(lambda: budget.used == budget.downstream_cap, what="every client counted")
+        # One more: shed at once (closed before any work), the others untouched.
+        reader, writer = await connect(server)
+        assert await closed_by_peer(reader, timeout=5.0, reset=True)
+        writer.close()
+        assert budget.shed == 1
+        assert server.admin_address is not None
+        admin = await asyncio.open_connection(*server.admin_address)
+        admin[1].write(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        assert (await read_response(admin[0])).status == 200
+        admin[1].close()
+        # A client already in is still served (its upstream connect fits in the reserve).
+        reader, writer = admitted[0]
+        writer.write(get("/"))
+        assert (await asyncio.wait_for(read_response(reader), 5.0)).status == 200
+        for _, w in admitted:
+            w.close()
+        await no_connections(server)
+        # Room again: served as ever.
+        async with raw_client(server) as (reader, writer):
+            writer.write(get("/"))
+            assert (await read_response(reader)).status == 200
+        assert budget.shed == 1
+
+
+async def test_an_upstream_connect_beyond_the_reserve_fails_as_fd_limit(
+    small_fd_budget: FdBudget,
+) -> None:
+    budget = small_fd_budget
+    async with Upstream() as up, running_server(config(up.port)) as server:
+        async with raw_client(server) as (reader, writer):
+            await until(lambda: budget.used == 1, what="the client counted")
+            budget.used = budget.upstream_cap  # every descriptor of the reserve taken elsewhere
+            writer.write(get("/"))
+            response = await asyncio.wait_for(read_response(reader), 5.0)
+        assert response.status == 503 and response.header("sidelink-error") == "fd_limit"
+        route = server.routes["app1"]
+        assert route.stats.errors["fd_limit"] == 1
+        assert [ep.state for ep in route.endpoints.all()] == ["active"]  # not the pod's fault
+        budget.used -= budget.upstream_cap - 1

@@ -107,6 +107,7 @@ class H1Downstream(Downstream):
         self.close_after_response = False
         self.fresh = True  # no byte yet: head_timeout runs from the accept
         self.closed = False
+        self.shed = False  # closed at once: the process was at its fd limit
 
     def __repr__(self) -> str:
         return (
@@ -129,6 +130,10 @@ class H1Downstream(Downstream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if not self.route.fds.admit():
+            self.closed = self.shed = True  # at the fd limit: shed before any work
+            self.transport.abort()
+            return
         self.flow = FlowControl(self.transport)
         self.last_active = self.head_started = self.clock()
         self.stats.opened_downstream += 1
@@ -187,6 +192,9 @@ class H1Downstream(Downstream):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.shed:
+            return
+        self.route.fds.closed()
         self.closed = True
         self.stats.active_downstream -= 1
         self.route.connections.discard(self)
@@ -418,6 +426,7 @@ class H1Upstream(Upstream):
 
     def __init__(self, route: Route) -> None:
         self.stats = route.stats
+        self.fds = route.fds
         self.clock = route.clock
         self.transport: asyncio.Transport | None = None
         self.write: Callable[[bytes], object] | None = None
@@ -473,6 +482,7 @@ class H1Upstream(Upstream):
         self.write = self.transport.write
         self.flow = FlowControl(self.transport)
         self.stats.active_upstream += 1
+        self.fds.opened()
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -525,6 +535,7 @@ class H1Upstream(Upstream):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.stats.active_upstream -= 1
+        self.fds.closed()
         self.parser = CLOSED_RESPONSES
         self.feed = CLOSED_RESPONSES.feed_data
         ex = self.exchange

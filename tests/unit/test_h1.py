@@ -247,7 +247,7 @@ async def test_pipelined_requests_are_answered_in_order_the_next_sent_after_the_
     [second] = rig.down.queue
     assert second.phase == HEAD and second.buffer == [b"abc"]  # held, no upstream yet
     assert repr(rig.down) == (
-        "<H1Downstream 127.0.0.1 127.0.0.1:40000 "
+        "<H1Downstream 127.0.0.1:0 127.0.0.1:40000 "
         "active=<Exchange GET /1 AWAITING status=0> queued=1>"
     )
     assert rig.server.take() == b"GET /1 HTTP/1.1\r\n" + HOST + b"\r\n"
@@ -1021,18 +1021,18 @@ async def test_client_half_close_after_its_request_still_gets_the_answer_then_cl
 
 
 async def test_reprs(rig: Rig) -> None:
-    assert repr(rig.down) == "<H1Downstream 127.0.0.1 127.0.0.1:40000 active=None queued=0>"
-    assert repr(rig.up) == "<H1Upstream 127.0.0.1 exchange=None>"
+    assert repr(rig.down) == "<H1Downstream 127.0.0.1:0 127.0.0.1:40000 active=None queued=0>"
+    assert repr(rig.up) == "<H1Upstream 127.0.0.1:0 exchange=None>"
     rig.request(b"GET /r?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
     ex = rig.active
     assert repr(ex) == "<Exchange GET /r?q=1 AWAITING status=0>"
-    assert repr(rig.up) == "<H1Upstream 127.0.0.1 exchange=<Exchange GET /r?q=1 AWAITING status=0>>"
+    assert repr(rig.up) == "<H1Upstream 127.0.0.1:0 exchange=<Exchange GET /r?q=1 AWAITING status=0>>"
     rig.respond(b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nn")
     assert repr(ex) == "<Exchange GET /r?q=1 STREAMING status=404>"
     assert repr(rig.down) == (
-        "<H1Downstream 127.0.0.1 127.0.0.1:40000 "
+        "<H1Downstream 127.0.0.1:0 127.0.0.1:40000 "
         "active=<Exchange GET /r?q=1 STREAMING status=404> queued=0>"
     )
     rig.respond(b"ot")
     assert repr(ex) == "<Exchange GET /r?q=1 DONE status=404>"
-    assert repr(rig.up) == "<H1Upstream 127.0.0.1 exchange=None>"
+    assert repr(rig.up) == "<H1Upstream 127.0.0.1:0 exchange=None>"
