@@ -164,7 +164,7 @@ def _service(value: object) -> str:
     return value
 
 
-def _upstream_port(value: object) -> int | str:
+def upstream_port(value: object) -> int | str:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -366,7 +366,7 @@ class RouteConfig:
     listen_host: str = _listen("127.0.0.1", "listen_port")
     listen_port: int = 0
     service: str = setting("", _service)
-    port: int | str = setting(_DEFAULT_PORT, _upstream_port)
+    port: int | str = setting(_DEFAULT_PORT, upstream_port)
     protocol: str = setting("tcp", _choice(PROTOCOLS))
     expose: bool = setting(False, _boolean)
     settings: RouteSettings = field(default_factory=RouteSettings, metadata=_INLINE)
@@ -845,7 +845,7 @@ class _Reader:
             problems.append("port: a port name needs a DNS name as service (SRV)")
         port = _DEFAULT_PORT
         try:
-            port = _upstream_port(m["port"]) if m["port"] else _DEFAULT_PORT
+            port = upstream_port(m["port"]) if m["port"] else _DEFAULT_PORT
         except ValueError as e:
             problems.append(f"port: {e}")
         protocol = m["protocol"] or "tcp"

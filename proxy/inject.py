@@ -180,7 +180,7 @@ def inject_objects(
 
 
 def _check_routes(options: _Options, documents: list[Any], source: str) -> None:
-    """Refuse what ``sidelink run`` in the sidecar would refuse (it exits 2, the pod crash-loops)."""
+    """Refuse what `sidelink run` in the sidecar would refuse: it exits 2, the pod crash-loops."""
     config_text = None
     if options.config_map is not None:
         # A ConfigMap in the same input is checked with the routes; one elsewhere cannot be.
