@@ -39,7 +39,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-BALANCERS = ("p2c", "round_robin")
+BALANCERS = ("p2c", "ewma", "round_robin")
 PROTOCOLS = ("http", "tcp")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
@@ -345,6 +345,24 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive health: when an endpoint is ejected, and for how long."""
+
+    consecutive_failures: int = setting(5, _int_range(1, 1000))
+    base_ejection: float = duration(1.0)
+    max_ejection: float = duration(30.0)
+    max_ejected_percent: int = setting(50, _int_range(0, 100))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetConfig:
+    """How many retries may be added to a route's requests."""
+
+    percent: int = setting(20, _int_range(0, 1000))
+    min_per_second: int = setting(10, _int_range(0, 100_000))
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSettings:
     """The keys of ``defaults:``, which every route may override."""
 
@@ -354,6 +372,9 @@ class RouteSettings:
     head_timeout: float = duration(10.0)
     retries: int = setting(2, _int_range(0, 10))
     balance: str = setting("p2c", _choice(BALANCERS))
+    outlier: OutlierConfig = field(default_factory=OutlierConfig, metadata=_SECTION)
+    retry_budget: RetryBudgetConfig = field(default_factory=RetryBudgetConfig, metadata=_SECTION)
+    slow_start: float = duration(0.0, zero=True)
     host: str = setting("auto", _host_setting)
     pool: PoolConfig = field(default_factory=PoolConfig, metadata=_SECTION)
 

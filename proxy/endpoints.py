@@ -2,23 +2,37 @@
 
 Endpoints follow DNS: new addresses join as ``active``; addresses that leave DNS
 become ``draining`` (no new work; in-flight work finishes; then they are dropped).
-An endpoint that fails to connect is ``ejected`` for a while, with the time
-doubling on repeated failures, unless that would leave nothing to try.
+
+Passive health (``outlier``): a failed connect ejects an endpoint at once, and
+``consecutive_failures`` bad answers in a row (5xx, or the connection reset or timed
+out once the request was sent) eject it too, for ``base_ejection`` doubled on each
+repeat up to ``max_ejection``. Never more than ``max_ejected_percent`` of a route's
+endpoints are out at once (at least one stays); when every endpoint is unusable all
+of them are tried rather than none (panic mode).
+
+Balancing: ``p2c`` (the less loaded of two picked at random), ``ewma`` (p2c on
+peak-EWMA latency times load, as Linkerd does) or ``round_robin``. With
+``slow_start``, an endpoint that joins once the route has answered ramps its share
+up linearly over that window, from its first good answer.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.addr import Address, join_host_port
+from proxy.config import OutlierConfig
 from proxy.metrics import RouteStats
 
 if TYPE_CHECKING:
     from proxy.pool import Pool
 
+log = logging.getLogger("sidelink.endpoints")
 
 ACTIVE: Final = "active"
 EJECTED: Final = "ejected"
@@ -28,21 +42,29 @@ DRAINING: Final = "draining"
 # can move it, compiled or not.
 monotonic = time.monotonic
 
-EJECT_FIRST: Final = 1.0
-EJECT_MAX: Final = 30.0
-EJECT_DOUBLINGS: Final = 16  # failures counted at most: past EJECT_MAX either way
+EJECT_DOUBLINGS: Final = 16  # ejections counted at most: past max_ejection either way
+# Peak-EWMA (Linkerd's defaults): the latency assumed of a new endpoint, and the decay.
+EWMA_INITIAL: Final = 0.030
+EWMA_DECAY: Final = 10.0
+# A joining endpoint's share before its first good answer, and its least share after.
+SLOW_START_FLOOR: Final = 0.05
 
 
 class Endpoint:
     __slots__ = (
         "address",
+        "consecutive",
         "ejected_until",
-        "failures",
+        "ejections",
         "host",
         "in_flight",
         "pool",
         "port",
+        "rtt",
+        "rtt_at",
         "state",
+        "warm_from",
+        "warming",
     )
 
     def __init__(self, host: str, port: int) -> None:
@@ -51,13 +73,17 @@ class Endpoint:
         self.address: Address = (host, port)
         self.state = ACTIVE
         self.in_flight = 0
-        self.failures = 0
+        self.consecutive = 0  # bad answers in a row
+        self.ejections = 0  # ejections in a row, for the doubling
         self.ejected_until = 0.0
+        self.rtt = EWMA_INITIAL  # peak-EWMA latency, seconds
+        self.rtt_at = 0.0
+        self.warming = False  # slow start: joined after the route answered
+        self.warm_from = 0.0  # its first good answer (0: none yet)
         self.pool: Pool[Any] | None = None  # idle upstream connections (http)
 
     def __repr__(self) -> str:
-        address = join_host_port(self.host, self.port)
-        return f"<Endpoint {address} {self.state} in_flight={self.in_flight}>"
+        return f"<Endpoint {_address(self)} {self.state} in_flight={self.in_flight}>"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -67,14 +93,35 @@ class Endpoint:
             "in_flight": self.in_flight,
         }
 
+    def weight(self, now: float, window: float) -> float:
+        """Its share while slow-starting: from SLOW_START_FLOOR up to 1 over the window."""
+        if not self.warm_from:
+            return SLOW_START_FLOOR
+        share = (now - self.warm_from) / window
+        if share >= 1.0:
+            self.warming = False
+            return 1.0
+        return max(SLOW_START_FLOOR, share)
+
 
 class EndpointSet:
-    def __init__(self, name: str, balance: str, stats: RouteStats) -> None:
+    def __init__(
+        self,
+        name: str,
+        balance: str,
+        stats: RouteStats,
+        outlier: OutlierConfig | None = None,
+        slow_start: float = 0.0,
+    ) -> None:
         self.name = name
         self.balance = balance
         self.stats = stats
+        self.outlier = outlier if outlier is not None else OutlierConfig()
+        self.slow_start = slow_start
         self.endpoints: list[Endpoint] = []  # active and ejected, in DNS order
         self.draining: list[Endpoint] = []
+        self.warming = 0  # endpoints slow-starting now
+        self.answered = False  # the route has had a good answer: joiners slow-start
         self._next = 0
 
     def __repr__(self) -> str:
@@ -102,6 +149,9 @@ class EndpointSet:
             ep = current.pop(address, None) or revived.pop(address, None)
             if ep is None:
                 ep = Endpoint(*address)
+                if self.answered and self.slow_start > 0:
+                    ep.warming = True
+                    self.warming += 1
             elif ep.state == DRAINING:
                 ep.state = ACTIVE
             fresh.append(ep)
@@ -120,19 +170,20 @@ class EndpointSet:
         if not candidates:
             return None
         n = len(candidates)
-        if not exclude:
+        balance = self.balance
+        if not exclude and not self.warming:
             # The common cases in one step: a single active endpoint (a ClusterIP), or two
-            # distinct random active ones for p2c.
+            # distinct random active ones for p2c or ewma.
             if n == 1:
                 if candidates[0].state == ACTIVE:
                     return candidates[0]
-            elif self.balance == "p2c":
+            elif balance != "round_robin":
                 i = int(random.random() * n)
                 j = int(random.random() * (n - 1))
                 a = candidates[i]
                 b = candidates[j + 1 if j >= i else j]
                 if a.state == ACTIVE and b.state == ACTIVE:
-                    return a if a.in_flight <= b.in_flight else b
+                    return self._better(a, b)
         now = monotonic()
         usable = [ep for ep in candidates if ep not in exclude and self._usable(ep, now)]
         if not usable:
@@ -140,11 +191,28 @@ class EndpointSet:
             usable = [ep for ep in candidates if ep not in exclude]
             if not usable:
                 return None
-        if self.balance == "p2c" and len(usable) > 1:
+        if self.warming:
+            return self._weighted(usable, now)
+        if balance != "round_robin" and len(usable) > 1:
             a, b = random.sample(usable, 2)
-            return a if a.in_flight <= b.in_flight else b
+            return self._better(a, b)
         self._next = (self._next + 1) % len(usable)
         return usable[self._next]
+
+    def _better(self, a: Endpoint, b: Endpoint) -> Endpoint:
+        if self.balance == "ewma":
+            return a if a.rtt * (a.in_flight + 1) <= b.rtt * (b.in_flight + 1) else b
+        return a if a.in_flight <= b.in_flight else b
+
+    def _weighted(self, usable: list[Endpoint], now: float) -> Endpoint:
+        """A pick while some endpoints slow-start: two drawn by share, the better one."""
+        window = self.slow_start
+        weights = [ep.weight(now, window) if ep.warming else 1.0 for ep in usable]
+        self.warming = sum(1 for ep in self.endpoints if ep.warming)
+        if self.balance == "round_robin" or len(usable) == 1:
+            return random.choices(usable, weights)[0]
+        a, b = random.choices(usable, weights, k=2)
+        return self._better(a, b)
 
     def acquire(self, ep: Endpoint) -> None:
         ep.in_flight += 1
@@ -154,26 +222,70 @@ class EndpointSet:
         if ep.state == DRAINING and ep.in_flight == 0:
             self._reap()
 
+    # --- what happened at an endpoint -----------------------------------------------
+
     def failed(self, ep: Endpoint) -> None:
-        """A connect to ep failed: eject it for a while, doubling on repeated failures."""
-        # (The doubling stops at the cap: 2 ** 1024 seconds would not even be a float.)
-        ep.failures = min(ep.failures + 1, EJECT_DOUBLINGS)
-        ep.ejected_until = monotonic() + min(EJECT_FIRST * 2 ** (ep.failures - 1), EJECT_MAX)
-        if ep.state == ACTIVE:
-            ep.state = EJECTED
-            self.stats.ejections += 1
+        """A connect to ep failed: it is ejected at once (within max_ejected_percent)."""
+        self._eject(ep, "connect failed")
 
     def succeeded(self, ep: Endpoint) -> None:
-        if ep.failures:
-            ep.failures = 0
-            ep.ejected_until = 0.0
+        """A good answer (or, for tcp, a connection made): the failures are forgiven."""
+        ep.consecutive = 0
+        if ep.ejections:
+            ep.ejections = 0
             if ep.state == EJECTED:
                 ep.state = ACTIVE
+                log.info("route %s: endpoint %s is back", self.name, _address(ep))
+        if not self.answered:
+            self.answered = True
+        if ep.warming and not ep.warm_from:
+            ep.warm_from = monotonic()
+
+    def answered_by(self, ep: Endpoint, status: int, seconds: float) -> None:
+        """A response head came from ep after `seconds`: 5xx counts against it."""
+        if self.balance == "ewma":
+            now = monotonic()
+            # Peak-EWMA: a slower answer is believed at once, a faster one decays in.
+            if seconds > ep.rtt:
+                ep.rtt = seconds
+            else:
+                decay = math.exp(-(now - ep.rtt_at) / EWMA_DECAY) if ep.rtt_at else 0.0
+                ep.rtt = ep.rtt * decay + seconds * (1.0 - decay)
+            ep.rtt_at = now
+        if status >= 500:
+            self.went_wrong(ep, f"answered {status}")
+        elif ep.consecutive or ep.ejections or not self.answered or ep.warming:
+            self.succeeded(ep)
+
+    def went_wrong(self, ep: Endpoint, why: str) -> None:
+        """A bad answer from ep (5xx, or reset or timed out once the request was sent)."""
+        ep.consecutive += 1
+        if ep.consecutive >= self.outlier.consecutive_failures:
+            self._eject(ep, f"{ep.consecutive} failures in a row, the last: {why}")
+
+    def _eject(self, ep: Endpoint, why: str) -> None:
+        if ep.state != ACTIVE:
+            return  # ejected already, or draining (leaving anyway)
+        config = self.outlier
+        out = sum(1 for other in self.endpoints if other.state == EJECTED)
+        if out + 1 > len(self.endpoints) * config.max_ejected_percent // 100:
+            return  # max_ejected_percent: the others stay, and so does this one
+        # (The doubling stops at the cap: 2 ** 1024 seconds would not even be a float.)
+        ep.ejections = min(ep.ejections + 1, EJECT_DOUBLINGS)
+        seconds = min(config.base_ejection * 2 ** (ep.ejections - 1), config.max_ejection)
+        ep.ejected_until = monotonic() + seconds
+        ep.consecutive = 0
+        ep.state = EJECTED
+        self.stats.ejections += 1
+        log.info(
+            "route %s: endpoint %s ejected for %gs (%s)", self.name, _address(ep), seconds, why
+        )
 
     def _usable(self, ep: Endpoint, now: float) -> bool:
         if ep.state == EJECTED and now >= ep.ejected_until:
-            # Give it another chance; the next failure ejects it for longer.
+            # Give it another chance; the next ejection lasts twice as long.
             ep.state = ACTIVE
+            log.info("route %s: endpoint %s returns after its ejection", self.name, _address(ep))
         return ep.state == ACTIVE
 
     def _reap(self) -> None:
@@ -183,3 +295,7 @@ class EndpointSet:
             for ep in gone:
                 if ep.pool is not None:
                     ep.pool.close_idle()
+
+
+def _address(ep: Endpoint) -> str:
+    return join_host_port(ep.host, ep.port)

@@ -75,6 +75,9 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def observations(self) -> int:
+        return sum(self.counts)
+
     def buckets(self) -> list[tuple[str, float]]:
         out = []
         running = 0
@@ -100,6 +103,7 @@ class RouteStats:
         self.bytes_to_downstream = 0
         self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
         self.retries = 0
+        self.retry_budget_exhausted = 0
         self.pool_idle = 0
         self.ejections = 0
 
@@ -236,6 +240,14 @@ class _Collector:
                 "sidelink_retries", "Requests or connects retried", labels=["route"]
             ),
             lambda r: r.retries,
+        )
+        yield per_route(
+            CounterMetricFamily(
+                "sidelink_retry_budget_exhausted",
+                "Retries that were safe but not made: the retry budget was spent",
+                labels=["route"],
+            ),
+            lambda r: r.retry_budget_exhausted,
         )
         yield per_route(
             GaugeMetricFamily(

@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from proxy.addr import join_host_port
-from proxy.config import RouteConfig
+from proxy.config import RetryBudgetConfig, RouteConfig
 from proxy.endpoints import DRAINING, Endpoint, EndpointSet
 from proxy.errors import FdLimit, NoEndpoints, UpstreamError, connect_error
 from proxy.fds import process_budget
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, RouteStats
 from proxy.pool import Pool
 from proxy.resolver import Resolver
 
@@ -60,7 +61,11 @@ class Route:
         self.fds = process_budget()
         self.access_log = access_log
         self.stats = metrics.route(config.name)
-        self.endpoints = EndpointSet(config.name, config.settings.balance, self.stats)
+        settings = config.settings
+        self.endpoints = EndpointSet(
+            config.name, settings.balance, self.stats, settings.outlier, settings.slow_start
+        )
+        self.retry_budget = RetryBudget(settings.retry_budget, self.stats, self.clock)
         self.resolver = resolver
         self.watch = resolver.watch(config.service, config.port)
         self.watch.subscribe(self.endpoints.update)
@@ -139,6 +144,7 @@ class Route:
         while self.connections or self.listener is not None:
             await asyncio.sleep(TICK_INTERVAL)
             now = loop.time()
+            self.retry_budget.sample(now)
             for conn in list(self.connections):
                 conn.tick(now)
             for ep in self.endpoints.all():
@@ -207,7 +213,6 @@ class Route:
                 stats.errors[error.reason] += 1  # the failure just retried past
             stats.connect_duration.observe(time.perf_counter() - started)
             stats.opened_upstream += 1
-            self.endpoints.succeeded(ep)
             return ep, transport, protocol
         if error is None or len(tried) >= len(self.endpoints):
             # Nothing to try, or every endpoint failed: the service has no endpoints
@@ -235,6 +240,52 @@ class Route:
             "ready": self.ready,
             "endpoints": [ep.to_dict() for ep in self.endpoints.all()],
         }
+
+
+class RetryBudget:
+    """Retries may add at most ``percent`` of a route's requests over the last WINDOW
+    seconds, or ``min_per_second``, whichever is more: a sick service is not hit by a
+    storm of retries. (A retry after a failed connect is outside it: no request reached
+    the service.)"""
+
+    WINDOW = 10.0
+
+    def __init__(
+        self, config: RetryBudgetConfig, stats: RouteStats, clock: Callable[[], float]
+    ) -> None:
+        self.config = config
+        self.stats = stats
+        self.clock = clock
+        self.retries: deque[float] = deque()  # when the retries in the window were made
+        # (time, answers so far), sampled once a second by the route's ticker.
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<RetryBudget retries={len(self.retries)} percent={self.config.percent}>"
+
+    def sample(self, now: float) -> None:
+        samples = self.samples
+        if not samples or now - samples[-1][0] >= 1.0:
+            samples.append((now, self.stats.request_duration.observations()))
+            while now - samples[0][0] > self.WINDOW:
+                samples.popleft()
+
+    def allow(self) -> bool:
+        """Whether one more retry fits; counted as made if it does."""
+        now = self.clock()
+        retries = self.retries
+        while retries and now - retries[0] > self.WINDOW:
+            retries.popleft()
+        samples = self.samples
+        answered = self.stats.request_duration.observations()
+        requests = answered - samples[0][1] if samples else answered
+        config = self.config
+        allowed = max(config.min_per_second * self.WINDOW, requests * config.percent / 100)
+        if len(retries) >= allowed:
+            self.stats.retry_budget_exhausted += 1
+            return False
+        retries.append(now)
+        return True
 
 
 def peer_name(transport: asyncio.BaseTransport | None) -> str:

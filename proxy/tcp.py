@@ -86,6 +86,7 @@ class TcpDownstream(Forwarding):
             transport.close()
             return
         self.endpoint = ep
+        route.endpoints.succeeded(ep)  # (for tcp, a connection made is the good answer)
         self.upstream = upstream
         self.write_up = transport.write
         self.flow.link(upstream.flow)
@@ -157,6 +158,8 @@ class TcpDownstream(Forwarding):
         if exc is not None and self.outcome == "ok":
             self.outcome = UpstreamReset.reason
             self.stats.errors[UpstreamReset.reason] += 1
+            if self.endpoint is not None:
+                self.route.endpoints.went_wrong(self.endpoint, UpstreamReset.reason)
         self.close()
 
     # Connection (lifecycle) interface

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Final
 
 from proxy.addr import join_host_port
 from proxy.endpoints import DRAINING, Endpoint
-from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset
+from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset, UpstreamTimeout
 from proxy.flow import BUFFER, Forwarding
 from proxy.http.heads import IDEMPOTENT
 from proxy.logs import log_access
@@ -153,7 +153,6 @@ class Exchange:
         "phase",
         "replay",
         "retries",
-        "reused",
         "sent_at",
         "started",
         "status",
@@ -182,7 +181,6 @@ class Exchange:
         self.trailers: list[bytes] | None = None
         self.upstream: Upstream | None = None
         self.endpoint: Endpoint | None = None  # the last endpoint tried
-        self.reused = False
         self.sent_at = 0.0  # loop time the request was all sent (AWAITING from then)
         self.status = 0  # the status sent downstream (0: none yet)
         self.error: ProxyError | None = None  # what went wrong, for the access log
@@ -208,7 +206,6 @@ class Exchange:
             conn = (ep.pool or route.pool(ep)).get(now)
             if conn is not None:
                 ep.in_flight += 1
-                self.reused = True
                 self._attach(ep, conn, now)
                 return
         elif route.watch.resolved:
@@ -250,6 +247,12 @@ class Exchange:
     def timed_out(self, now: float, request_timeout: float) -> bool:
         return self.phase == AWAITING and now - self.sent_at > request_timeout
 
+    def time_out(self) -> None:
+        """No answer within request_timeout: counted against the endpoint, and 504."""
+        if self.endpoint is not None:
+            self.down.route.endpoints.went_wrong(self.endpoint, UpstreamTimeout.reason)
+        self.fail(UpstreamTimeout("upstream did not answer in time"))
+
     def send_raw(self, data: bytes) -> None:
         """Tunnel bytes (after a 101), as they came."""
         if self.upstream is not None:
@@ -290,7 +293,6 @@ class Exchange:
             route.endpoints.release(ep)
             pool.put(conn, now, reusable=True)
             return
-        self.reused = False
         self._attach(ep, conn, now)
 
     def _attach(self, ep: Endpoint, conn: Upstream, now: float) -> None:
@@ -333,6 +335,9 @@ class Exchange:
     def response_started(self, status: int) -> None:
         """The (final) response head is in: it starts going to the client."""
         self._answered(status)
+        ep = self.endpoint
+        if ep is not None:
+            self.down.route.endpoints.answered_by(ep, status, perf_counter() - self.started)
         self.phase = TUNNEL if status == 101 else STREAMING
 
     def deliver(self, data: bytes) -> None:
@@ -349,23 +354,23 @@ class Exchange:
 
     def upstream_failed(self, error: UpstreamError) -> None:
         """The upstream connection failed mid-exchange: retry where safe, else report."""
-        conn = self.upstream
         ep = self.endpoint
+        awaiting = self.phase == AWAITING
         self._detach(reusable=False)
         route = self.down.route
+        assert ep is not None
+        route.endpoints.went_wrong(ep, error.reason)
         if (
-            self.phase == AWAITING
-            and self.reused
+            awaiting
             and isinstance(error, UpstreamReset)
             and self.replay is not None
             and len(self.tried) < route.settings.retries
+            and route.retry_budget.allow()
         ):
-            # A reused connection the server had already closed: nothing reached the
-            # application, and the request is idempotent and kept whole: send it again
-            # on a fresh connection: to another endpoint if there is one, else to the
-            # same one (the stale connection failed, not the endpoint: a Service with
-            # one ClusterIP has no other).
-            assert conn is not None and ep is not None
+            # The connection failed before any response byte, and the request is
+            # idempotent and kept whole: send it again on a fresh connection, to another
+            # endpoint if there is one, else to the same one (a reused connection may
+            # just have been stale; a Service with one ClusterIP has no other).
             route.stats.retries += 1
             self.retries += 1
             self.tried = [*self.tried, ep]

@@ -34,7 +34,6 @@ from proxy.errors import (
     ProtocolError,
     ProxyError,
     UpstreamReset,
-    UpstreamTimeout,
     VersionNotSupported,
 )
 from proxy.flow import PIPELINE, REFUSED, FlowControl
@@ -393,7 +392,7 @@ class H1Downstream(Downstream):
                 self.close()
             return
         if ex.timed_out(now, settings.request_timeout):
-            ex.fail(UpstreamTimeout("upstream did not answer in time"))
+            ex.time_out()
         elif now - self.last_active > settings.idle_timeout:
             if ex is self.parsing and ex.phase < STREAMING:
                 # The client stopped halfway through its request body.
