@@ -17,6 +17,7 @@ import logging
 import socket
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -31,6 +32,7 @@ from proxy.config import (
     ShutdownConfig,
 )
 from proxy.dnsserver import DnsServer
+from proxy.endpoints import ACTIVE, DRAINING, EJECTED
 from proxy.logs import configure_logging
 from proxy.route import Route
 from proxy.server import Server
@@ -193,10 +195,12 @@ async def _report(figures: Figures, route: Route, stop: asyncio.Event) -> None:
         figures.latencies = []
         p50 = statistics.median(window) * 1000 if window else 0.0
         p99 = _percentile(window, 0.99) * 1000
+        states = Counter(ep.state for ep in route.endpoints.all())
+        endpoints = " ".join(f"{states[state]} {state}" for state in (ACTIVE, EJECTED, DRAINING))
         print(
             f"  t={time.monotonic() - started:4.0f}s  requests={figures.requests:6d} "
             f"(+{figures.requests - last:5d})  failed={figures.failed}  "
-            f"endpoints={len(route.endpoints)}  p50={p50:.2f}ms  p99={p99:.2f}ms  "
+            f"endpoints: {endpoints}  p50={p50:.2f}ms  p99={p99:.2f}ms  "
             f"rollouts={figures.rollouts}"
         )
         last = figures.requests
