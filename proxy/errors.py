@@ -134,6 +134,13 @@ class HeadTooLarge(ClientError):
     status = 431
 
 
+class NotImplementedCoding(ClientError):
+    """A transfer coding other than chunked (RFC 9112 6.1: 501)."""
+
+    reason = "not_implemented"
+    status = 501
+
+
 class VersionNotSupported(ClientError):
     reason = "version_not_supported"
     status = 505

@@ -101,7 +101,6 @@ class Shape:
     cut: bool = False
     canary: bool = True
     keep_alive: bool = True
-    bug: str | None = None  # a known defect: the shape runs as a strict xfail
 
 
 def req(*lines: str | bytes, body: bytes = b"", method: str = "POST", target: str = "/s") -> bytes:
@@ -183,9 +182,9 @@ SHAPES: dict[str, Shape] = {
         req("Transfer-Encoding: chunked", "Transfer-Encoding: x", body=CHUNKED_SMUGGLED), 400
     ),
     "te_x_then_chunked": Shape(
+        # A coding before chunked: 501 (RFC 9112 6.1), never forwarded with it dropped.
         req("Transfer-Encoding: x", "Transfer-Encoding: chunked", body=HELLO_CHUNKED),
-        200,
-        ("POST", "/s", b"hello"),
+        501,
     ),
     "te_chunked_twice": Shape(
         req("Transfer-Encoding: chunked", "Transfer-Encoding: chunked", body=HELLO_CHUNKED), 400
@@ -342,23 +341,11 @@ SHAPES: dict[str, Shape] = {
         b"Transfer-Encoding: chunked\r\n\r\n" + HELLO_CHUNKED,
         200,
         ("POST", "/s", b"hello"),
-        keep_alive=False,
-        bug=(
-            "proxy/http/h1.py on_headers_complete (ex.keep_alive = parser.should_keep_alive(), "
-            "line 250): an HTTP/1.0 request with Transfer-Encoding and Connection: keep-alive "
-            "stays kept alive; RFC 9112 6.1 says its framing is faulty and the connection MUST "
-            "close after it; got the canary behind it forwarded"
-        ),
+        keep_alive=False,  # RFC 9112 6.1: its framing is faulty, closed after it
     ),
     "host_invalid_value": Shape(
         req(method="GET").replace(b"Host: app1", b"Host: app1 evil.example"),
-        400,
-        bug=(
-            "proxy/http/heads.py scan_request (kind == HOST, line 143): any Host value is "
-            "taken; RFC 9112 3.2 says a Host with an invalid field value MUST get 400; "
-            "'Host: app1 evil.example' got 200 (harmless with host: auto, which rewrites it; "
-            "passed upstream as it came with host: preserve)"
-        ),
+        400,  # RFC 9112 3.2: a Host with an invalid value MUST get 400
     ),
     "http10_keep_alive": Shape(
         b"GET /ten HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 200, ("GET", "/ten", b"")
@@ -370,12 +357,7 @@ SHAPES: dict[str, Shape] = {
 @pytest.mark.usefixtures("loop_errors")
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=shape.bug))
-        if shape.bug
-        else name
-        for name, shape in SHAPES.items()
-    ],
+    list(SHAPES),
 )
 async def test_smuggling_shape_reaches_the_upstream_whole_or_not_at_all(name: str) -> None:
     shape = SHAPES[name]
@@ -422,19 +404,10 @@ UPGRADE_WITH_BODY = req(
 )
 # What sidelink refuses when it parses it itself: two Hosts, the second another one's.
 REFUSED = b"GET /smuggled HTTP/1.1\r\nHost: app1\r\nHost: evil.example\r\n\r\n"
-UPGRADE_BUG = (
-    "proxy/http/h1.py data_received (except HttpParserUpgrade, line ~156) and _tunnel_data "
-    "(line ~324): what follows an Upgrade request's head goes upstream raw before the answer; "
-    "an upstream that declines the upgrade (200, keep-alive) then parses it as its next "
-    "request, which sidelink never parsed: expected only sidelink's own, Host-rewritten "
-    "requests upstream (or the bytes held until a 101), got the client's raw request there "
-    "(two Host headers, its own Host) while the client got one 200 and a close"
-)
 
 
 @pytest.mark.both_loops
 @pytest.mark.usefixtures("loop_errors")
-@pytest.mark.xfail(strict=True, reason=UPGRADE_BUG)
 @pytest.mark.parametrize(
     ("raw", "forwarded"),
     [
@@ -464,16 +437,6 @@ async def test_a_declined_upgrade_smuggles_nothing_upstream(
 
 @pytest.mark.both_loops
 @pytest.mark.usefixtures("loop_errors")
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "proxy/http/heads.py scan_request (kind == TRANSFER_ENCODING, line ~155) and "
-        "request_bytes (line ~169): 'Transfer-Encoding: gzip, chunked' is forwarded as "
-        "'transfer-encoding: chunked', the gzip coding dropped though the body is still "
-        "gzip-coded; expected 501 (RFC 9112 6.1, a coding sidelink does not implement) or the "
-        "coding kept, got the coded bytes upstream as if plain"
-    ),
-)
 async def test_a_transfer_coding_before_chunked_is_kept_or_refused() -> None:
     raw = req("Transfer-Encoding: gzip, chunked", body=HELLO_CHUNKED)
     async with StrictUpstream() as up, running_server(config(up.port)) as server:

@@ -128,6 +128,10 @@ class Downstream(Forwarding):
         """``exchange`` is answered: go on to the next request, or close."""
         raise NotImplementedError
 
+    def switch_to_tunnel(self, exchange: Exchange) -> None:
+        """A 101 came: from now on the connections are one byte pipe."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -338,7 +342,11 @@ class Exchange:
         ep = self.endpoint
         if ep is not None:
             self.down.route.endpoints.answered_by(ep, status, perf_counter() - self.started)
-        self.phase = TUNNEL if status == 101 else STREAMING
+        if status == 101:
+            self.phase = TUNNEL
+            self.down.switch_to_tunnel(self)
+        else:
+            self.phase = STREAMING
 
     def deliver(self, data: bytes) -> None:
         self.bytes_out += len(data)

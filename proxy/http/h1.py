@@ -36,9 +36,18 @@ from proxy.errors import (
     UpstreamReset,
     VersionNotSupported,
 )
-from proxy.flow import PIPELINE, REFUSED, FlowControl
+from proxy.flow import BUFFER, PIPELINE, REFUSED, FlowControl
 from proxy.http import heads
-from proxy.http.exchange import STREAMING, TUNNEL, Downstream, Exchange, Upstream, perf_counter
+from proxy.http.exchange import (
+    BUFFER_LIMIT,
+    DONE,
+    STREAMING,
+    TUNNEL,
+    Downstream,
+    Exchange,
+    Upstream,
+    perf_counter,
+)
 from proxy.http.heads import CRLF, FRAMING_CLOSE, FRAMING_LENGTH, LAST_CHUNK, MAX_HEAD_BYTES
 from proxy.pool import Pool
 from proxy.route import Route, peer_name
@@ -98,8 +107,14 @@ class H1Downstream(Downstream):
         self.head_started = 0.0
         self.in_head = False
         self.last_active = 0.0
-        # After an Upgrade request: the exchange the raw bytes that follow belong to.
+        # An Upgrade request read, and then the one whose head llhttp stopped at: the raw
+        # bytes that follow are its body (upgrade_body bytes of it), then the new protocol,
+        # held until a 101 (so that nothing unparsed reaches an upstream that declines).
+        self.upgrade_next: Exchange | None = None
         self.upgrading: Exchange | None = None
+        self.upgrade_body = 0
+        self.held: list[bytes] = []
+        self.held_size = 0
         self.rejected: ClientError | None = None
         self.rejected_method = OTHER
         self.linger_until = float("inf")
@@ -153,10 +168,8 @@ class H1Downstream(Downstream):
         try:
             self.feed(data)
         except httptools.HttpParserUpgrade as e:
-            # The request just read asked for an Upgrade: llhttp stops at its head, and
-            # what follows (a body, if it has one, then the new protocol) goes upstream
-            # as it comes, as over a plain connection.
-            self.upgrading = self.queue[-1] if self.queue else self.active
+            # The request just read asked for an Upgrade: llhttp stops at its head.
+            self.upgrading = self.upgrade_next
             self._tunnel_data(data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
@@ -260,7 +273,14 @@ class H1Downstream(Downstream):
                 raise VersionNotSupported(f"HTTP/{version} is not supported")
             ex.http10 = version == "1.0"
         ex.chunked = head.chunked
+        if ex.http10 and ex.chunked:
+            ex.keep_alive = False  # RFC 9112 6.1: its framing cannot be trusted after it
         ex.upgrade = head.upgrade is not None and parser.should_upgrade()
+        if ex.upgrade:
+            if ex.chunked:
+                raise BadRequest("an Upgrade request with a chunked body")
+            self.upgrade_next = ex
+            self.upgrade_body = int(head.content_length or 0)
         hosts = self.hosts
         host = heads.host_line(hosts.fixed, head.host, hosts.default)
         ex.head = heads.request_bytes(head, host, ex.upgrade)
@@ -320,15 +340,33 @@ class H1Downstream(Downstream):
         if len(queue) < MAX_PIPELINED:
             self.flow.resume(PIPELINE)
 
+    def switch_to_tunnel(self, ex: Exchange) -> None:
+        """101 Switching Protocols: from now on both connections are one byte pipe."""
+        if self.held:
+            ex.send_raw(b"".join(self.held))
+            self.held.clear()
+            self.held_size = 0
+        self.flow.resume(BUFFER)
+
     def _tunnel_data(self, data: bytes) -> None:
         ex = self.upgrading
-        assert ex is not None
+        if ex is None or ex.phase == DONE:
+            return  # declined or failed: what follows never goes upstream
         if ex.phase == TUNNEL:
             ex.send_raw(data)
-        elif data:
-            # Before the answer: held while no upstream is attached (bounded), replayed
-            # if the request is; after an answer other than 101, dropped.
-            ex.send(data)
+            return
+        body = self.upgrade_body
+        if body:
+            # Its body goes up as it comes (replayed with the request if need be).
+            part = data[:body]
+            self.upgrade_body = body - len(part)
+            ex.send(part)
+            data = data[len(part) :]
+        if data:
+            self.held.append(data)
+            self.held_size += len(data)
+            if self.held_size > BUFFER_LIMIT:
+                self.flow.pause(BUFFER)
 
     # --- refusals ---------------------------------------------------------------------
 

@@ -11,12 +11,13 @@ On every request's path and compiled with mypyc (setup.py): constants are ``Fina
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Final
 
 import httptools
 
-from proxy.errors import BadRequest, ForbiddenHost, ProxyError
+from proxy.errors import BadRequest, ForbiddenHost, NotImplementedCoding, ProxyError
 
 # The largest request or response head accepted, however its bytes arrive.
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -59,6 +60,9 @@ SPELLINGS: Final = {
 # Connection tokens that are not header names, or that name the framing: dropping
 # that would have the receiver read a body as the next message (smuggling).
 CONNECTION_OPTIONS: Final = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
+
+# What a Host value may hold (RFC 9112 3.2, RFC 3986 3.2.2: reg-name or IP literal, a port).
+HOST_VALUE: Final = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:%\[\]-]*")
 
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -116,11 +120,12 @@ def error_response(error: ProxyError, keep_alive: bool) -> bytes:
 class RequestHead:
     """A request head as it goes upstream, and what its headers said about it."""
 
-    __slots__ = ("chunked", "host", "lines", "tokens", "upgrade")
+    __slots__ = ("chunked", "content_length", "host", "lines", "tokens", "upgrade")
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []  # the head less Host, framing and its last line
         self.host: bytes | None = None
+        self.content_length: bytes | None = None
         self.chunked = False
         self.upgrade: bytes | None = None  # the Upgrade header's value
         self.tokens: set[bytes] | None = None  # what Connection named
@@ -134,6 +139,7 @@ def scan_request(method: bytes, target: bytes, headers: list[bytes]) -> RequestH
     lines = head.lines
     lines.append(b"%s %s HTTP/1.1\r\n" % (method, target))
     content_length: bytes | None = None
+    codings: bytes | None = None  # every Transfer-Encoding, in order
     for i in range(0, len(headers), 2):
         name = headers[i]
         value = headers[i + 1]
@@ -143,20 +149,34 @@ def scan_request(method: bytes, target: bytes, headers: list[bytes]) -> RequestH
         elif kind == HOST:
             if head.host is not None:
                 raise BadRequest("more than one Host header")
+            if HOST_VALUE.fullmatch(value) is None:
+                raise BadRequest("invalid Host header")
             head.host = value
         elif kind == LENGTH:
             if content_length is not None and content_length != value:
                 raise BadRequest("conflicting Content-Length headers")
-            content_length = value
+            content_length = head.content_length = value
             lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == CONNECTION:
             tokens = connection_tokens(value)
             head.tokens = tokens if head.tokens is None else head.tokens | tokens
         elif kind == TRANSFER_ENCODING:
+            codings = value if codings is None else codings + b"," + value
             head.chunked = True
         elif kind == UPGRADE:
             head.upgrade = value
+    if codings is not None and codings != b"chunked":
+        _check_codings(codings)
     return head
+
+
+def _check_codings(value: bytes) -> None:
+    """A coding before the final chunked (``gzip, chunked``): 501. llhttp decodes chunked
+    only, so the upstream would get the coded bytes as if plain. (A last coding other than
+    chunked is llhttp's to refuse, with 400.)"""
+    codings = [c.strip().lower() for c in value.split(b",")]
+    if codings[-1] == b"chunked" and any(c != b"chunked" for c in codings[:-1]):
+        raise NotImplementedCoding(f"transfer coding {value.decode(errors='replace')}")
 
 
 def request_bytes(head: RequestHead, host_line: bytes, upgrade: bool) -> bytes:
