@@ -211,7 +211,8 @@ def test_broken_yaml_names_the_line(text: str, expected: str) -> None:
 
 EXPECTED_TOP = "admin, resolver, logging, shutdown, defaults, routes"
 EXPECTED_SETTINGS = (
-    "connect_timeout, request_timeout, idle_timeout, head_timeout, retries, balance, host, pool"
+    "connect_timeout, request_timeout, idle_timeout, head_timeout, retries, balance, outlier, "
+    "retry_budget, slow_start, host, pool"
 )
 EXPECTED_POOL = "max_idle, idle_timeout, max_lifetime"
 EXPECTED_ROUTE = f"name, listen, service, port, protocol, expose, {EXPECTED_SETTINGS}"
@@ -355,7 +356,8 @@ def test_a_duplicate_key_keeps_the_first_value_and_reports_once() -> None:
         ),
         (
             "defaults:\n  balance: random\n",
-            "sidelink.yaml:2: defaults.balance: must be one of p2c | round_robin, got 'random'",
+            "sidelink.yaml:2: defaults.balance: must be one of p2c | ewma | round_robin, got "
+            "'random'",
         ),
         (
             route_yaml(protocol="udp"),

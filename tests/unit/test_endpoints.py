@@ -1,4 +1,5 @@
-"""EndpointSet: following DNS, draining, balancing, outlier ejection and panic mode."""
+"""EndpointSet: following DNS, draining, balancing, outlier ejection, panic mode, ewma and
+slow start."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import endpoints
-from proxy.config import PoolConfig
-from proxy.endpoints import ACTIVE, DRAINING, EJECTED, Endpoint, EndpointSet
+from proxy.config import OutlierConfig, PoolConfig
+from proxy.endpoints import (
+    ACTIVE,
+    DRAINING,
+    EJECT_DOUBLINGS,
+    EJECTED,
+    EWMA_DECAY,
+    SLOW_START_FLOOR,
+    Endpoint,
+    EndpointSet,
+)
 from proxy.metrics import RouteStats
 from proxy.pool import Pool
 
@@ -61,10 +71,29 @@ def seeded() -> Iterator[None]:
     random.setstate(state)
 
 
-def make_set(*addresses: tuple[str, int], balance: str = "p2c") -> EndpointSet:
-    eps = EndpointSet("app1", balance, RouteStats("app1"))
+E = ("10.0.0.5", 80)
+
+# Every endpoint may be ejected: what panic mode needs to be reached at all.
+ALL_MAY_GO = OutlierConfig(max_ejected_percent=100)
+
+
+def make_set(
+    *addresses: tuple[str, int],
+    balance: str = "p2c",
+    outlier: OutlierConfig | None = None,
+    slow_start: float = 0.0,
+) -> EndpointSet:
+    eps = EndpointSet("app1", balance, RouteStats("app1"), outlier, slow_start)
     eps.update(addresses)
     return eps
+
+
+def come_back(eps: EndpointSet, clock: Clock, ep: Endpoint) -> None:
+    """Let ep's ejection run out and a pick see it (a pick is what returns it)."""
+    clock.now = max(clock.now, ep.ejected_until)
+    others = [other for other in eps.endpoints if other is not ep]
+    assert eps.pick(exclude=others) is ep
+    assert ep.state == ACTIVE
 
 
 def by_address(eps: EndpointSet) -> dict[tuple[str, int], Endpoint]:
@@ -391,10 +420,22 @@ def test_failed_ejects_with_doubling_times_up_to_the_cap(clock: Clock) -> None:
     times = []
     for _ in range(8):
         eps.failed(a)
+        assert a.state == EJECTED
         times.append(a.ejected_until - clock.now)
+        come_back(eps, clock, a)
     assert times == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
-    assert a.state == EJECTED
-    assert a.failures == 8
+    assert a.ejections == 8
+    assert eps.stats.ejections == 8
+
+
+def test_a_failure_while_ejected_neither_extends_nor_counts(clock: Clock) -> None:
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    eps.failed(a)
+    until = a.ejected_until
+    clock.advance(0.5)
+    eps.failed(a)  # tried in panic mode, say: it is out already
+    assert (a.ejected_until, a.ejections, eps.stats.ejections) == (until, 1, 1)
 
 
 def test_an_ejected_endpoint_is_skipped_until_its_time_is_up(clock: Clock) -> None:
@@ -407,7 +448,7 @@ def test_an_ejected_endpoint_is_skipped_until_its_time_is_up(clock: Clock) -> No
     clock.advance(0.001)
     assert a in {eps.pick() for _ in range(100)}
     assert a.state == ACTIVE
-    assert a.failures == 1  # still on probation: the next failure ejects it for longer
+    assert a.ejections == 1  # still on probation: the next ejection lasts longer
 
 
 def test_a_second_ejection_lasts_twice_as_long(clock: Clock) -> None:
@@ -427,21 +468,47 @@ def test_succeeded_restores_at_once(clock: Clock) -> None:
     eps = make_set(A, B)
     a = by_address(eps)[A]
     eps.failed(a)
+    come_back(eps, clock, a)
     eps.failed(a)
+    assert a.ejected_until - clock.now == 2.0
+    # A good answer while ejected (in panic mode, say): back at once, all forgiven.
     eps.succeeded(a)
     assert a.state == ACTIVE
-    assert a.failures == 0
-    assert a.ejected_until == 0.0
+    assert (a.consecutive, a.ejections) == (0, 0)
     assert a in {eps.pick() for _ in range(100)}
     eps.failed(a)
     assert a.ejected_until - clock.now == 1.0  # the doubling starts over
+
+
+def test_succeeded_forgives_the_bad_answers_in_a_row(clock: Clock) -> None:
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    for _ in range(4):
+        eps.went_wrong(a, "reset")
+    eps.succeeded(a)
+    assert a.consecutive == 0
+    for _ in range(4):
+        eps.went_wrong(a, "reset")
+    assert a.state == ACTIVE  # 4 + 4, never 5 in a row
+
+
+def test_succeeded_after_a_return_restarts_the_doubling(clock: Clock) -> None:
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    for _ in range(3):
+        eps.failed(a)
+        come_back(eps, clock, a)
+    eps.succeeded(a)
+    assert a.ejections == 0
+    eps.failed(a)
+    assert a.ejected_until - clock.now == 1.0
 
 
 def test_succeeded_without_failures_changes_nothing() -> None:
     eps = make_set(A)
     (a,) = eps.endpoints
     eps.succeeded(a)
-    assert (a.state, a.failures, a.ejected_until) == (ACTIVE, 0, 0.0)
+    assert (a.state, a.consecutive, a.ejections, a.ejected_until) == (ACTIVE, 0, 0, 0.0)
 
 
 def test_a_draining_endpoint_that_fails_stays_draining(clock: Clock) -> None:
@@ -457,7 +524,7 @@ def test_a_draining_endpoint_that_fails_stays_draining(clock: Clock) -> None:
 
 
 def test_ejections_count_each_time_an_endpoint_is_taken_out(clock: Clock) -> None:
-    eps = make_set(A, B)
+    eps = make_set(A, B, C, D)  # two of four may be out
     a, b = by_address(eps)[A], by_address(eps)[B]
     eps.failed(a)
     assert eps.stats.ejections == 1
@@ -473,11 +540,16 @@ def test_ejections_count_each_time_an_endpoint_is_taken_out(clock: Clock) -> Non
 
 
 def test_a_long_run_of_failures_stays_at_the_cap(clock: Clock) -> None:
-    eps = make_set(A)
-    (a,) = eps.endpoints
-    for _ in range(1100):  # one pod down for minutes, every request trying it in panic mode
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    # One pod down for hours: ejected, back, failing again, 1,100 times (2 ** 1099
+    # seconds would not even be a float).
+    for _ in range(1100):
         eps.failed(a)
+        come_back(eps, clock, a)
+    eps.failed(a)
     assert a.ejected_until - clock.now == 30.0
+    assert a.ejections == EJECT_DOUBLINGS
 
 
 # Panic mode
@@ -485,7 +557,7 @@ def test_a_long_run_of_failures_stays_at_the_cap(clock: Clock) -> None:
 
 @pytest.mark.parametrize("balance", ["p2c", "round_robin"])
 def test_when_every_endpoint_is_ejected_one_is_still_picked(clock: Clock, balance: str) -> None:
-    eps = make_set(A, B, C, balance=balance)
+    eps = make_set(A, B, C, balance=balance, outlier=ALL_MAY_GO)
     for ep in eps.endpoints:
         eps.failed(ep)
     chosen = {eps.pick() for _ in range(100)}
@@ -494,23 +566,25 @@ def test_when_every_endpoint_is_ejected_one_is_still_picked(clock: Clock, balanc
 
 
 def test_panic_mode_with_a_single_ejected_endpoint(clock: Clock) -> None:
-    eps = make_set(A)
+    eps = make_set(A, outlier=ALL_MAY_GO)
     (a,) = eps.endpoints
     eps.failed(a)
+    assert a.state == EJECTED
     assert eps.pick() is a
     assert eps.pick(exclude=[a]) is None
 
 
 def test_panic_mode_respects_the_exclude_list(clock: Clock) -> None:
-    eps = make_set(A, B)
+    eps = make_set(A, B, outlier=ALL_MAY_GO)
     a, b = eps.endpoints
     eps.failed(a)
     eps.failed(b)
+    assert (a.state, b.state) == (EJECTED, EJECTED)
     assert all(eps.pick(exclude=[a]) is b for _ in range(20))
 
 
 def test_not_panic_while_one_is_usable(clock: Clock) -> None:
-    eps = make_set(A, B, C)
+    eps = make_set(A, B, C, outlier=ALL_MAY_GO)
     a, b, c = eps.endpoints
     eps.failed(a)
     eps.failed(b)
@@ -544,3 +618,356 @@ def test_to_dict_of_every_endpoint(clock: Clock) -> None:
         {"address": "10.0.0.3", "port": 80, "state": "active", "in_flight": 0},
         {"address": "10.0.0.1", "port": 80, "state": "draining", "in_flight": 2},
     ]
+
+
+# Outlier ejection: bad answers in a row
+
+
+def test_consecutive_5xx_answers_eject(clock: Clock) -> None:
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    for n in range(1, 5):
+        eps.answered_by(a, 503, 0.01)
+        assert (a.state, a.consecutive) == (ACTIVE, n)
+    eps.answered_by(a, 500, 0.01)
+    assert a.state == EJECTED
+    assert a.consecutive == 0  # the count starts over once it is out
+    assert a.ejected_until - clock.now == 1.0
+    assert eps.stats.ejections == 1
+
+
+def test_resets_and_timeouts_count_with_5xx_in_one_run(clock: Clock) -> None:
+    eps = make_set(A, B, outlier=OutlierConfig(consecutive_failures=3))
+    a = by_address(eps)[A]
+    eps.went_wrong(a, "reset")
+    eps.answered_by(a, 502, 0.01)
+    assert a.state == ACTIVE
+    eps.went_wrong(a, "timeout")
+    assert a.state == EJECTED
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 599])
+def test_answered_by_a_5xx_counts_against_the_endpoint(status: int) -> None:
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    eps.answered_by(a, status, 0.01)
+    assert a.consecutive == 1
+
+
+@pytest.mark.parametrize("status", [100, 200, 204, 301, 400, 404, 429, 499])
+def test_answered_by_a_good_answer_breaks_the_run(clock: Clock, status: int) -> None:
+    # A 4xx is the client's problem, not the endpoint's: it is a good answer here.
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    for _ in range(4):
+        eps.answered_by(a, 500, 0.01)
+    eps.answered_by(a, status, 0.01)
+    assert a.consecutive == 0
+    for _ in range(4):
+        eps.answered_by(a, 500, 0.01)
+    assert a.state == ACTIVE
+    assert eps.stats.ejections == 0
+
+
+def test_a_good_answer_from_an_ejected_endpoint_brings_it_back(clock: Clock) -> None:
+    eps = make_set(A, B)
+    a = by_address(eps)[A]
+    eps.failed(a)
+    eps.answered_by(a, 200, 0.01)  # a request sent before the ejection, say
+    assert (a.state, a.ejections) == (ACTIVE, 0)
+
+
+def test_an_endpoint_ejected_by_5xx_returns_and_the_next_ejection_is_longer(
+    clock: Clock,
+) -> None:
+    eps = make_set(A, B, C)
+    a = by_address(eps)[A]
+    for _ in range(5):
+        eps.answered_by(a, 500, 0.01)
+    assert a.ejected_until - clock.now == 1.0
+    clock.advance(0.5)
+    assert all(eps.pick() is not a for _ in range(50))
+    clock.advance(0.5)
+    assert a in {eps.pick() for _ in range(100)}  # its time is up: another chance
+    assert a.state == ACTIVE
+    for _ in range(4):
+        eps.answered_by(a, 500, 0.01)
+    assert a.state == ACTIVE  # a fresh run of failures is needed
+    eps.answered_by(a, 500, 0.01)
+    assert a.ejected_until - clock.now == 2.0
+    assert eps.stats.ejections == 2
+
+
+def test_a_custom_outlier_config_doubles_from_base_to_max(clock: Clock) -> None:
+    config = OutlierConfig(consecutive_failures=2, base_ejection=0.25, max_ejection=3.0)
+    eps = make_set(A, B, outlier=config)
+    a = by_address(eps)[A]
+    times = []
+    for _ in range(6):
+        eps.went_wrong(a, "reset")
+        assert a.state == ACTIVE
+        eps.went_wrong(a, "reset")
+        assert a.state == EJECTED
+        times.append(a.ejected_until - clock.now)
+        come_back(eps, clock, a)
+    assert times == [0.25, 0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+# Outlier ejection: never more than max_ejected_percent
+
+
+@pytest.mark.parametrize(
+    ("n", "percent", "out"),
+    [
+        (1, 50, 0),  # a single endpoint (a ClusterIP) is never ejected
+        (2, 50, 1),
+        (3, 50, 1),
+        (4, 50, 2),
+        (5, 50, 2),
+        (10, 50, 5),
+        (4, 0, 0),
+        (4, 25, 1),
+        (4, 99, 3),
+        (2, 99, 1),
+        (4, 100, 4),
+    ],
+)
+def test_never_more_than_max_ejected_percent_are_out(
+    clock: Clock, n: int, percent: int, out: int
+) -> None:
+    addresses = [(f"10.0.1.{i}", 80) for i in range(1, n + 1)]
+    eps = make_set(*addresses, outlier=OutlierConfig(max_ejected_percent=percent))
+    for ep in eps.endpoints:
+        eps.failed(ep)
+        for _ in range(10):
+            eps.went_wrong(ep, "reset")
+    states = [ep.state for ep in eps.endpoints]
+    assert states.count(EJECTED) == out
+    assert eps.stats.ejections == out
+    if percent < 100:
+        assert ACTIVE in states  # at least one stays
+
+
+def test_the_default_keeps_half_in(clock: Clock) -> None:
+    eps = make_set(A, B, C, D)
+    for ep in eps.endpoints:
+        eps.failed(ep)
+    assert [ep.state for ep in eps.endpoints] == [EJECTED, EJECTED, ACTIVE, ACTIVE]
+    # The two kept in are picked, and nothing else.
+    assert {ep.address for ep in (eps.pick() for _ in range(100)) if ep} == {C, D}
+
+
+def test_one_held_in_by_the_cap_is_ejected_once_another_returns(clock: Clock) -> None:
+    eps = make_set(A, B)
+    a, b = eps.endpoints
+    eps.failed(a)
+    eps.failed(b)
+    assert b.state == ACTIVE  # a is out: b stays in
+    come_back(eps, clock, a)
+    eps.failed(b)
+    assert (a.state, b.state) == (ACTIVE, EJECTED)
+
+
+def test_the_cap_follows_the_endpoint_count(clock: Clock) -> None:
+    eps = make_set(A)
+    (a,) = eps.endpoints
+    eps.failed(a)
+    assert a.state == ACTIVE
+    eps.update([A, B])  # a second endpoint: now one of the two may go
+    eps.failed(a)
+    assert a.state == EJECTED
+
+
+# balance: ewma (peak-EWMA latency x load)
+
+
+def test_ewma_a_slow_endpoint_loses_most_comparisons(clock: Clock) -> None:
+    eps = make_set(A, B, C, D, balance="ewma")
+    slow = by_address(eps)[A]
+    for ep in eps.endpoints:
+        eps.answered_by(ep, 200, 0.5 if ep is slow else 0.01)
+    counts = picks(eps, 3000)
+    assert counts[A] == 0, counts  # drawn half the time, it loses every comparison
+    assert all(600 < counts[x] < 1400 for x in (B, C, D)), counts
+
+
+def test_ewma_weighs_latency_by_load(clock: Clock) -> None:
+    eps = make_set(A, B, balance="ewma")
+    a, b = eps.endpoints
+    eps.answered_by(a, 200, 0.1)
+    eps.answered_by(b, 200, 0.01)
+    assert all(eps.pick() is b for _ in range(50))
+    b.in_flight = 20  # 0.01 x 21 > 0.1 x 1: the fast one is now the busier
+    assert all(eps.pick() is a for _ in range(50))
+
+
+def test_p2c_ignores_latency(clock: Clock) -> None:
+    eps = make_set(A, B)
+    a, b = eps.endpoints
+    eps.answered_by(a, 200, 2.0)
+    eps.answered_by(b, 200, 0.001)
+    assert a.rtt == b.rtt  # not even measured
+    assert set(picks(eps, 200)) == {A, B}
+
+
+def test_ewma_a_peak_is_believed_at_once_and_decays_slowly(clock: Clock) -> None:
+    eps = make_set(A, B, balance="ewma")
+    a = by_address(eps)[A]
+    eps.answered_by(a, 200, 0.02)
+    assert a.rtt == pytest.approx(0.02)
+    eps.answered_by(a, 200, 0.8)  # slower: at once
+    assert a.rtt == pytest.approx(0.8)
+    eps.answered_by(a, 200, 0.01)  # faster, at the same instant: nothing decayed yet
+    assert a.rtt == pytest.approx(0.8)
+    clock.advance(EWMA_DECAY)
+    eps.answered_by(a, 200, 0.01)  # one decay time later: e ** -1 of the peak is left
+    assert a.rtt == pytest.approx(0.8 * 0.36788 + 0.01 * 0.63212, rel=1e-3)
+    previous = a.rtt
+    for _ in range(10):
+        clock.advance(EWMA_DECAY)
+        eps.answered_by(a, 200, 0.01)
+        assert a.rtt < previous
+        previous = a.rtt
+    assert a.rtt == pytest.approx(0.01, rel=0.01)
+
+
+def test_ewma_a_5xx_counts_its_latency_too(clock: Clock) -> None:
+    eps = make_set(A, B, balance="ewma")
+    a = by_address(eps)[A]
+    eps.answered_by(a, 503, 1.5)
+    assert a.rtt == pytest.approx(1.5)
+    assert a.consecutive == 1
+
+
+# Slow start
+
+
+def share(counts: Counter[tuple[str, int]], of: tuple[str, int], to: tuple[str, int]) -> float:
+    return counts[of] / counts[to]
+
+
+def test_endpoint_weight_ramps_from_the_floor() -> None:
+    ep = Endpoint(*A)
+    ep.warming = True
+    assert ep.weight(100.0, 10.0) == SLOW_START_FLOOR  # no good answer yet
+    ep.warm_from = 100.0
+    assert ep.weight(100.0, 10.0) == SLOW_START_FLOOR
+    assert ep.weight(100.2, 10.0) == SLOW_START_FLOOR  # 0.02 is below the floor
+    assert ep.weight(102.5, 10.0) == pytest.approx(0.25)
+    assert ep.weight(107.5, 10.0) == pytest.approx(0.75)
+    assert ep.warming
+    assert ep.weight(110.0, 10.0) == 1.0
+    assert not ep.warming  # the window is over
+
+
+def test_endpoints_present_before_the_first_answer_are_not_slow_started(clock: Clock) -> None:
+    eps = make_set(A, B, slow_start=10.0)
+    eps.update([A, B, C])  # still no answer: the route is starting, not scaling up
+    assert not any(ep.warming for ep in eps.endpoints)
+    assert eps.warming == 0
+    counts = picks(eps, 3000)
+    assert all(800 < counts[x] < 1200 for x in (A, B, C)), counts
+
+
+def test_without_slow_start_a_joiner_gets_a_full_share_at_once(clock: Clock) -> None:
+    eps = make_set(A, B)
+    eps.succeeded(eps.endpoints[0])
+    eps.update([A, B, C])
+    assert not by_address(eps)[C].warming
+    counts = picks(eps, 3000)
+    assert all(800 < counts[x] < 1200 for x in (A, B, C)), counts
+
+
+def test_a_joiner_ramps_up_from_its_first_good_answer(clock: Clock) -> None:
+    eps = make_set(A, B, slow_start=10.0)
+    eps.answered_by(eps.endpoints[0], 200, 0.01)
+    assert eps.answered
+    eps.update([A, B, C])
+    c = by_address(eps)[C]
+    assert c.warming
+    assert eps.warming == 1
+
+    # Before its first good answer: about SLOW_START_FLOOR of a full share, however long.
+    clock.advance(60.0)
+    assert 0.03 < share(picks(eps, 20000), C, A) < 0.08
+
+    eps.answered_by(c, 200, 0.01)
+    assert c.warm_from == clock.now
+    assert 0.03 < share(picks(eps, 20000), C, A) < 0.08  # the ramp starts at the floor
+    ramp = []
+    for _ in range(3):
+        clock.advance(2.5)
+        ramp.append(share(picks(eps, 20000), C, A))
+    for got, want in zip(ramp, (0.25, 0.5, 0.75), strict=True):
+        assert want - 0.07 < got < want + 0.07, ramp
+
+    clock.advance(2.5)  # the window is over: a full share, and the quick path again
+    counts = picks(eps, 3000)
+    assert not c.warming
+    assert eps.warming == 0
+    assert all(800 < counts[x] < 1200 for x in (A, B, C)), counts
+
+
+def test_a_5xx_is_not_a_first_good_answer(clock: Clock) -> None:
+    eps = make_set(A, slow_start=10.0)
+    eps.succeeded(eps.endpoints[0])
+    eps.update([A, B])
+    b = by_address(eps)[B]
+    eps.answered_by(b, 500, 0.01)
+    assert b.warm_from == 0.0
+    eps.answered_by(b, 404, 0.01)
+    assert b.warm_from == clock.now
+
+
+def test_a_slow_starting_endpoint_excluded_is_never_picked(clock: Clock) -> None:
+    eps = make_set(A, B, slow_start=10.0)
+    eps.succeeded(eps.endpoints[0])
+    eps.update([A, B, C])
+    a, c = by_address(eps)[A], by_address(eps)[C]
+    assert all(eps.pick(exclude=[a, c]) is by_address(eps)[B] for _ in range(50))
+
+
+# A property of the ejection cap
+
+
+ADVANCES = (0.1, 0.5, 1.0, 3.0, 40.0, 0.0)
+EVENTS = ("failed", "went_wrong", "succeeded", "answer", "advance", "pick")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    percent=st.sampled_from([0, 10, 25, 33, 50, 67, 90, 99, 100]),
+    consecutive=st.integers(1, 3),
+    steps=st.lists(
+        st.tuples(st.sampled_from(EVENTS), st.integers(0, 5), st.sampled_from([200, 404, 503])),
+        max_size=60,
+    ),
+)
+def test_no_sequence_of_events_ejects_more_than_max_ejected_percent(
+    n: int, percent: int, consecutive: int, steps: list[tuple[str, int, int]]
+) -> None:
+    clock = Clock()
+    config = OutlierConfig(consecutive_failures=consecutive, max_ejected_percent=percent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(endpoints, "monotonic", clock.monotonic)
+        eps = make_set(*[(f"10.0.2.{i}", 80) for i in range(n)], outlier=config)
+        cap = n * percent // 100
+        for kind, index, status in steps:
+            ep = eps.endpoints[index % n]
+            if kind == "failed":
+                eps.failed(ep)
+            elif kind == "went_wrong":
+                eps.went_wrong(ep, "reset")
+            elif kind == "succeeded":
+                eps.succeeded(ep)
+            elif kind == "answer":
+                eps.answered_by(ep, status, 0.01)
+            elif kind == "advance":
+                clock.advance(ADVANCES[index])
+            else:
+                assert eps.pick() is not None  # never nothing while there are endpoints
+            states = [ep.state for ep in eps.endpoints]
+            assert states.count(EJECTED) <= cap
+            assert set(states) <= {ACTIVE, EJECTED}
+            assert all(ep.ejections <= EJECT_DOUBLINGS for ep in eps.endpoints)
