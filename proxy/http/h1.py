@@ -117,6 +117,7 @@ class H1Downstream(Downstream):
         self.held_size = 0
         self.rejected: ClientError | None = None
         self.rejected_method = OTHER
+        self.valid_host = b""  # the last Host value found valid: spared the check next time
         self.linger_until = float("inf")
         self.close_after_response = False
         self.fresh = True  # no byte yet: head_timeout runs from the accept
@@ -264,7 +265,7 @@ class H1Downstream(Downstream):
         if not target.startswith(b"/") and target != b"*":
             answered = self.route.watch.answered_name
             target = heads.origin_form(target, heads.own_hosts(self.route.config.service, answered))
-        head = heads.scan_request(method, target, headers)
+        head = heads.scan_request(method, target, headers, self.valid_host)
         if head.host is None and parser.get_http_version() == "1.1":
             raise BadRequest("HTTP/1.1 request without Host")  # RFC 9112 3.2
         if heads.version_unsure(ex.keep_alive, head.tokens):
@@ -282,6 +283,8 @@ class H1Downstream(Downstream):
             self.upgrade_next = ex
             self.upgrade_body = int(head.content_length or 0)
         hosts = self.hosts
+        if head.host is not None:
+            self.valid_host = head.host
         host = heads.host_line(hosts.fixed, head.host, hosts.default)
         ex.head = heads.request_bytes(head, host, ex.upgrade)
         self.parsing = ex

@@ -131,10 +131,15 @@ class RequestHead:
         self.tokens: set[bytes] | None = None  # what Connection named
 
 
-def scan_request(method: bytes, target: bytes, headers: list[bytes]) -> RequestHead:
+def scan_request(
+    method: bytes, target: bytes, headers: list[bytes], valid_host: bytes = b""
+) -> RequestHead:
     """One pass over a request's headers (``name, value, name, value...``): hop-by-hop
     ones are dropped, end-to-end ones kept as they came; the smuggling shapes (two
-    Hosts, Content-Lengths that differ) raise BadRequest."""
+    Hosts, Content-Lengths that differ, an invalid Host) raise BadRequest.
+
+    ``valid_host``: a Host value known to be valid (the connection's last one), spared
+    the check."""
     head = RequestHead()
     lines = head.lines
     lines.append(b"%s %s HTTP/1.1\r\n" % (method, target))
@@ -149,7 +154,7 @@ def scan_request(method: bytes, target: bytes, headers: list[bytes]) -> RequestH
         elif kind == HOST:
             if head.host is not None:
                 raise BadRequest("more than one Host header")
-            if HOST_VALUE.fullmatch(value) is None:
+            if value != valid_host and HOST_VALUE.fullmatch(value) is None:
                 raise BadRequest("invalid Host header")
             head.host = value
         elif kind == LENGTH:
