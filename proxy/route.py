@@ -277,10 +277,13 @@ class RetryBudget:
         while retries and now - retries[0] > self.WINDOW:
             retries.popleft()
         samples = self.samples
+        while len(samples) > 1 and now - samples[0][0] > self.WINDOW:
+            samples.popleft()
         answered = self.stats.request_duration.observations()
         requests = answered - samples[0][1] if samples else answered
         config = self.config
-        allowed = max(config.min_per_second * self.WINDOW, requests * config.percent / 100)
+        # (Whole retries: a share under one allows none.)
+        allowed = max(config.min_per_second * self.WINDOW, requests * config.percent // 100)
         if len(retries) >= allowed:
             self.stats.retry_budget_exhausted += 1
             return False
