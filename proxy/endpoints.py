@@ -205,14 +205,13 @@ class EndpointSet:
         return a if a.in_flight <= b.in_flight else b
 
     def _weighted(self, usable: list[Endpoint], now: float) -> Endpoint:
-        """A pick while some endpoints slow-start: two drawn by share, the better one."""
+        """A pick while some endpoints slow-start: one drawn by share. (Not the better of
+        two: a joiner has nothing in flight and would win most comparisons, twice its
+        share.)"""
         window = self.slow_start
         weights = [ep.weight(now, window) if ep.warming else 1.0 for ep in usable]
         self.warming = sum(1 for ep in self.endpoints if ep.warming)
-        if self.balance == "round_robin" or len(usable) == 1:
-            return random.choices(usable, weights)[0]
-        a, b = random.choices(usable, weights, k=2)
-        return self._better(a, b)
+        return random.choices(usable, weights)[0]
 
     def acquire(self, ep: Endpoint) -> None:
         ep.in_flight += 1

@@ -169,9 +169,18 @@ class Route:
         tried = exclude if exclude is not None else []
         loop = asyncio.get_running_loop()
         error: UpstreamError | None = None
-        for attempt in range(settings.retries + 1):
+        # A failed connect is tried again on each endpoint not tried yet (nothing reached
+        # the service, so it is always safe), and on the only one up to `retries` times.
+        attempt = 0
+        while True:
             ep = first if attempt == 0 and first is not None else self.endpoints.pick(tried)
-            if ep is None and tried and len(self.endpoints) == 1 and tried[-1].state != DRAINING:
+            if (
+                ep is None
+                and tried
+                and len(self.endpoints) == 1
+                and tried[-1].state != DRAINING
+                and attempt <= settings.retries
+            ):
                 # The one endpoint (a ClusterIP) failed to connect: a lost SYN, say. With
                 # nowhere else to go, try it again rather than fail at once.
                 ep = tried[-1]
@@ -201,6 +210,7 @@ class Route:
                 self.endpoints.failed(ep)
                 self.watch.nudge()
                 tried.append(ep)
+                attempt += 1
                 log.info(
                     "route %s: connect to %s:%d failed: %s",
                     self.config.name,

@@ -116,13 +116,6 @@ async def test_a_replica_answering_5xx_is_ejected_kept_out_and_let_back(
         assert failed[mode] <= OUTLIER["consecutive_failures"] + CLIENTS
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10 finding: a failed connect uses up `retries` (2): when a request's first "
-    "three picks are the three refusing replicas (at start, before two are ejected; the third "
-    "is never ejected, max_ejected_percent, and p2c prefers it: nothing in flight) it fails "
-    "502 connect_refused with the good replica untried; about 1 run in 5",
-)
 async def test_three_of_four_replicas_refusing_fail_no_request_and_at_most_half_are_ejected(
     dns: DnsServer,
 ) -> None:
@@ -286,13 +279,6 @@ async def test_ewma_gives_a_slow_replica_less_than_p2c_with_a_p99_near_an_all_fa
 SLOW_START = 3.0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10 finding: a joiner gets 3.3-3.6% of the traffic in the first tenth of "
-    "slow_start, not <= 2.5% (10% of a quarter): its weight has a floor of 5% "
-    "(SLOW_START_FLOOR) and it is drawn by weight for p2c and then wins the comparison (it has "
-    "nothing in flight), about twice its weight",
-)
 async def test_a_joining_replica_ramps_up_over_slow_start(dns: DnsServer) -> None:
     async with Replicas(dns_publisher(dns)) as replicas:
         await replicas.add_many(3)

@@ -30,12 +30,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from proxy.addr import join_host_port
-from proxy.endpoints import DRAINING, Endpoint
+from proxy.endpoints import DRAINING, Endpoint, EndpointSet
 from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset, UpstreamTimeout
 from proxy.flow import BUFFER, Forwarding
 from proxy.http.heads import IDEMPOTENT
 from proxy.logs import log_access
-from proxy.metrics import RESET_CODE
+from proxy.metrics import RESET_CODE, RouteStats
 
 if TYPE_CHECKING:
     from proxy.pool import Pool
@@ -95,6 +95,8 @@ class Downstream(Forwarding):
     """The client connection as an exchange uses it."""
 
     route: Route
+    stats: RouteStats  # the route's, and its endpoints: held here for a direct reach
+    endpoints: EndpointSet
     clock: Callable[[], float]  # the loop's
     last_active: float  # the loop time of the last read on either side
     closed: bool
@@ -204,7 +206,7 @@ class Exchange:
         self.phase = CONNECTING
         down = self.down
         route = down.route
-        ep = route.endpoints.pick(self.tried)
+        ep = down.endpoints.pick(self.tried)
         if ep is not None:
             now = down.last_active  # (of the read that brought the request, or of its turn)
             conn = (ep.pool or route.pool(ep)).get(now)
@@ -332,7 +334,7 @@ class Exchange:
         assert ep is not None
         # (last_active: the time of the read that completed the exchange, if any)
         conn.detach(reusable and ep.state != DRAINING, down.last_active)
-        down.route.endpoints.release(ep)
+        down.endpoints.release(ep)
 
     # --- the response side (called by the upstream) ---------------------------------
 
@@ -341,7 +343,7 @@ class Exchange:
         self._answered(status)
         ep = self.endpoint
         if ep is not None:
-            self.down.route.endpoints.answered_by(ep, status, perf_counter() - self.started)
+            self.down.endpoints.answered_by(ep, status, perf_counter() - self.started)
         if status == 101:
             self.phase = TUNNEL
             self.down.switch_to_tunnel(self)
@@ -422,14 +424,14 @@ class Exchange:
             return
         self.phase = DONE
         if self.status:
-            route = self.down.route
-            route.stats.count_request(self.method, self.status)
-            if route.access_log:
+            down = self.down
+            down.stats.count_request(self.method, self.status)
+            if down.route.access_log:
                 self._log()
 
     def _answered(self, status: int) -> None:
         self.status = status
-        self.down.route.stats.request_duration.observe(perf_counter() - self.started)
+        self.down.stats.request_duration.observe(perf_counter() - self.started)
 
     def _log(self) -> None:
         ep = self.endpoint

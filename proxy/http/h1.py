@@ -88,6 +88,7 @@ class H1Downstream(Downstream):
     def __init__(self, route: Route, hosts: heads.HostRule) -> None:
         self.route = route
         self.stats = route.stats
+        self.endpoints = route.endpoints
         self.settings = route.settings
         self.hosts = hosts
         self.clock = route.clock  # (the loop's, bound once: called for every read)
