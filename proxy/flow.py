@@ -92,8 +92,10 @@ class FlowControl:
         peer = self.peer
         if peer is not None:
             self.peer = peer.peer = None
-            peer.resume(PEER)
-            self.resume(PEER)
+            if peer.reasons:  # (checked here: this runs once per request)
+                peer.resume(PEER)
+            if self.reasons:
+                self.resume(PEER)
 
     def writing_paused(self) -> None:
         self.write_paused = True

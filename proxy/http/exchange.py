@@ -320,7 +320,8 @@ class Exchange:
             self.phase = SENDING
         flow = self.down.flow
         flow.link(conn.flow)
-        flow.resume(BUFFER)
+        if flow.reasons:  # (checked here: this runs once per request)
+            flow.resume(BUFFER)
 
     def _detach(self, reusable: bool) -> None:
         """Give the upstream connection back (or close it) and release its endpoint."""

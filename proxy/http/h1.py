@@ -341,8 +341,9 @@ class H1Downstream(Downstream):
             nxt.start()
         elif self.rejected is not None:
             self._send_rejection(self.rejected)
-        if len(queue) < MAX_PIPELINED:
-            self.flow.resume(PIPELINE)
+        flow = self.flow
+        if flow.reasons and len(queue) < MAX_PIPELINED:
+            flow.resume(PIPELINE)
 
     def switch_to_tunnel(self, ex: Exchange) -> None:
         """101 Switching Protocols: from now on both connections are one byte pipe."""
