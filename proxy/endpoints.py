@@ -47,7 +47,7 @@ EJECT_DOUBLINGS: Final = 16  # ejections counted at most: past max_ejection eith
 EWMA_INITIAL: Final = 0.030
 EWMA_DECAY: Final = 10.0
 # A joining endpoint's share before its first good answer, and its least share after.
-SLOW_START_FLOOR: Final = 0.05
+SLOW_START_FLOOR: Final = 0.02
 
 
 class Endpoint:

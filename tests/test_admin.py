@@ -94,6 +94,11 @@ async def test_the_start_up_log_names_each_listener_and_where_it_goes(
                 f"{rc.protocol} (route {rc.name})"
             )
             assert want in lines, lines
+        # A pure Python install says so, once, with what to do about it.
+        slow = [line for line in lines if "runs as pure Python" in line]
+        assert len(slow) == (0 if build() == "compiled" else 1), lines
+        if slow:
+            assert "apt-get install gcc python3-dev" in slow[0]
 
 
 # --- bounds -----------------------------------------------------------------------------
