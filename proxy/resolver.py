@@ -43,6 +43,8 @@ EARLY_REFRESH_INTERVAL = 1.0
 RETRY_BACKOFF_FIRST = 0.25
 RETRY_BACKOFF_MAX = 5.0
 MAX_SRV_TARGETS = 64
+# How far a failed name's CNAME chain is followed to tell a loop (as resolvers bound it).
+MAX_CNAME_HOPS = 8
 HOSTS_PATH = "/etc/hosts"
 # The hosts file has no TTL: an answer from it is looked at again this often (clamped like a
 # TTL), which costs a stat() while the file is unchanged.
@@ -208,7 +210,10 @@ class Resolver:
             except dns.exception.Timeout as e:
                 raise DnsError("timeout", f"{name}: timed out ({e})", tuple(tried)) from e
             except (dns.exception.DNSException, OSError) as e:
-                raise DnsError("error", f"{name}: {_describe(e)}", tuple(tried)) from e
+                why = _describe(e)
+                if isinstance(e, dns.resolver.NoNameservers):
+                    why = await self._cname_loop(name) or why
+                raise DnsError("error", f"{name}: {why}", tuple(tried)) from e
             if found is None:
                 continue
             endpoints, ttl = found
@@ -217,6 +222,25 @@ class Resolver:
             )
         what = "NXDOMAIN" if nxdomain == len(tried) else "no addresses"
         raise DnsError("nxdomain", f"{', '.join(tried)}: {what}", tuple(tried))
+
+    async def _cname_loop(self, name: str) -> str | None:
+        """Why a name failed everywhere, when it is a CNAME chain that comes back on itself
+        (resolvers answer that with SERVFAIL, as for any other failure)."""
+        chain = [dns.name.from_text(name)]
+        for _ in range(MAX_CNAME_HOPS):
+            try:
+                answer = await self._dns.resolve(
+                    chain[-1], "CNAME", search=False, raise_on_no_answer=False
+                )
+            except dns.exception.DNSException:
+                return None
+            if not answer.rrset:
+                return None
+            target = answer.rrset[0].target
+            if target in chain:
+                return "CNAME loop: " + " -> ".join(n.to_text() for n in [*chain, target])
+            chain.append(target)
+        return f"CNAME chain longer than {MAX_CNAME_HOPS}"
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
         return await self._dns.resolve(name, rdtype, search=False, raise_on_no_answer=False)

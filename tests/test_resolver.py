@@ -306,6 +306,27 @@ async def test_servfail_refused_and_drop_results(dns: DnsServer) -> None:
     assert (await resolver.lookup("app", 80)).endpoints == (("10.0.0.1", 80),)
 
 
+async def test_a_cname_loop_is_named_as_such(dns: DnsServer) -> None:
+    dns.set_cname("a.ns1.svc.cluster.local", "b.ns1.svc.cluster.local")
+    dns.set_cname("b.ns1.svc.cluster.local", "a.ns1.svc.cluster.local")
+    resolver = make_resolver(dns)
+    with pytest.raises(DnsError) as caught:
+        await resolver.lookup("a", 80)
+    assert caught.value.result == "error"
+    assert "CNAME loop: a.ns1.svc.cluster.local. -> b.ns1.svc.cluster.local. -> a." in str(
+        caught.value
+    )
+
+
+async def test_servfail_without_a_loop_still_says_every_nameserver_failed(dns: DnsServer) -> None:
+    dns.set_a("app.ns1.svc.cluster.local", ["10.0.0.1"])
+    dns.set_failure(None, "servfail")
+    resolver = make_resolver(dns)
+    with pytest.raises(DnsError) as caught:
+        await resolver.lookup("app", 80)
+    assert "every nameserver failed" in str(caught.value)
+
+
 # --- NXDOMAIN and empty answers -----------------------------------------------------
 
 
