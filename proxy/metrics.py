@@ -104,6 +104,7 @@ class RouteStats:
         self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
         self.retries = 0
         self.retry_budget_exhausted = 0
+        self.shed = 0  # downstream connections closed at once: the process was at its fd limit
         self.pool_idle = 0
         self.ejections = 0
 
@@ -240,6 +241,14 @@ class _Collector:
                 "sidelink_retries", "Requests or connects retried", labels=["route"]
             ),
             lambda r: r.retries,
+        )
+        yield per_route(
+            CounterMetricFamily(
+                "sidelink_connections_shed",
+                "Downstream connections closed at once: the process was at its fd limit",
+                labels=["route"],
+            ),
+            lambda r: r.shed,
         )
         yield per_route(
             CounterMetricFamily(

@@ -56,6 +56,7 @@ class TcpDownstream(Forwarding):
         self.transport = transport
         if not self.route.fds.admit():
             self.closed = self.shed = True  # at the fd limit: shed before any work
+            self.stats.shed += 1
             transport.abort()
             return
         self.write_down = transport.write

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from support.inproc import no_connections, running_server
+from support.metrics import metric
 from support.pods import HANG_UPS, StreamPods
 from support.wait import until
 from support.wire import closed_by_peer, connect, get, raw_client, read_response
@@ -172,6 +173,7 @@ async def test_at_the_fd_budget_new_connections_are_shed_and_the_admin_answers(
         assert await closed_by_peer(reader, timeout=5.0, reset=True)
         writer.close()
         assert budget.shed == 1
+        assert metric(server, "sidelink_connections_shed_total", route="app1") == 1
         assert server.admin_address is not None
         admin = await asyncio.open_connection(*server.admin_address)
         admin[1].write(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")

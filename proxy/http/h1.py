@@ -148,6 +148,7 @@ class H1Downstream(Downstream):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         if not self.route.fds.admit():
             self.closed = self.shed = True  # at the fd limit: shed before any work
+            self.stats.shed += 1
             self.transport.abort()
             return
         self.flow = FlowControl(self.transport)
