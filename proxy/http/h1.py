@@ -197,12 +197,17 @@ class H1Downstream(Downstream):
     def eof_received(self) -> bool:
         if self.active is None and not self.queue:
             return False
-        if self.parsing is not None or self.in_head:
-            # Half-closed in the middle of a request: it can never be whole. Free both
-            # sides now (the upstream's copy of it is cut) rather than at idle_timeout.
-            self.close()
-            return False
-        # A client that half-closes after its request still gets the response.
+        ex = self.parsing
+        if ex is not None:
+            # Half-closed in the middle of a request body: it can never be whole.
+            if ex is self.active:
+                # Free both sides now (the upstream's copy of it is cut), not at idle_timeout.
+                self.close()
+                return False
+            self.parsing = None  # pipelined behind others: those are still answered
+            self.queue.remove(ex)
+        # A client that half-closes after its requests still gets the responses (a head it
+        # left unfinished is dropped).
         self.close_after_response = True
         return True
 

@@ -1017,6 +1017,36 @@ async def test_client_half_close_after_its_request_still_gets_the_answer_then_cl
     assert rig.client.closed and rig.pool.idle == [rig.up]
 
 
+@pytest.mark.parametrize(
+    "unfinished",
+    [
+        b"GET /2 HTTP/1.1\r\nHo",  # a head that can never end
+        b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345",  # nor a body
+    ],
+)
+async def test_a_half_close_behind_a_whole_request_still_answers_that_one(
+    rig: Rig, unfinished: bytes
+) -> None:
+    rig.request(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n" + unfinished)
+    assert rig.down.eof_received() is True
+    rig.respond(OK_HI)
+    assert (
+        rig.client.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nhi"
+    )
+    assert rig.client.closed
+    assert rig.stats.requests == {(b"GET", 200): 1}  # the unfinished one went nowhere
+
+
+async def test_a_half_close_in_the_middle_of_the_body_in_flight_lets_both_sides_go(
+    rig: Rig,
+) -> None:
+    rig.request(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+    assert rig.down.eof_received() is False
+    assert rig.client.closed
+    await settle()
+    assert rig.server.closed and rig.pool.idle == [] and rig.endpoint.in_flight == 0
+
+
 # --- reprs --------------------------------------------------------------------------------------
 
 
