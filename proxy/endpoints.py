@@ -83,7 +83,12 @@ class Endpoint:
         self.pool: Pool[Any] | None = None  # idle upstream connections (http)
 
     def __repr__(self) -> str:
-        return f"<Endpoint {_address(self)} {self.state} in_flight={self.in_flight}>"
+        return f"<Endpoint {self.label} {self.state} in_flight={self.in_flight}>"
+
+    @property
+    def label(self) -> str:
+        """``host:port``, as logs and the access log name it."""
+        return join_host_port(self.host, self.port)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -234,7 +239,7 @@ class EndpointSet:
             ep.ejections = 0
             if ep.state == EJECTED:
                 ep.state = ACTIVE
-                log.info("route %s: endpoint %s is back", self.name, _address(ep))
+                log.info("route %s: endpoint %s is back", self.name, ep.label)
         if not self.answered:
             self.answered = True
         if ep.warming and not ep.warm_from:
@@ -276,15 +281,13 @@ class EndpointSet:
         ep.consecutive = 0
         ep.state = EJECTED
         self.stats.ejections += 1
-        log.info(
-            "route %s: endpoint %s ejected for %gs (%s)", self.name, _address(ep), seconds, why
-        )
+        log.info("route %s: endpoint %s ejected for %gs (%s)", self.name, ep.label, seconds, why)
 
     def _usable(self, ep: Endpoint, now: float) -> bool:
         if ep.state == EJECTED and now >= ep.ejected_until:
             # Give it another chance; the next ejection lasts twice as long.
             ep.state = ACTIVE
-            log.info("route %s: endpoint %s returns after its ejection", self.name, _address(ep))
+            log.info("route %s: endpoint %s returns after its ejection", self.name, ep.label)
         return ep.state == ACTIVE
 
     def _reap(self) -> None:
@@ -294,7 +297,3 @@ class EndpointSet:
             for ep in gone:
                 if ep.pool is not None:
                     ep.pool.close_idle()
-
-
-def _address(ep: Endpoint) -> str:
-    return join_host_port(ep.host, ep.port)

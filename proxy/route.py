@@ -122,6 +122,15 @@ class Route:
         if self._ticker is not None and not self.connections:
             self._ticker.cancel()
 
+    def admit(self, transport: asyncio.Transport) -> bool:
+        """A downstream connection was accepted: counted against the fd budget, or, at the
+        limit, shed before any work (closed at once, counted)."""
+        if self.fds.admit():
+            return True
+        self.stats.shed += 1
+        transport.abort()
+        return False
+
     def pool(self, ep: Endpoint) -> Pool[Any]:
         pool = ep.pool
         if pool is None:
@@ -159,8 +168,8 @@ class Route:
     ) -> tuple[Endpoint, asyncio.Transport, P]:
         """Connect to `first` or a picked endpoint, retrying on others; the caller releases it.
 
-        Raises the UpstreamError that ends the attempts, for the caller to report (and
-        count); the failures retried past are counted here.
+        Raises NoEndpoints (or FdLimit) for the caller to report and count; each failed
+        attempt is counted here.
         """
         settings = self.settings
         stats = self.stats
@@ -224,14 +233,11 @@ class Route:
             stats.connect_duration.observe(time.perf_counter() - started)
             stats.opened_upstream += 1
             return ep, transport, protocol
-        if error is None or len(tried) >= len(self.endpoints):
-            # Nothing to try, or every endpoint failed: the service has no endpoints
-            # (503), as opposed to retries running out with endpoints left (the error).
-            if error is None:
-                raise NoEndpoints(f"{self.config.service} has no endpoints")
-            stats.errors[error.reason] += 1
-            raise NoEndpoints(f"every endpoint of {self.config.service} failed: {error.detail}")
-        raise error
+        # Nothing to try, or every endpoint failed: the service has no endpoints (503).
+        if error is None:
+            raise NoEndpoints(f"{self.config.service} has no endpoints")
+        stats.errors[error.reason] += 1
+        raise NoEndpoints(f"every endpoint of {self.config.service} failed: {error.detail}")
 
     def to_dict(self) -> dict[str, object]:
         watch = self.watch

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from proxy.addr import join_host_port
 from proxy.endpoints import Endpoint
 from proxy.errors import UpstreamError, UpstreamReset
 from proxy.flow import CONNECTING, FlowControl, Forwarding
@@ -54,10 +53,8 @@ class TcpDownstream(Forwarding):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
-        if not self.route.fds.admit():
-            self.closed = self.shed = True  # at the fd limit: shed before any work
-            self.stats.shed += 1
-            transport.abort()
+        if not self.route.admit(transport):
+            self.closed = self.shed = True
             return
         self.write_down = transport.write
         self.flow = FlowControl(transport)
@@ -206,7 +203,7 @@ class TcpDownstream(Forwarding):
             "duration_seconds": round(self.clock() - self.started, 6),
             "bytes_received": self.bytes_in,
             "bytes_sent": self.bytes_out,
-            "endpoint": join_host_port(ep.host, ep.port) if ep is not None else None,
+            "endpoint": ep.label if ep is not None else None,
             "error": None if self.outcome == "ok" else self.outcome,
         }
         log_access(peer_name(self.transport), fields)

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-from proxy.addr import join_host_port
 from proxy.endpoints import DRAINING, Endpoint, EndpointSet
 from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset, UpstreamTimeout
 from proxy.flow import BUFFER, Forwarding
@@ -256,7 +255,7 @@ class Exchange:
     def time_out(self) -> None:
         """No answer within request_timeout: counted against the endpoint, and 504."""
         if self.endpoint is not None:
-            self.down.route.endpoints.went_wrong(self.endpoint, UpstreamTimeout.reason)
+            self.down.endpoints.went_wrong(self.endpoint, UpstreamTimeout.reason)
         self.fail(UpstreamTimeout("upstream did not answer in time"))
 
     def send_raw(self, data: bytes) -> None:
@@ -266,10 +265,7 @@ class Exchange:
 
     def refuse(self, error: ProxyError) -> None:
         """Answer a request refused before it could become an exchange of its own."""
-        self.error = error
-        self._answered(error.status)
-        self.down.answer_error(self, error, keep_alive=False)
-        self.end()
+        self._answer_with(error, keep_alive=False)
 
     def abandon(self) -> None:
         """The client is gone or its request broke off: the upstream's state is unknown."""
@@ -341,10 +337,10 @@ class Exchange:
 
     def response_started(self, status: int) -> None:
         """The (final) response head is in: it starts going to the client."""
-        self._answered(status)
+        took = self._answered(status)
         ep = self.endpoint
         if ep is not None:
-            self.down.endpoints.answered_by(ep, status, perf_counter() - self.started)
+            self.down.endpoints.answered_by(ep, status, took)
         if status == 101:
             self.phase = TUNNEL
             self.down.switch_to_tunnel(self)
@@ -368,9 +364,10 @@ class Exchange:
         ep = self.endpoint
         awaiting = self.phase == AWAITING
         self._detach(reusable=False)
-        route = self.down.route
+        down = self.down
+        route = down.route
         assert ep is not None
-        route.endpoints.went_wrong(ep, error.reason)
+        down.endpoints.went_wrong(ep, error.reason)
         if (
             awaiting
             and isinstance(error, UpstreamReset)
@@ -388,7 +385,7 @@ class Exchange:
             self.buffer = [self.replay] if self.replay else None
             self.buffered = len(self.replay)
             self.phase = CONNECTING
-            first = route.endpoints.pick(self.tried)
+            first = down.endpoints.pick(self.tried)
             if first is None and ep.state != DRAINING:
                 first = ep
             route.spawn(self._connect(first))
@@ -399,22 +396,20 @@ class Exchange:
 
     def fail(self, error: ProxyError) -> None:
         """Answer with sidelink's own error, or, with a response under way, cut it."""
-        self.error = error
         if isinstance(error, UpstreamError):
-            self.down.route.stats.errors[error.reason] += 1
+            self.down.stats.errors[error.reason] += 1
         self._detach(reusable=False)
         down = self.down
         if self.phase in (STREAMING, TUNNEL):
             # Part of the response is out: the client can only learn of it by a close,
             # and it never got the response whole.
+            self.error = error
             self.status = RESET_CODE
             self.end()
             down.close()
             return
-        self._answered(error.status)
         keep_alive = self.keep_alive and not self.upgrade
-        down.answer_error(self, error, keep_alive)
-        self.end()
+        self._answer_with(error, keep_alive)
         if self.complete:
             down.finished(self, keep_alive)
         # else: the rest of the request body is read and dropped, then finished()
@@ -430,9 +425,19 @@ class Exchange:
             if down.route.access_log:
                 self._log()
 
-    def _answered(self, status: int) -> None:
+    def _answer_with(self, error: ProxyError, keep_alive: bool) -> None:
+        """sidelink's own answer, timed, sent and counted."""
+        self.error = error
+        self._answered(error.status)
+        self.down.answer_error(self, error, keep_alive)
+        self.end()
+
+    def _answered(self, status: int) -> float:
+        """The answer's status is known: timed (returned: the seconds since the head)."""
         self.status = status
-        self.down.stats.request_duration.observe(perf_counter() - self.started)
+        took = perf_counter() - self.started
+        self.down.stats.request_duration.observe(took)
+        return took
 
     def _log(self) -> None:
         ep = self.endpoint
@@ -446,7 +451,7 @@ class Exchange:
             "duration_seconds": round(perf_counter() - self.started, 6),
             "bytes_received": self.bytes_in,
             "bytes_sent": self.bytes_out,
-            "endpoint": join_host_port(ep.host, ep.port) if ep is not None else None,
+            "endpoint": ep.label if ep is not None else None,
             "retries": self.retries,
             "error": error.reason if error is not None else None,
         }

@@ -146,10 +146,8 @@ class H1Downstream(Downstream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        if not self.route.fds.admit():
-            self.closed = self.shed = True  # at the fd limit: shed before any work
-            self.stats.shed += 1
-            self.transport.abort()
+        if not self.route.admit(self.transport):
+            self.closed = self.shed = True
             return
         self.flow = FlowControl(self.transport)
         self.last_active = self.head_started = self.clock()
