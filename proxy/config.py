@@ -40,6 +40,7 @@ MAX_CONFIG_BYTES = 1 << 20
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 BALANCERS = ("p2c", "ewma", "round_robin")
+UPSTREAM_PROTOCOLS = ("auto", "http1", "http2")
 PROTOCOLS = ("http", "tcp")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
@@ -363,6 +364,14 @@ class RetryBudgetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Config:
+    """HTTP/2 limits: streams a client may open at once, streams put on one upstream connection."""
+
+    max_concurrent_streams: int = setting(256, _int_range(1, 100_000))
+    max_streams_per_connection: int = setting(100, _int_range(1, 100_000))
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSettings:
     """The keys of ``defaults:``, which every route may override."""
 
@@ -377,6 +386,8 @@ class RouteSettings:
     slow_start: float = duration(0.0, zero=True)
     host: str = setting("auto", _host_setting)
     pool: PoolConfig = field(default_factory=PoolConfig, metadata=_SECTION)
+    upstream_protocol: str = setting("auto", _choice(UPSTREAM_PROTOCOLS))
+    http2: Http2Config = field(default_factory=Http2Config, metadata=_SECTION)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from proxy.config import OutlierConfig
 from proxy.metrics import RouteStats
 
 if TYPE_CHECKING:
-    from proxy.pool import Pool
+    from proxy.pool import Pool, StreamPool
 
 log = logging.getLogger("sidelink.endpoints")
 
@@ -58,11 +58,13 @@ class Endpoint:
         "ejections",
         "host",
         "in_flight",
+        "last_pick",
         "pool",
         "port",
         "rtt",
         "rtt_at",
         "state",
+        "streams",
         "warm_from",
         "warming",
     )
@@ -73,6 +75,7 @@ class Endpoint:
         self.address: Address = (host, port)
         self.state = ACTIVE
         self.in_flight = 0
+        self.last_pick = 0  # the set's pick count when this one was last picked
         self.consecutive = 0  # bad answers in a row
         self.ejections = 0  # ejections in a row, for the doubling
         self.ejected_until = 0.0
@@ -80,7 +83,8 @@ class Endpoint:
         self.rtt_at = 0.0
         self.warming = False  # slow start: joined after the route answered
         self.warm_from = 0.0  # its first good answer (0: none yet)
-        self.pool: Pool[Any] | None = None  # idle upstream connections (http)
+        self.pool: Pool[Any] | None = None  # idle upstream connections (HTTP/1)
+        self.streams: StreamPool[Any] | None = None  # multiplexed ones (HTTP/2)
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.label} {self.state} in_flight={self.in_flight}>"
@@ -128,6 +132,7 @@ class EndpointSet:
         self.warming = 0  # endpoints slow-starting now
         self.answered = False  # the route has had a good answer: joiners slow-start
         self._next = 0
+        self.picks = 0  # picks made by p2c or ewma, for their tie-break
 
     def __repr__(self) -> str:
         counts = {ACTIVE: 0, EJECTED: 0}
@@ -206,8 +211,20 @@ class EndpointSet:
 
     def _better(self, a: Endpoint, b: Endpoint) -> Endpoint:
         if self.balance == "ewma":
-            return a if a.rtt * (a.in_flight + 1) <= b.rtt * (b.in_flight + 1) else b
-        return a if a.in_flight <= b.in_flight else b
+            cost_a = a.rtt * (a.in_flight + 1)
+            cost_b = b.rtt * (b.in_flight + 1)
+        else:
+            cost_a = a.in_flight
+            cost_b = b.in_flight
+        # A tie (most often when nothing is in flight: one client calling in turn) goes
+        # to the one picked longer ago, so sequential calls spread evenly, not at random.
+        if cost_a < cost_b or (cost_a == cost_b and a.last_pick <= b.last_pick):
+            better = a
+        else:
+            better = b
+        self.picks += 1
+        better.last_pick = self.picks
+        return better
 
     def _weighted(self, usable: list[Endpoint], now: float) -> Endpoint:
         """A pick while some endpoints slow-start: one drawn by share. (Not the better of

@@ -1,6 +1,7 @@
 """The one error hierarchy: what sidelink answers when it cannot forward a request.
 
-Two families, each class with its metric reason and its HTTP status:
+Two families, each class with its metric reason, its HTTP status and the gRPC status a
+gRPC request gets instead (HTTP 200, trailers only):
 
 - :class:`UpstreamError`: the service failed us (refused, timed out, reset, sent
   garbage, or has no endpoints). Counted in ``sidelink_upstream_errors_total{reason}``.
@@ -17,10 +18,18 @@ from __future__ import annotations
 import errno
 from typing import ClassVar
 
+# gRPC status codes (grpc/doc/statuscodes.md) that sidelink's own answers use.
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_UNIMPLEMENTED = 12
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+
 
 class ProxyError(Exception):
     reason: ClassVar[str] = "internal"
     status: ClassVar[int] = 500
+    grpc_status: ClassVar[int] = GRPC_INTERNAL
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.reason)
@@ -33,6 +42,7 @@ class ProxyError(Exception):
 class UpstreamError(ProxyError):
     reason = "protocol"
     status = 502
+    grpc_status = GRPC_UNAVAILABLE  # a client may try again: the service did not answer
 
 
 class ConnectRefused(UpstreamError):
@@ -51,6 +61,7 @@ class UpstreamReset(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     reason = "timeout"
     status = 504
+    grpc_status = GRPC_DEADLINE_EXCEEDED
 
 
 class NoEndpoints(UpstreamError):
@@ -117,6 +128,7 @@ class ForbiddenHost(ClientError):
 class MethodNotAllowed(ClientError):
     reason = "method_not_allowed"
     status = 405
+    grpc_status = GRPC_UNIMPLEMENTED
 
 
 class HeadTimeout(ClientError):
@@ -127,11 +139,13 @@ class HeadTimeout(ClientError):
 class BodyStalled(ClientError):
     reason = "idle_timeout"
     status = 408
+    grpc_status = GRPC_DEADLINE_EXCEEDED
 
 
 class HeadTooLarge(ClientError):
     reason = "head_too_large"
     status = 431
+    grpc_status = GRPC_RESOURCE_EXHAUSTED
 
 
 class NotImplementedCoding(ClientError):

@@ -107,11 +107,18 @@ class RouteStats:
         self.shed = 0  # downstream connections closed at once: the process was at its fd limit
         self.pool_idle = 0
         self.ejections = 0
+        self.grpc: dict[int, int] = {}  # grpc-status sent downstream -> count
+        self.streams_downstream = 0  # HTTP/2 streams open now
+        self.streams_upstream = 0
 
     def count_request(self, method: bytes, code: int) -> None:
         key = (method, code)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
+
+    def count_grpc(self, status: int) -> None:
+        grpc = self.grpc
+        grpc[status] = grpc.get(status, 0) + 1
 
 
 class ServiceStats:
@@ -235,6 +242,21 @@ class _Collector:
             for reason, n in r.errors.items():
                 errors.add_metric([r.name, reason], n)
         yield from (opened, active, transferred, errors)
+
+        grpc = CounterMetricFamily(
+            "sidelink_grpc_responses",
+            "gRPC answers by the grpc-status sent downstream (proxy-made ones included)",
+            labels=["route", "grpc_status"],
+        )
+        streams = GaugeMetricFamily(
+            "sidelink_streams_active", "HTTP/2 streams open now", labels=["route", "side"]
+        )
+        for r in routes:
+            for status, n in sorted(r.grpc.items()):
+                grpc.add_metric([r.name, str(status)], n)
+            streams.add_metric([r.name, "downstream"], r.streams_downstream)
+            streams.add_metric([r.name, "upstream"], r.streams_upstream)
+        yield from (grpc, streams)
 
         yield per_route(
             CounterMetricFamily(

@@ -1,4 +1,4 @@
-"""Idle upstream connections, kept per endpoint for reuse.
+"""Upstream connections kept per endpoint for reuse: idle HTTP/1, multiplexed HTTP/2.
 
 A connection is handed out only while it is healthy: not closing, idle for less
 than ``pool.idle_timeout`` and younger than ``pool.max_lifetime`` (recycling lets
@@ -7,6 +7,11 @@ reused first, so surplus ones age out. A connection the server closes while idle
 removes itself at once (see ``http.h1.H1Upstream.connection_lost``). A connection
 joins its endpoint's pool when made (:meth:`Pool.adopt`), then goes out and comes
 back through :meth:`Pool.get` and :meth:`Pool.put`.
+
+A :class:`StreamPool` holds an endpoint's HTTP/2 connections, which carry many
+streams at once: a stream goes on the first connection with room, and a new one is
+made when all are full. A connection past ``max_lifetime`` is retired (no new
+streams, closed once its last one ends), as is one the server sent GOAWAY on.
 """
 
 from __future__ import annotations
@@ -118,3 +123,76 @@ class Pool(Generic[C]):
             now - conn.idle_since < self.config.idle_timeout
             and now - conn.created < self.config.max_lifetime
         )
+
+
+class Multiplexed(Protocol):
+    created: float
+    idle_since: float  # when its last stream ended
+    closed: bool
+
+    def room(self) -> int:
+        """How many more streams it takes now (0 when retired or closed)."""
+
+    def busy(self) -> bool:
+        """Whether it carries a stream."""
+
+    def retire(self) -> None:
+        """No new streams; closed once the last one ends."""
+
+    def close(self) -> None: ...
+
+
+M = TypeVar("M", bound=Multiplexed)
+
+
+class StreamPool(Generic[M]):
+    __slots__ = ("address", "config", "conns", "name", "waiting")
+
+    def __init__(self, name: str, address: tuple[str, int], config: PoolConfig) -> None:
+        self.name = name
+        self.address = address
+        self.config = config
+        self.conns: list[M] = []  # open and taking streams
+        # Streams waiting for the connection being made (None: none is being made).
+        self.waiting: list[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<StreamPool {self.name} {join_host_port(*self.address)} conns={len(self.conns)}>"
+
+    def get(self, now: float) -> M | None:
+        """A connection with room for one more stream, or None; old ones are retired."""
+        for conn in self.conns:
+            if now - conn.created >= self.config.max_lifetime:
+                self.retire(conn)
+                return self.get(now)
+            if conn.room() > 0:
+                return conn
+        return None
+
+    def add(self, conn: M) -> None:
+        self.conns.append(conn)
+
+    def retire(self, conn: M) -> None:
+        """No new streams on ``conn`` (its lifetime is over, or the server said GOAWAY)."""
+        self.remove(conn)
+        conn.retire()
+
+    def remove(self, conn: M) -> None:
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections without streams past their idle timeout or lifetime."""
+        config = self.config
+        for conn in [c for c in self.conns if not c.busy()]:
+            if (
+                now - conn.idle_since >= config.idle_timeout
+                or now - conn.created >= config.max_lifetime
+            ):
+                self.remove(conn)
+                conn.close()
+
+    def close_idle(self) -> None:
+        for conn in [c for c in self.conns if not c.busy()]:
+            self.remove(conn)
+            conn.close()

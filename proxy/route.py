@@ -20,7 +20,7 @@ from proxy.endpoints import DRAINING, Endpoint, EndpointSet
 from proxy.errors import FdLimit, NoEndpoints, UpstreamError, connect_error
 from proxy.fds import process_budget
 from proxy.metrics import Metrics, RouteStats
-from proxy.pool import Pool
+from proxy.pool import Pool, StreamPool
 from proxy.resolver import Resolver
 
 log = logging.getLogger("sidelink.route")
@@ -119,6 +119,8 @@ class Route:
         for ep in self.endpoints.all():
             if ep.pool is not None:
                 ep.pool.close_idle()
+            if ep.streams is not None:
+                ep.streams.close_idle()
         if self._ticker is not None and not self.connections:
             self._ticker.cancel()
 
@@ -135,6 +137,12 @@ class Route:
         pool = ep.pool
         if pool is None:
             pool = ep.pool = Pool(self.config.name, ep.address, self.settings.pool, self.stats)
+        return pool
+
+    def streams(self, ep: Endpoint) -> StreamPool[Any]:
+        pool = ep.streams
+        if pool is None:
+            pool = ep.streams = StreamPool(self.config.name, ep.address, self.settings.pool)
         return pool
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -159,6 +167,8 @@ class Route:
             for ep in self.endpoints.all():
                 if ep.pool is not None:
                     ep.pool.sweep(now)
+                if ep.streams is not None:
+                    ep.streams.sweep(now)
 
     async def connect(
         self,

@@ -440,19 +440,48 @@ class Exchange:
         return took
 
     def _log(self) -> None:
-        ep = self.endpoint
-        error = self.error
-        fields = {
-            "route": self.down.route.config.name,
-            "protocol": "http",
-            "method": self.method.decode(errors="replace"),
-            "path": self.path.decode(errors="replace"),
-            "status": "reset" if self.status == RESET_CODE else self.status,
-            "duration_seconds": round(perf_counter() - self.started, 6),
-            "bytes_received": self.bytes_in,
-            "bytes_sent": self.bytes_out,
-            "endpoint": ep.label if ep is not None else None,
-            "retries": self.retries,
-            "error": error.reason if error is not None else None,
-        }
-        log_access(self.down.peer(), fields)
+        down = self.down
+        log_answer(
+            down.route.config.name,
+            down.peer(),
+            method=self.method,
+            path=self.path,
+            status=self.status,
+            started=self.started,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            endpoint=self.endpoint,
+            retries=self.retries,
+            error=self.error,
+        )
+
+
+def log_answer(
+    route: str,
+    peer: str,
+    *,
+    method: bytes,
+    path: bytes,
+    status: int,
+    started: float,
+    bytes_in: int,
+    bytes_out: int,
+    endpoint: Endpoint | None,
+    retries: int,
+    error: ProxyError | None,
+) -> None:
+    """One request's access-log line (an HTTP/1 exchange's or an HTTP/2 stream's)."""
+    fields = {
+        "route": route,
+        "protocol": "http",
+        "method": method.decode(errors="replace"),
+        "path": path.decode(errors="replace"),
+        "status": "reset" if status == RESET_CODE else status,
+        "duration_seconds": round(perf_counter() - started, 6),
+        "bytes_received": bytes_in,
+        "bytes_sent": bytes_out,
+        "endpoint": endpoint.label if endpoint is not None else None,
+        "retries": retries,
+        "error": error.reason if error is not None else None,
+    }
+    log_access(peer, fields)

@@ -37,7 +37,7 @@ from proxy.errors import (
     VersionNotSupported,
 )
 from proxy.flow import BUFFER, PIPELINE, REFUSED, FlowControl
-from proxy.http import heads
+from proxy.http import h2, heads
 from proxy.http.exchange import (
     BUFFER_LIMIT,
     DONE,
@@ -122,6 +122,7 @@ class H1Downstream(Downstream):
         self.linger_until = float("inf")
         self.close_after_response = False
         self.fresh = True  # no byte yet: head_timeout runs from the accept
+        self.preface = b""  # the first bytes, while too few to tell HTTP/2's preface
         self.closed = False
         self.shed = False  # closed at once: the process was at its fd limit
 
@@ -158,6 +159,16 @@ class H1Downstream(Downstream):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.clock()
+        if self.fresh and data[:1] == b"P":  # (the first bytes: HTTP/2's preface?)
+            data = self.preface + data
+            is_h2 = h2.sniff(data)
+            if is_h2 is None:
+                self.preface = data  # too few bytes yet to say
+                return
+            self.preface = b""
+            if is_h2:
+                self._switch_to_h2(data)
+                return
         if self.upgrading is not None:
             self._tunnel_data(data)
             return
@@ -191,6 +202,16 @@ class H1Downstream(Downstream):
             # it began in (a head within the limit never gets there, however it is cut).
             if self.in_head and self.head_rest > RAW_HEAD_LIMIT:
                 self._reject(HeadTooLarge("request head over 64 KiB"))
+
+    def _switch_to_h2(self, data: bytes) -> None:
+        """The connection speaks HTTP/2: the transport goes to an H2Downstream."""
+        transport = self.transport
+        assert transport is not None
+        self.route.connections.discard(self)
+        self.closed = True
+        down = h2.H2Downstream(self.route, self.hosts)
+        transport.set_protocol(down)
+        down.adopt(transport, data)
 
     def eof_received(self) -> bool:
         if self.active is None and not self.queue:

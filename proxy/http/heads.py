@@ -1,8 +1,9 @@
-"""The rules for HTTP/1.x message heads, pure: values in, values out, no I/O.
+"""The rules for HTTP message heads, pure: values in, values out, no I/O.
 
 What the proxy does with each header (hop-by-hop ones go, RFC 9110 7.6.1), the Host
 it sends, how a body is framed, whether a connection is kept, the smuggling shapes
-it refuses, and the answers it makes itself. ``h1.py`` calls these from the parser's
+it refuses, and the answers it makes itself; for HTTP/2, the request fields upstream
+gets and sidelink's answers (gRPC's included). ``h1.py`` and ``h2.py`` call these from the parser's
 callbacks; ``tests/unit/test_heads.py`` feeds them values.
 
 On every request's path and compiled with mypyc (setup.py): constants are ``Final``
@@ -12,6 +13,7 @@ On every request's path and compiled with mypyc (setup.py): constants are ``Fina
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Final
 
@@ -100,11 +102,10 @@ def drop_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
 def error_response(error: ProxyError, keep_alive: bool) -> bytes:
     """sidelink's own answer: a short text body and the reason in ``sidelink-error``."""
     status = error.status
-    phrase = REASONS.get(status, b"Error")
-    body = b"%d %s: %s\n" % (status, phrase, error.detail.encode(errors="replace"))
+    body = error_body(error)
     return b"".join(
         (
-            b"HTTP/1.1 %d %s\r\n" % (status, phrase),
+            b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
             b"content-type: text/plain; charset=utf-8\r\n",
             b"content-length: %d\r\n" % len(body),
             b"sidelink-error: %s\r\n" % error.reason.encode(),
@@ -112,6 +113,12 @@ def error_response(error: ProxyError, keep_alive: bool) -> bytes:
             body,
         )
     )
+
+
+def error_body(error: ProxyError) -> bytes:
+    status = error.status
+    phrase = REASONS.get(status, b"Error")
+    return b"%d %s: %s\n" % (status, phrase, error.detail.encode(errors="replace"))
 
 
 # --- requests ---------------------------------------------------------------------
@@ -288,15 +295,17 @@ def trailer_block(headers: list[bytes]) -> bytes:
 class HostRule:
     """What a route's ``host`` setting makes of the Host header, worked out once."""
 
-    __slots__ = ("default", "fixed")
+    __slots__ = ("authority", "default", "fixed")
 
     def __init__(self, service: str, port: int | str, setting: str) -> None:
         # The service as written, with its port unless 80 (a port name: no port).
         auto = service if port == 80 or isinstance(port, str) else f"{service}:{port}"
         self.default = auto.encode()
         host = None if setting == "preserve" else auto if setting == "auto" else setting
-        # The whole Host line for upstream, unless it is the client's (host: preserve).
-        self.fixed = None if host is None else b"host: %s\r\n" % host.encode()
+        # The host upstream gets, unless it is the client's (host: preserve): as HTTP/2's
+        # :authority, and as HTTP/1's whole Host line.
+        self.authority = None if host is None else host.encode()
+        self.fixed = None if host is None else b"host: %s\r\n" % self.authority
 
 
 def own_hosts(service: str, answered_name: str | None) -> set[str]:
@@ -315,3 +324,92 @@ def head_size(method: bytes, target: bytes, headers: list[bytes]) -> int:
     for field in headers:
         size += len(field) + 2  # ": " after a name, CRLF after a value
     return size
+
+
+# --- HTTP/2 -----------------------------------------------------------------------
+
+GRPC: Final = b"application/grpc"
+
+
+class H2Request:
+    """An HTTP/2 request head as it goes upstream (RFC 9113 8.3.1), and what it said."""
+
+    __slots__ = ("fields", "grpc", "method", "path")
+
+    def __init__(self, method: bytes, path: bytes, fields: list[tuple[bytes, bytes]]) -> None:
+        self.method = method
+        self.path = path
+        self.fields = fields  # pseudo-header fields first
+        self.grpc = False  # content-type application/grpc...
+
+
+def h2_request(headers: Iterable[tuple[bytes, bytes]], hosts: HostRule) -> H2Request:
+    """A client's HTTP/2 request fields for upstream: ``:authority`` by the route's
+    ``host`` rule (a ``host`` field folded into it), the rest as they came (the engine has
+    refused connection-specific fields already, RFC 9113 8.2.2)."""
+    method = path = b""
+    scheme = b"http"
+    authority: bytes | None = None
+    rest: list[tuple[bytes, bytes]] = []
+    grpc = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":scheme":
+                scheme = value
+        elif name == b"host":
+            authority = authority or value
+        else:
+            if name == b"content-type" and value.startswith(GRPC):
+                grpc = True
+            rest.append((name, value))
+    fields = [
+        (b":method", method),
+        (b":scheme", scheme),
+        (b":authority", hosts.authority or authority or hosts.default),
+        (b":path", path),
+    ]
+    fields += rest
+    request = H2Request(method, path, fields)
+    request.grpc = grpc
+    return request
+
+
+def grpc_answer(error: ProxyError) -> list[tuple[bytes, bytes]]:
+    """sidelink's own answer to a gRPC request: HTTP 200, trailers only (the gRPC
+    protocol's way to say a call failed), the reason in ``sidelink-error``."""
+    return [
+        (b":status", b"200"),
+        (b"content-type", GRPC),
+        (b"grpc-status", b"%d" % error.grpc_status),
+        (b"grpc-message", grpc_message(error.detail)),
+        (b"sidelink-error", error.reason.encode()),
+    ]
+
+
+def grpc_message(text: str) -> bytes:
+    """``grpc-message``: percent-encoded UTF-8 (the gRPC HTTP/2 protocol's rule)."""
+    out = bytearray()
+    for byte in text.encode():
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def h2_error(error: ProxyError) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """sidelink's own answer on HTTP/2 for a request that is not gRPC: fields and body."""
+    body = error_body(error)
+    fields = [
+        (b":status", b"%d" % error.status),
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+        (b"sidelink-error", error.reason.encode()),
+    ]
+    return fields, body
