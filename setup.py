@@ -17,6 +17,7 @@ HOT_PATH = [
     "proxy/flow.py",
     "proxy/http/exchange.py",
     "proxy/http/h1.py",
+    "proxy/http/h2.py",
     "proxy/http/heads.py",
     "proxy/metrics.py",
     "proxy/pool.py",

@@ -41,6 +41,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 BALANCERS = ("p2c", "ewma", "round_robin")
 UPSTREAM_PROTOCOLS = ("auto", "http1", "http2")
+# Not built yet: translating HTTP/2 <-> HTTP/1.1 between the two sides.
+UPSTREAM_TRANSLATIONS = ("http1", "http2")
 PROTOCOLS = ("http", "tcp")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
@@ -145,6 +147,16 @@ def _choice(options: Sequence[str]) -> Callable[[object], str]:
         return str(value)
 
     return convert
+
+
+def _upstream_protocol(value: object) -> str:
+    protocol = _choice(UPSTREAM_PROTOCOLS)(value)
+    if protocol in UPSTREAM_TRANSLATIONS:
+        raise ValueError(
+            f"{protocol} is not supported yet (no HTTP/1 <-> HTTP/2 translation): only auto, "
+            "where HTTP/2 requests go upstream as HTTP/2 and HTTP/1.x as HTTP/1.1"
+        )
+    return protocol
 
 
 def _boolean(value: object) -> bool:
@@ -386,7 +398,7 @@ class RouteSettings:
     slow_start: float = duration(0.0, zero=True)
     host: str = setting("auto", _host_setting)
     pool: PoolConfig = field(default_factory=PoolConfig, metadata=_SECTION)
-    upstream_protocol: str = setting("auto", _choice(UPSTREAM_PROTOCOLS))
+    upstream_protocol: str = setting("auto", _upstream_protocol)
     http2: Http2Config = field(default_factory=Http2Config, metadata=_SECTION)
 
 

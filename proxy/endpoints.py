@@ -218,10 +218,8 @@ class EndpointSet:
             cost_b = b.in_flight
         # A tie (most often when nothing is in flight: one client calling in turn) goes
         # to the one picked longer ago, so sequential calls spread evenly, not at random.
-        if cost_a < cost_b or (cost_a == cost_b and a.last_pick <= b.last_pick):
-            better = a
-        else:
-            better = b
+        a_wins = cost_a < cost_b or (cost_a == cost_b and a.last_pick <= b.last_pick)
+        better = a if a_wins else b
         self.picks += 1
         better.last_pick = self.picks
         return better

@@ -212,7 +212,7 @@ def test_broken_yaml_names_the_line(text: str, expected: str) -> None:
 EXPECTED_TOP = "admin, resolver, logging, shutdown, defaults, routes"
 EXPECTED_SETTINGS = (
     "connect_timeout, request_timeout, idle_timeout, head_timeout, retries, balance, outlier, "
-    "retry_budget, slow_start, host, pool"
+    "retry_budget, slow_start, host, pool, upstream_protocol, http2"
 )
 EXPECTED_POOL = "max_idle, idle_timeout, max_lifetime"
 EXPECTED_ROUTE = f"name, listen, service, port, protocol, expose, {EXPECTED_SETTINGS}"
