@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import diagnose, report
+from benchmarks.h2 import H2LOAD_THREADS
 from benchmarks.load import IDLE_REQUEST, WRK_THREADS, write_wrk_script
 from benchmarks.procs import (
     BenchError,
@@ -22,7 +23,14 @@ from benchmarks.procs import (
     own_cpu_seconds,
     raise_nofile_limit,
 )
-from benchmarks.scenarios import IDLE_CONNECTIONS, Results, Runner
+from benchmarks.scenarios import (
+    GRPC_KEYS,
+    H2_SCENARIOS,
+    IDLE_CONNECTIONS,
+    IDLE_H2_SCENARIO,
+    Results,
+    Runner,
+)
 from benchmarks.servers import PROXIES, REPO, Lab
 from benchmarks.tools import INSTALL_HINT, find_tools, git_revision, machine, versions
 
@@ -40,6 +48,8 @@ MIB = 1024**2
 GIB = 1024**3
 QUICK_BULK_MIB = 256  # keeps --quick under a minute; the full run moves 1 GiB
 OUT = Path(__file__).resolve().parent / "out"
+# --suite: h1 is scenarios 1-7 (HTTP/1.1, tcp, bulk), h2 is 8-11 (h2c, gRPC, idle HTTP/2).
+SUITES = ("all", "h1", "h2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--rounds, --duration and --bulk-mib must be at least 1", file=sys.stderr)
         return EXIT_USAGE
 
-    tools, missing = find_tools(need_haproxy="haproxy" in proxies)
+    h1, h2 = args.suite in ("all", "h1"), args.suite in ("all", "h2")
+    tools, missing = find_tools(need_haproxy="haproxy" in proxies, h1=h1, h2=h2)
     if tools is None:
         print(f"missing tool(s): {', '.join(missing)}", file=sys.stderr)
         print(f"install them with: {INSTALL_HINT}", file=sys.stderr)
@@ -75,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": rounds,
         "duration_s": duration,
         "bulk_bytes": bulk_mib * MIB,
+        "suite": args.suite,
         "wrk_threads": WRK_THREADS,
+        "h2load_threads": H2LOAD_THREADS,
         "nofile": nofile,
         "machine": machine(),
         "versions": versions(tools),
@@ -92,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     tmp = Path(tempfile.mkdtemp(prefix="sidelink-bench-"))
-    lab = Lab(tools, tmp, proxies, meta["bulk_bytes"], nofile)
+    lab = Lab(tools, tmp, proxies, meta["bulk_bytes"], nofile, h2=h2)
     sidelink: dict[str, Any] = {}
     try:
         lab.start()
@@ -101,8 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for target in lab.targets:
             suffix = f" ({'; '.join(target.notes)})" if target.notes else ""
             tcp = target.tcp_port if target.tcp_port is not None else "n/a"
-            _progress(f"{target.name:<9} http 127.0.0.1:{target.http_port} tcp {tcp}{suffix}")
-        runner = Runner(lab, write_wrk_script(tmp), duration, rounds, _progress)
+            line = f"{target.name:<9} http 127.0.0.1:{target.http_port} tcp {tcp}"
+            if h2:
+                h2c = f"{target.h2_host}:{target.h2_port}" if target.h2_port else "n/a"
+                grpc = f"{target.grpc_host}:{target.grpc_port}" if target.grpc_port else "n/a"
+                line += f" h2c {h2c} grpc {grpc}"
+            _progress(line + suffix)
+        if h2 and lab.h2_ports is not None and lab.h2_ports.grpc is None:
+            _progress("grpcio is not installed: no gRPC scenario (pip install grpcio)")
+        runner = Runner(lab, write_wrk_script(tmp), duration, rounds, _progress, h1=h1, h2=h2)
         results = runner.run_all()
         if lab.sidelink_admin_port is not None:
             sidelink = {
@@ -133,9 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steal_cores": round((steal_after - steal_before) / elapsed, 2),
     }
     no_tcp = {t.name for t in lab.targets if t.tcp_port is None}
+    no_h2 = {t.name for t in lab.targets if t.h2_port is None}
+    unsupported = {scenario.key: no_h2 for scenario in H2_SCENARIOS}
+    unsupported[IDLE_H2_SCENARIO] = no_h2
+    no_grpc = {t.name for t in lab.targets if t.grpc_port is None}
+    unsupported.update({key: no_grpc for key in GRPC_KEYS})
     columns = [*proxies, "direct"]
     rows = report.build_rows(
-        results, columns, no_tcp=no_tcp, failed=set(lab.failed), bulk=_size(meta["bulk_bytes"])
+        results,
+        columns,
+        no_tcp=no_tcp,
+        failed=set(lab.failed),
+        bulk=_size(meta["bulk_bytes"]),
+        unsupported=unsupported if h2 else None,
     )
     document = _document(
         meta, rows=rows, columns=columns, results=results, sidelink=sidelink, failed=lab.failed
@@ -180,6 +210,13 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(PROXIES),
         help=f"comma-separated subset of {','.join(PROXIES)} (default: all)",
     )
+    parser.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="all",
+        help="h1: scenarios 1-7 (HTTP/1.1, tcp, bulk); h2: 8-11 (h2c, gRPC, idle HTTP/2);"
+        " default all",
+    )
     parser.add_argument("--out", default=str(OUT), help="output folder (default benchmarks/out)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     return parser
@@ -195,6 +232,18 @@ def _document(
     failed: dict[str, str],
 ) -> str:
     m, v, load = meta["machine"], meta["versions"], meta["machine_load"]
+    h2_method = []
+    if meta["suite"] in ("all", "h2"):
+        h2_method.append(
+            f"- HTTP/2 (rows 8-11): h2load -t{meta['h2load_threads']} runs of"
+            f" {meta['duration_s']}s, h2c prior knowledge, to two h2c nginx upstreams (127.0.0.2"
+            " and 127.0.0.3, one worker each) that every proxy balances over; direct is h2load"
+            " at the first of them alone; p50/p99 from h2load's per-request log. gRPC: a grpcio"
+            " client, 1 or 10 unary calls in flight on one channel, to two grpcio servers"
+            " (direct: the first; at x10 the Python servers are the bottleneck, so direct's one"
+            " server may trail a proxy's two). Errors also count h2load's failed streams and"
+            " non-OK gRPC status codes"
+        )
     lines = [
         "# sidelink benchmark results",
         "",
@@ -206,6 +255,7 @@ def _document(
         f" {meta['duration_s']}s with **one wrk thread** (-t{meta['wrk_threads']}), so one core"
         " drives load and the proxy shares the other with the nginx upstream; bulk: curl,"
         f" {_size(meta['bulk_bytes'])} body per transfer",
+        *h2_method,
         f"- other work on the machine during the run: {load['other_work_cores']:.2f} of"
         f" {m['cores']} cores on average (CPU stolen by the host: {load['steal_cores']:.2f};"
         f" load average at start {load['load_average_at_start']:.1f})",
@@ -215,8 +265,15 @@ def _document(
         f" {IDLE_CONNECTIONS:,}), summed over rounds.",
         "",
         report.markdown(rows, columns),
-        "Spread over rounds (min-max) of scenario 1 throughput, req/s: "
-        + report.spread_line(rows, "http_keepalive", "rps")
+    ]
+    spreads = [
+        (label, spread)
+        for label, key in (("1", "http_keepalive"), ("8", "h2_m1"), ("9", "h2_m100"))
+        if (spread := report.spread_line(rows, key, "rps"))
+    ]
+    lines += [
+        "Spread over rounds (min-max) of throughput, req/s: "
+        + "; ".join(f"scenario {label}: {spread}" for label, spread in spreads)
         + ". Differences smaller than that spread are noise.",
         "",
     ]

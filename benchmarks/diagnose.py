@@ -1,7 +1,7 @@
 """What sidelink says about the run itself: warnings in its log, and its own error metrics.
 
 wrk only sees what reaches the client; these show what sidelink noticed on the way
-(upstream resets, retries, ejections, proxy-made 5xx answers).
+(upstream resets, retries, ejections, proxy-made 5xx answers, gRPC status codes).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ WATCHED_METRICS = (
     "sidelink_retries_total",
     "sidelink_endpoint_ejections_total",
     "sidelink_connections_opened_total",
+    "sidelink_connections_shed_total",
+    "sidelink_grpc_responses_total",
 )
 SAMPLE_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 

@@ -6,15 +6,28 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.scenarios import IDLE_CONNECTIONS, Results, Sample
+from benchmarks.scenarios import (
+    IDLE_CONNECTIONS,
+    IDLE_H2_SCENARIO,
+    Results,
+    Sample,
+)
 from benchmarks.servers import DIRECT
 
 SIDELINK = "sidelink"
 RATIO_AGAINST = ("haproxy", "nginx")
 TCP_SCENARIOS = frozenset({"tcp_keepalive", "bulk_tcp"})
-PROXY_ONLY = frozenset({"startup", "memory", "idle_connections"})
+PROXY_ONLY = frozenset({"startup", "memory", "idle_connections", IDLE_H2_SCENARIO})
+# Rows shown whether or not their scenario ran in this suite.
+ALWAYS = frozenset({"startup", "memory"})
 ADDED_LATENCY = "added_p50_us"
 PER_IDLE_CONNECTION = "kib_per_idle_connection"
+PER_IDLE_H2_CONNECTION = "kib_per_idle_h2_connection"
+# A per-connection row's metric -> the RSS metric held with the idle connections.
+PER_IDLE = {
+    PER_IDLE_CONNECTION: "rss_1k_idle_mib",
+    PER_IDLE_H2_CONNECTION: "rss_1k_idle_h2_mib",
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,79 @@ ROWS = (
     ),
     Row("memory", "rss_after_mib", "7 RSS idle after the whole run", "MiB", False, 1),
     Row("startup", "startup_ms", "7 startup: process start → ready", "ms", False),
+    Row(
+        "h2_m1",
+        "rps",
+        "8 h2c x10 connections, 1 stream each: throughput",
+        "req/s",
+        True,
+        0,
+        1,
+        True,
+    ),
+    Row("h2_m1", "p50_us", "8 h2c -c10 -m1: latency p50", "ms", False, 2, 1e-3),
+    Row("h2_m1", "p99_us", "8 h2c -c10 -m1: latency p99", "ms", False, 2, 1e-3),
+    Row("h2_m1", "cpu_us_per_req", "8 h2c -c10 -m1: proxy CPU per request", "µs", False, 1),
+    Row(
+        "h2_m100",
+        "rps",
+        "9 h2c x10 connections, 100 streams each: throughput",
+        "req/s",
+        True,
+        0,
+        1,
+        True,
+    ),
+    Row("h2_m100", "p50_us", "9 h2c -c10 -m100: latency p50", "ms", False, 2, 1e-3),
+    Row("h2_m100", "p99_us", "9 h2c -c10 -m100: latency p99", "ms", False, 2, 1e-3),
+    Row("h2_m100", "cpu_us_per_req", "9 h2c -c10 -m100: proxy CPU per request", "µs", False, 1),
+    Row(
+        "grpc_unary_x1",
+        "p50_us",
+        "10 gRPC unary, 1 call at a time: latency p50",
+        "µs",
+        False,
+        0,
+        1,
+        True,
+    ),
+    Row("grpc_unary_x1", "p99_us", "10 gRPC unary, 1 call at a time: latency p99", "µs", False),
+    Row(
+        "grpc_unary_x1", ADDED_LATENCY, "10 gRPC unary, 1 at a time: added latency p50", "µs", False
+    ),
+    Row("grpc_unary_x1", "rps", "10 gRPC unary, 1 call at a time: throughput", "calls/s", True),
+    Row(
+        "grpc_unary_x10",
+        "rps",
+        "10 gRPC unary, 10 calls on one channel: throughput",
+        "calls/s",
+        True,
+        0,
+        1,
+        True,
+    ),
+    Row("grpc_unary_x10", "p99_us", "10 gRPC unary x10: latency p99", "ms", False, 2, 1e-3),
+    Row(
+        "grpc_unary_x10", "cpu_us_per_req", "10 gRPC unary x10: proxy CPU per call", "µs", False, 1
+    ),
+    Row(
+        IDLE_H2_SCENARIO,
+        "rss_1k_idle_h2_mib",
+        f"11 RSS with {IDLE_CONNECTIONS:,} idle HTTP/2 connections",
+        "MiB",
+        False,
+        1,
+        1,
+        True,
+    ),
+    Row(
+        IDLE_H2_SCENARIO,
+        PER_IDLE_H2_CONNECTION,
+        "11 memory per idle HTTP/2 connection",
+        "KiB",
+        False,
+        1,
+    ),
 )
 
 
@@ -131,11 +217,23 @@ class TableRow:
 
 
 def build_rows(
-    results: Results, columns: list[str], *, no_tcp: set[str], failed: set[str], bulk: str
+    results: Results,
+    columns: list[str],
+    *,
+    no_tcp: set[str],
+    failed: set[str],
+    bulk: str,
+    unsupported: dict[str, set[str]] | None = None,
 ) -> list[TableRow]:
-    """One row per ROWS entry; ``bulk`` names the bulk body size in labels ("1 GiB")."""
+    """One row per ROWS entry whose scenario ran; ``bulk`` names the bulk body size in labels
+    ("1 GiB"); ``unsupported``: scenario -> the targets that cannot run it here ("n/a")."""
+    na = {scenario: set(no_tcp) for scenario in TCP_SCENARIOS}
+    for scenario, names in (unsupported or {}).items():
+        na.setdefault(scenario, set()).update(names)
     rows = []
     for spec in ROWS:
+        if spec.scenario not in ALWAYS and spec.scenario not in results.samples:
+            continue  # not part of this run's suite
         per_target = results.samples.get(spec.scenario, {})
         values: dict[str, float | None] = {}
         cells: dict[str, str] = {}
@@ -147,7 +245,7 @@ def build_rows(
                 name=name,
                 value=values[name],
                 per_target=per_target,
-                no_tcp=no_tcp,
+                na=na.get(spec.scenario, set()),
                 failed=failed,
             )
         ratios = {
@@ -177,10 +275,13 @@ def _value(results: Results, spec: Row, name: str) -> float | None:
             return None
         proxied, direct = median(per_target[name], "p50_us"), median(per_target[DIRECT], "p50_us")
         return None if proxied is None or direct is None else proxied - direct
-    if spec.metric == PER_IDLE_CONNECTION:
-        held = median(per_target.get(name, []), "rss_1k_idle_mib")
+    if spec.metric in PER_IDLE:
+        held = median(per_target.get(name, []), PER_IDLE[spec.metric])
         opened = median(per_target.get(name, []), "idle_opened")
-        idle = median(results.samples.get("memory", {}).get(name, []), "rss_idle_mib")
+        if spec.metric == PER_IDLE_H2_CONNECTION:
+            idle = median(per_target.get(name, []), "rss_before_mib")
+        else:
+            idle = median(results.samples.get("memory", {}).get(name, []), "rss_idle_mib")
         if held is None or idle is None or not opened:
             return None
         return (held - idle) * 1024 / opened
@@ -193,14 +294,14 @@ def _cell(
     name: str,
     value: float | None,
     per_target: dict[str, list[Sample]],
-    no_tcp: set[str],
+    na: set[str],
     failed: set[str],
 ) -> str:
     if name in failed:
         return "failed to start"
     if value is not None:
         return f"{value:,.{spec.decimals}f}"
-    if spec.scenario in TCP_SCENARIOS and name in no_tcp:
+    if name in na:
         return "n/a"
     samples = per_target.get(name, [])
     if samples and all(s.errors and not s.values for s in samples):

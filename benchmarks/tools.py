@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks.configs import NginxModules
 
-INSTALL_HINT = "apt-get install -y wrk haproxy nginx-light curl"
+INSTALL_HINT = "apt-get install -y wrk haproxy nginx-light curl nghttp2-client"
 STREAM_HINT = "apt-get install -y libnginx-mod-stream"
 # Debian keeps system binaries in sbin, which a non-root PATH may lack.
 EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -23,10 +23,11 @@ VERSION_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class Tools:
-    wrk: str
-    curl: str
+    wrk: str | None  # None when the HTTP/1.1 and tcp scenarios do not run (--suite h2)
+    curl: str | None
     nginx: str
     haproxy: str | None  # None when HAProxy is not among the proxies under test
+    h2load: str | None = None  # None when the HTTP/2 scenarios do not run (--suite h1)
 
 
 def which(name: str) -> str | None:
@@ -37,19 +38,24 @@ def which(name: str) -> str | None:
     return shutil.which(name, path=path)
 
 
-def find_tools(need_haproxy: bool) -> tuple[Tools | None, list[str]]:
-    """The tools, or None and the names of the missing ones."""
-    names = ["wrk", "curl", "nginx"] + (["haproxy"] if need_haproxy else [])
+def find_tools(
+    need_haproxy: bool, *, h1: bool = True, h2: bool = True
+) -> tuple[Tools | None, list[str]]:
+    """The tools, or None and the names of the missing ones. ``h1``: the HTTP/1.1, tcp and
+    bulk scenarios run (wrk, curl); ``h2``: the HTTP/2 ones (h2load)."""
+    names = ["nginx"] + (["wrk", "curl"] if h1 else []) + (["h2load"] if h2 else [])
+    names += ["haproxy"] if need_haproxy else []
     paths = {name: which(name) for name in names}
     missing = [name for name, path in paths.items() if path is None]
     if missing:
         return None, missing
     return (
         Tools(
-            wrk=str(paths["wrk"]),
-            curl=str(paths["curl"]),
+            wrk=paths.get("wrk"),
+            curl=paths.get("curl"),
             nginx=str(paths["nginx"]),
             haproxy=paths.get("haproxy"),
+            h2load=paths.get("h2load"),
         ),
         [],
     )
@@ -68,24 +74,36 @@ def _output(argv: list[str]) -> str:
 def nginx_modules(nginx: str) -> NginxModules:
     """Whether this nginx can proxy TCP: stream built in, or the dynamic module installed."""
     configure = _output([nginx, "-V"])
+    # HTTP/2 is opt-in at build time; the grpc module (grpc_pass) is built unless opted out.
+    http2 = "--with-http_v2_module" in configure
+    grpc = "--without-http_grpc_module" not in configure
     if re.search(r"--with-stream(\s|$)", configure):
-        return NginxModules(stream=True, load_line="")
+        return NginxModules(stream=True, load_line="", http2=http2, grpc=grpc)
     match = re.search(r"--modules-path=(\S+)", configure)
     modules_dir = Path(match.group(1) if match else "/usr/lib/nginx/modules")
     module = modules_dir / "ngx_stream_module.so"
     if "--with-stream=dynamic" in configure and module.exists():
-        return NginxModules(stream=True, load_line=f"load_module {module};\n")
-    return NginxModules(stream=False, load_line="")
+        load = f"load_module {module};\n"
+        return NginxModules(stream=True, load_line=load, http2=http2, grpc=grpc)
+    return NginxModules(stream=False, load_line="", http2=http2, grpc=grpc)
 
 
 def versions(tools: Tools) -> dict[str, str]:
     """Short version strings: the part of each tool's banner that names the version."""
     found = {
         "sidelink": _output([sys.executable, "-m", "proxy", "--version"]).removeprefix("sidelink "),
-        "wrk": _first(r"wrk (\S+)", _output([tools.wrk, "-v"])),
         "nginx": _first(r"nginx/(\S+)", _output([tools.nginx, "-v"])),
-        "curl": _first(r"curl (\S+)", _output([tools.curl, "--version"])),
     }
+    if tools.wrk is not None:
+        found["wrk"] = _first(r"wrk (\S+)", _output([tools.wrk, "-v"]))
+    if tools.curl is not None:
+        found["curl"] = _first(r"curl (\S+)", _output([tools.curl, "--version"]))
+    if tools.h2load is not None:
+        found["h2load"] = _first(r"nghttp2/(\S+)", _output([tools.h2load, "--version"]))
+        try:
+            found["grpcio"] = importlib.metadata.version("grpcio")
+        except importlib.metadata.PackageNotFoundError:
+            found["grpcio"] = "not installed (no gRPC scenario)"
     if tools.haproxy is not None:
         found["haproxy"] = _first(r"version (\S+)", _output([tools.haproxy, "-v"]))
     try:

@@ -214,8 +214,8 @@ class EndpointSet:
             cost_a = a.rtt * (a.in_flight + 1)
             cost_b = b.rtt * (b.in_flight + 1)
         else:
-            cost_a = a.in_flight
-            cost_b = b.in_flight
+            cost_a = float(a.in_flight)
+            cost_b = float(b.in_flight)
         # A tie (most often when nothing is in flight: one client calling in turn) goes
         # to the one picked longer ago, so sequential calls spread evenly, not at random.
         a_wins = cost_a < cost_b or (cost_a == cost_b and a.last_pick <= b.last_pick)
