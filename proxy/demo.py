@@ -1,10 +1,15 @@
 """``sidelink demo``: a self-contained local "cluster" with rolling updates.
 
-An in-process DNS server plays cluster DNS, a few aiohttp servers on 127.0.0.x
-addresses play the pods of ``app1-service.namespace-a``, and sidelink runs in
-front of them in this process. Clients call through sidelink while the replicas
-are replaced one by one, as a Deployment rollout does: the new pod starts and
-enters DNS, the old one leaves DNS, keeps serving for a grace period, then stops.
+An in-process DNS server plays cluster DNS, and the pods of
+``app1-service.namespace-a`` are replicas on 127.0.0.x addresses, each with two
+ports: HTTP/1 (aiohttp) and HTTP/2 (cleartext, :mod:`proxy.demo_h2`). sidelink
+runs in front of them in this process, with a route for each port. Clients call
+through sidelink while the replicas are replaced one by one, as a Deployment
+rollout does: the new pod starts and enters DNS, the old one leaves DNS, keeps
+serving for a grace period, then stops (its HTTP/2 port with GOAWAY, finishing
+its streams). The HTTP/1 clients each keep one keep-alive connection; the HTTP/2
+traffic is one connection for the whole demo, as a gRPC channel is, its calls on
+concurrent streams, each balanced on its own over the replicas.
 Needs no root and no network: everything is on the loopback range.
 """
 
@@ -31,6 +36,7 @@ from proxy.config import (
     RouteConfig,
     ShutdownConfig,
 )
+from proxy.demo_h2 import CallFailed, H2Channel, H2Replica
 from proxy.dnsserver import DnsServer
 from proxy.endpoints import ACTIVE, DRAINING, EJECTED
 from proxy.logs import configure_logging
@@ -47,14 +53,25 @@ ROLLOUT_EVERY = 3.0
 # preStop sleep: long enough for every client's DNS view to move on.
 TERMINATION_GRACE = 3.0
 CLIENTS = 8
+# Calls in flight at once on the one HTTP/2 connection.
+H2_STREAMS = 8
+CALL_TIMEOUT = 5.0
 
 
 @dataclass
 class Replica:
+    """One pod: an HTTP/1 port and an HTTP/2 port on its own address."""
+
     index: int
     host: str
     port: int
+    h2_port: int
     runner: web.AppRunner | None = None
+    h2: H2Replica | None = None
+
+    @property
+    def name(self) -> str:
+        return f"replica-{self.index}"
 
     async def start(self) -> None:
         app = web.Application()
@@ -62,10 +79,15 @@ class Replica:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
+        self.h2 = H2Replica(self.name, self.host, self.h2_port)
+        await self.h2.start()
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        h2, runner = self.h2, self.runner
+        await asyncio.gather(
+            h2.stop() if h2 is not None else asyncio.sleep(0),
+            runner.cleanup() if runner is not None else asyncio.sleep(0),
+        )
 
     async def hello(self, request: web.Request) -> web.Response:
         return web.Response(text=f"hello from replica-{self.index} ({self.host})\n")
@@ -73,59 +95,83 @@ class Replica:
 
 @dataclass
 class Figures:
+    """One protocol's calls: totals, and what the live figures show per second."""
+
     requests: int = 0
     failed: int = 0
-    rollouts: int = 0
-    latencies: list[float] = field(default_factory=list)
-    errors: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)  # since the last report
+    errors: Counter[str] = field(default_factory=Counter)
+    replicas: Counter[str] = field(default_factory=Counter)  # answers per replica
+    recent: Counter[str] = field(default_factory=Counter)  # ...since the last report
 
-    def record(self, seconds: float, error: str | None) -> None:
+    def record(self, seconds: float, error: str | None, replica: str | None = None) -> None:
         self.requests += 1
         self.latencies.append(seconds)
         if error is not None:
             self.failed += 1
-            self.errors[error] = self.errors.get(error, 0) + 1
+            self.errors[error] += 1
+        if replica is not None:
+            self.replicas[replica] += 1
+            self.recent[replica] += 1
+
+
+@dataclass
+class Demo:
+    http1: Figures = field(default_factory=Figures)
+    http2: Figures = field(default_factory=Figures)
+    rollouts: int = 0
 
 
 async def run_demo(duration: float) -> int:
     """Run the demo for ``duration`` seconds; exit code 0 when no request failed."""
     configure_logging("warning", "text")
     port = _free_port("127.0.0.10")
+    h2_port = _free_port("127.0.0.10", avoid=port)
     addresses = (f"127.0.0.{n}" for n in itertools.count(11))
     async with DnsServer() as dns:
-        replicas = [Replica(i, next(addresses), port) for i in range(REPLICAS)]
+        replicas = [Replica(i, next(addresses), port, h2_port) for i in range(REPLICAS)]
         for replica in replicas:
             await replica.start()
         dns.set_a(ZONE_NAME, [r.host for r in replicas], ttl=DNS_TTL)
-        server = Server(_config(dns.port, port))
+        server = Server(_config(dns.port, port, h2_port))
         await server.start()
-        assert server.routes and server.admin_address is not None
-        route = next(iter(server.routes.values()))
-        assert route.bound is not None
+        assert len(server.routes) == 2 and server.admin_address is not None
+        route, h2_route = server.routes.values()
+        assert route.bound is not None and h2_route.bound is not None
         url = f"http://127.0.0.1:{route.bound[1]}/"
+        h2_url = f"http://127.0.0.1:{h2_route.bound[1]}/"
         print(
-            f"sidelink demo: {SERVICE} -> {REPLICAS} replicas on 127.0.0.x:{port}, "
-            f"DNS TTL {DNS_TTL}s, a rollout step every {ROLLOUT_EVERY:g}s"
+            f"sidelink demo: {SERVICE} -> {REPLICAS} replicas on 127.0.0.x "
+            f"(HTTP/1 port {port}, HTTP/2 port {h2_port}), DNS TTL {DNS_TTL}s, "
+            f"a rollout step every {ROLLOUT_EVERY:g}s"
         )
-        print(f"  call it yourself: curl {url}")
+        print(
+            f"  traffic: {CLIENTS} HTTP/1 keep-alive clients, and one HTTP/2 connection "
+            f"with {H2_STREAMS} calls in flight (gRPC-shaped)"
+        )
+        print(f"  call it yourself: curl {url}  or  curl --http2-prior-knowledge {h2_url}")
         print(f"  admin: http://127.0.0.1:{server.admin_address[1]}/routes and /metrics")
-        figures = Figures()
+        demo = Demo()
         counter = itertools.count(REPLICAS)
         stop = asyncio.Event()
-        tasks = [asyncio.ensure_future(_client(url, figures, stop)) for _ in range(CLIENTS)]
-        tasks.append(asyncio.ensure_future(_report(figures, route, stop)))
+        channel = await H2Channel.connect("127.0.0.1", h2_route.bound[1])
+        tasks = [asyncio.ensure_future(_client(url, demo.http1, stop)) for _ in range(CLIENTS)]
+        tasks += [
+            asyncio.ensure_future(_h2_caller(channel, demo.http2, stop)) for _ in range(H2_STREAMS)
+        ]
+        tasks.append(asyncio.ensure_future(_report(demo, route, stop)))
         deadline = time.monotonic() + duration
         background: set[asyncio.Task[None]] = set()
         try:
             while time.monotonic() + ROLLOUT_EVERY < deadline:
                 await asyncio.sleep(ROLLOUT_EVERY)
                 old = replicas.pop(0)
-                new = Replica(next(counter), next(addresses), port)
+                new = Replica(next(counter), next(addresses), port, h2_port)
                 await new.start()
                 replicas.append(new)
                 dns.set_a(ZONE_NAME, [r.host for r in replicas], ttl=DNS_TTL)
-                figures.rollouts += 1
-                print(f"  rollout: replica-{old.index} ({old.host}) -> {new.index} ({new.host})")
+                demo.rollouts += 1
+                print(f"  rollout: {old.name} ({old.host}) -> {new.name} ({new.host})")
                 task = asyncio.ensure_future(_terminate(old))
                 background.add(task)
                 task.add_done_callback(background.discard)
@@ -133,28 +179,43 @@ async def run_demo(duration: float) -> int:
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            channel_ended = channel.ended
+            channel.close()
             await asyncio.gather(*background, return_exceptions=True)
             server.shutdown()
             await server.serve_until_shutdown()
-            for replica in replicas:
-                await replica.stop()
-    if figures.errors:
-        print("  failures: " + ", ".join(f"{k}={v}" for k, v in figures.errors.items()))
+            await asyncio.gather(*(replica.stop() for replica in replicas))
+    http1, http2 = demo.http1, demo.http2
+    print(f"  http/1: {http1.requests} requests on {CLIENTS} connections, {http1.failed} failed")
     print(
-        f"summary: {figures.requests} requests, {figures.failed} failed, "
-        f"{figures.rollouts} rollouts"
+        f"  http/2: {http2.requests} calls on 1 connection, {http2.failed} failed, "
+        f"by replica: {_by_replica(http2.replicas)}"
     )
-    return 0 if figures.failed == 0 else 1
+    if channel_ended is not None:
+        print(f"  http/2 connection ended early: {channel_ended}")
+    for name, figures in (("http/1", http1), ("http/2", http2)):
+        if figures.errors:
+            errors = ", ".join(f"{k}={v}" for k, v in figures.errors.items())
+            print(f"  {name} failures: {errors}")
+    failed = http1.failed + http2.failed
+    print(
+        f"summary: {http1.requests + http2.requests} requests, {failed} failed, "
+        f"{demo.rollouts} rollouts"
+    )
+    return 0 if failed == 0 and channel_ended is None else 1
 
 
-def _config(dns_port: int, service_port: int) -> Config:
-    route = RouteConfig(
-        name="app1",
-        listen_host="127.0.0.1",
-        listen_port=0,
-        service=SERVICE,
-        port=service_port,
-        protocol="http",
+def _config(dns_port: int, service_port: int, h2_port: int) -> Config:
+    routes = tuple(
+        RouteConfig(
+            name=name,
+            listen_host="127.0.0.1",
+            listen_port=0,
+            service=SERVICE,
+            port=upstream_port,
+            protocol="http",
+        )
+        for name, upstream_port in (("app1", service_port), ("app1-h2", h2_port))
     )
     return Config(
         admin=AdminConfig(host="127.0.0.1", port=0),
@@ -163,7 +224,7 @@ def _config(dns_port: int, service_port: int) -> Config:
         ),
         logging=LoggingConfig(level="warning"),
         shutdown=ShutdownConfig(drain_delay=0.0, drain_timeout=1.0),
-        routes=(route,),
+        routes=routes,
     )
 
 
@@ -185,25 +246,55 @@ async def _client(url: str, figures: Figures, stop: asyncio.Event) -> None:
             figures.record(time.perf_counter() - started, error)
 
 
-async def _report(figures: Figures, route: Route, stop: asyncio.Event) -> None:
+async def _h2_caller(channel: H2Channel, figures: Figures, stop: asyncio.Event) -> None:
+    # One of the streams in flight on the demo's one HTTP/2 connection.
+    while not stop.is_set() and channel.ended is None:
+        started = time.perf_counter()
+        replica = error = None
+        try:
+            replica = await channel.call(CALL_TIMEOUT)
+        except CallFailed as e:
+            error = str(e)
+        figures.record(time.perf_counter() - started, error, replica)
+
+
+async def _report(demo: Demo, route: Route, stop: asyncio.Event) -> None:
     started = time.monotonic()
-    last = 0
+    last = {id(figures): 0 for figures in (demo.http1, demo.http2)}
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
-        window = figures.latencies
-        figures.latencies = []
-        p50 = statistics.median(window) * 1000 if window else 0.0
-        p99 = _percentile(window, 0.99) * 1000
         states = Counter(ep.state for ep in route.endpoints.all())
         endpoints = " ".join(f"{states[state]} {state}" for state in (ACTIVE, EJECTED, DRAINING))
+        http1 = _window(demo.http1, "http/1 requests", last)
+        http2 = _window(demo.http2, "http/2 calls   ", last)
         print(
-            f"  t={time.monotonic() - started:4.0f}s  requests={figures.requests:6d} "
-            f"(+{figures.requests - last:5d})  failed={figures.failed}  "
-            f"endpoints: {endpoints}  p50={p50:.2f}ms  p99={p99:.2f}ms  "
-            f"rollouts={figures.rollouts}"
+            f"  t={time.monotonic() - started:4.0f}s  {http1}  endpoints: {endpoints}  "
+            f"rollouts={demo.rollouts}\n"
+            f"           {http2}  by replica: {_by_replica(demo.http2.recent)}"
         )
-        last = figures.requests
+        demo.http2.recent = Counter()
+
+
+def _window(figures: Figures, what: str, last: dict[int, int]) -> str:
+    """The figures since the last report (whose latencies it takes)."""
+    window = figures.latencies
+    figures.latencies = []
+    p50 = statistics.median(window) * 1000 if window else 0.0
+    p99 = _percentile(window, 0.99) * 1000
+    new = figures.requests - last[id(figures)]
+    last[id(figures)] = figures.requests
+    return (
+        f"{what}={figures.requests:6d} (+{new:5d})  failed={figures.failed}  "
+        f"p50={p50:.2f}ms  p99={p99:.2f}ms"
+    )
+
+
+def _by_replica(counts: Counter[str]) -> str:
+    if not counts:
+        return "none"
+    ordered = sorted(counts.items(), key=lambda item: int(item[0].rpartition("-")[2]))
+    return " ".join(f"{name}={n}" for name, n in ordered)
 
 
 async def _terminate(replica: Replica) -> None:
@@ -218,10 +309,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _free_port(host: str, avoid: int = 0) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port != avoid:
+            return port
 
 
 logging.getLogger("aiohttp").setLevel(logging.ERROR)

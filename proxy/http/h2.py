@@ -159,6 +159,9 @@ class H2Connection(asyncio.Protocol):
         if data:
             transport.write(data)
             self.sent(len(data))
+            events = h2.events()
+            if events:
+                self.dispatch(events)
         if self.owing:
             for stream in list(self.owing):
                 stream.passed_on(self)
@@ -166,6 +169,9 @@ class H2Connection(asyncio.Protocol):
             self.close()  # GOAWAY said and no stream left: the connection is done
 
     def sent(self, size: int) -> None:
+        raise NotImplementedError
+
+    def dispatch(self, events: list[ngh2.Event]) -> None:
         raise NotImplementedError
 
     def acknowledge(self, size: int, sid: int) -> None:
@@ -722,9 +728,15 @@ class H2Downstream(H2Connection):
             log.info("route %s: HTTP/2 error from %s: %s", self.route.config.name, self.peer(), e)
             self.terminate(PROTOCOL_ERROR)
             return
+        self.dispatch(h2.events())
+        self.flush()
+
+    def dispatch(self, events: list[ngh2.Event]) -> None:
+        """What the engine made of the client's frames, or of its own sending (a stream
+        that has sent its end closes)."""
         new: list[Stream] | None = None
         streams = self.streams
-        for event in h2.events():
+        for event in events:
             kind = type(event)
             if kind is DataReceived:
                 data_event = cast(DataReceived, event)
@@ -767,7 +779,6 @@ class H2Downstream(H2Connection):
             for stream in new:
                 if stream.phase == HEAD:
                     stream.start()
-        self.flush()
 
     def _request(self, event: RequestReceived) -> Stream | None:
         sid = event.stream_id
@@ -956,7 +967,7 @@ class H2Upstream(H2Connection):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        now = self.last_active = self.clock()
+        self.last_active = self.clock()
         h2 = self.h2
         try:
             h2.receive_data(data)
@@ -964,8 +975,13 @@ class H2Upstream(H2Connection):
             self._fail_all(ProtocolError(f"HTTP/2 error from upstream: {e}"))
             self.close()
             return
+        self.dispatch(h2.events())
+        self.flush()
+
+    def dispatch(self, events: list[ngh2.Event]) -> None:
+        now = self.last_active
         streams = self.streams
-        for event in h2.events():
+        for event in events:
             kind = type(event)
             if kind is DataReceived:
                 data_event = cast(DataReceived, event)
@@ -1005,7 +1021,6 @@ class H2Upstream(H2Connection):
             elif kind is GoAwayReceived:
                 # No new streams here; those above its last stream id close as refused.
                 self.retire()
-        self.flush()
 
     def eof_received(self) -> bool:
         self.retire()
