@@ -41,8 +41,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 BALANCERS = ("p2c", "ewma", "round_robin")
 UPSTREAM_PROTOCOLS = ("auto", "http1", "http2")
-# Not built yet: translating HTTP/2 <-> HTTP/1.1 between the two sides.
-UPSTREAM_TRANSLATIONS = ("http1", "http2")
+# Not built yet: HTTP/1.x requests going upstream as HTTP/2.
+UPSTREAM_TRANSLATIONS = ("http2",)
 PROTOCOLS = ("http", "tcp")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
@@ -153,8 +153,9 @@ def _upstream_protocol(value: object) -> str:
     protocol = _choice(UPSTREAM_PROTOCOLS)(value)
     if protocol in UPSTREAM_TRANSLATIONS:
         raise ValueError(
-            f"{protocol} is not supported yet (no HTTP/1 <-> HTTP/2 translation): only auto, "
-            "where HTTP/2 requests go upstream as HTTP/2 and HTTP/1.x as HTTP/1.1"
+            f"{protocol} is not supported yet (HTTP/1.x requests cannot go upstream as "
+            "HTTP/2): auto, where HTTP/2 requests go upstream as HTTP/2 and HTTP/1.x as "
+            "HTTP/1.1, or http1"
         )
     return protocol
 

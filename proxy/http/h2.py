@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, cast
 
+import httptools
 import ngh2
 from ngh2 import (
     Configuration,
@@ -66,7 +67,7 @@ from proxy.http.exchange import (
     log_answer,
     perf_counter,
 )
-from proxy.http.heads import IDEMPOTENT, MAX_HEAD_BYTES
+from proxy.http.heads import CRLF, FRAMING_CLOSE, IDEMPOTENT, LAST_CHUNK, MAX_HEAD_BYTES
 from proxy.metrics import RESET_CODE
 from proxy.route import Route, peer_name
 
@@ -104,9 +105,69 @@ CLIENT_CONFIG: Final = Configuration(
 Fields = Sequence[tuple[bytes, bytes]]
 
 
-class H2Connection(asyncio.Protocol):
-    """What both sides share: the engine, writing what it has to send, and the credit
-    owed to the other side for data that has left through this connection."""
+class Carrier(asyncio.Protocol):
+    """A connection that carries streams: either side of an HTTP/2 connection, or an
+    HTTP/1.1 connection carrying one stream upstream (``upstream_protocol: http1``).
+
+    Data a carrier took from its peer is acknowledged (``acknowledge``) once it has
+    left for the other side; what never will (its stream ended) is given back
+    (``give_back``). ``held`` says how much of what a stream handed it is still here.
+    """
+
+    streams: dict[int, Stream]  # by this side's stream id
+    owing: set[Stream]  # streams whose data from the other side is held here, not all sent
+    closed: bool
+    pool: StreamPool[Carrier] | None
+    created: float
+    idle_since: float
+
+    def open(self, stream: Stream, end: bool) -> int:
+        """Start ``stream`` here (its request head): its id on this connection."""
+        raise NotImplementedError
+
+    def send_data(self, sid: int, data: bytes, end: bool) -> None:
+        raise NotImplementedError
+
+    def send_trailers(self, sid: int, fields: Fields) -> None:
+        raise NotImplementedError
+
+    def cancel(self, sid: int, owed: int) -> None:
+        """Stop stream ``sid`` (``owed``: what it sent that never goes on)."""
+        raise NotImplementedError
+
+    def held(self, sid: int) -> int:
+        """Bytes handed to ``sid`` that have not left yet."""
+        raise NotImplementedError
+
+    def acknowledge(self, size: int, sid: int) -> None:
+        raise NotImplementedError
+
+    def give_back(self, size: int) -> None:
+        raise NotImplementedError
+
+    def schedule(self) -> None:
+        raise NotImplementedError
+
+    def room(self) -> int:
+        """How many more streams it takes now (0 when retired or closed)."""
+        raise NotImplementedError
+
+    def busy(self) -> bool:
+        return bool(self.streams)
+
+    def stream_ended(self) -> None:
+        raise NotImplementedError
+
+    def retire(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class H2Connection(Carrier):
+    """What both sides of HTTP/2 share: the engine, writing what it has to send, and
+    the credit owed to the other side for data that has left through this connection."""
 
     def __init__(self, route: Route, role: Role, config: Configuration) -> None:
         self.route = route
@@ -117,9 +178,8 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.paused = False  # the socket's buffer is full: frames wait in the engine
         self.flush_due = False
-        # Streams whose data from the other side this connection holds, not all sent.
-        self.owing: set[Stream] = set()
-        self.streams: dict[int, Stream] = {}  # by this side's stream id
+        self.owing = set()
+        self.streams = {}
         self.window = CONNECTION_WINDOW  # the connection window advertised to the peer
         self.closed = False
         self.last_active = self.clock()
@@ -174,6 +234,25 @@ class H2Connection(asyncio.Protocol):
     def dispatch(self, events: list[ngh2.Event]) -> None:
         raise NotImplementedError
 
+    def send_data(self, sid: int, data: bytes, end: bool) -> None:
+        self.h2.send_data(sid, data, end_stream=end)
+
+    def send_trailers(self, sid: int, fields: Fields) -> None:
+        self.h2.send_trailers(sid, fields)
+
+    def reset(self, sid: int, code: int) -> None:
+        """RST_STREAM ``sid`` with ``code``."""
+        if not self.closed:
+            with contextlib.suppress(ngh2.NGH2Error):  # (the engine may be closing)
+                self.h2.reset_stream(sid, code)
+            self.schedule()
+
+    def held(self, sid: int) -> int:
+        try:
+            return self.h2.queued_body_size(sid)
+        except ngh2.NGH2Error:
+            return 0  # (the stream is gone here: nothing of it is held any more)
+
     def acknowledge(self, size: int, sid: int) -> None:
         """``size`` bytes the peer sent on ``sid`` have been dealt with: its window reopens."""
         if size and not self.closed:
@@ -182,37 +261,24 @@ class H2Connection(asyncio.Protocol):
             self.schedule()
 
     def give_back(self, size: int) -> None:
-        """Credit for data the peer sent that will never be passed on (its stream ended):
-        the connection window grows by as much, since the engine cannot acknowledge data
-        of a closed stream."""
+        """Credit for data the peer sent on a stream that has closed: the engine cannot
+        acknowledge it there, so the connection window grows by as much (what the peer
+        may have in flight stays the same)."""
         if size <= 0 or self.closed:
             return
         if self.window + size > MAX_WINDOW:
-            self.retire()  # 2 GiB left behind on one connection: start a fresh one
+            self.retire()  # 2 GiB given back on one connection: a fresh one takes over
             return
         self.window += size
         with contextlib.suppress(ngh2.NGH2Error):  # (the engine may be closing)
             self.h2.set_local_window_size(self.window)
         self.schedule()
 
-    def retire(self) -> None:
-        raise NotImplementedError
 
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-def _pass_credit(sender: H2Connection, sid: int, owed: int, via: H2Connection, via_sid: int) -> int:
-    """Of ``owed`` bytes taken from ``sender`` on ``sid`` and handed to ``via``, acknowledge
-    to the sender those that have left; the bytes still held are returned."""
-    try:
-        held = via.h2.queued_body_size(via_sid)
-    except ngh2.NGH2Error:
-        held = 0  # (the stream is gone there: nothing of it is held any more)
-    if owed > held:
-        sender.acknowledge(owed - held, sid)
-        return held
-    return owed
+def _drained(owed: int, via: Carrier, via_sid: int) -> int:
+    """Of ``owed`` bytes handed to ``via`` on ``via_sid``, how many have left."""
+    held = via.held(via_sid)
+    return owed - held if owed > held else 0
 
 
 class Stream:
@@ -233,6 +299,7 @@ class Stream:
         "error",
         "held",
         "last_active",
+        "lender",
         "pending",
         "phase",
         "picked",
@@ -263,8 +330,11 @@ class Stream:
         # The request data kept to send again if a stream is refused (None: too much).
         self.replay: list[bytes] | None = []
         self.replay_size = 0
-        self.up: H2Upstream | None = None
+        self.up: Carrier | None = None
         self.usid = 0  # its stream id upstream (0: none)
+        # The upstream whose stream closed with response bytes still on their way down:
+        # the credit for them goes back to it as they leave.
+        self.lender: Carrier | None = None
         self.endpoint: Endpoint | None = None  # the last endpoint it went to
         self.held = False  # ...and its in_flight is held
         self.picked: Endpoint | None = None  # picked, waiting for a connect (in_flight held)
@@ -291,7 +361,7 @@ class Stream:
         down = self.down
         route = down.route
         ep = route.endpoints.pick(self.tried)
-        pool: StreamPool[H2Upstream] | None = None
+        pool: StreamPool[Carrier] | None = None
         waiting = [self]
         if ep is not None:
             pool = route.streams(ep)
@@ -331,7 +401,7 @@ class Stream:
                 self.replay = None
         up = self.up
         if up is not None:
-            up.h2.send_data(self.usid, data, end_stream=end)
+            up.send_data(self.usid, data, end)
             up.owing.add(self)
             up.schedule()
         else:
@@ -345,7 +415,7 @@ class Stream:
             return
         up = self.up
         if up is not None:
-            up.h2.send_trailers(self.usid, trailers)
+            up.send_trailers(self.usid, trailers)
             up.schedule()
         self._request_complete()
 
@@ -369,7 +439,7 @@ class Stream:
 
     # --- connecting -------------------------------------------------------------------
 
-    def dialed(self, ep: Endpoint, conn: H2Upstream) -> None:
+    def dialed(self, ep: Endpoint, conn: Carrier) -> None:
         """The connection this stream waited for is made (maybe to another endpoint)."""
         self._unpick()
         if self.phase != CONNECTING or self.down.closed:
@@ -392,7 +462,7 @@ class Stream:
             self.picked = None
             self.down.route.endpoints.release(picked)
 
-    def _attach(self, ep: Endpoint, conn: H2Upstream) -> None:
+    def _attach(self, ep: Endpoint, conn: Carrier) -> None:
         pending = self.pending
         last = self.complete and self.trailers is None
         try:
@@ -408,12 +478,12 @@ class Stream:
         self.usid = usid
         if pending:
             self.pending = []
-            send = conn.h2.send_data
+            send = conn.send_data
             for i, data in enumerate(pending, 1):
-                send(usid, data, end_stream=last and i == len(pending))
+                send(usid, data, last and i == len(pending))
             conn.owing.add(self)
         if self.complete and self.trailers is not None:
-            conn.h2.send_trailers(usid, self.trailers)
+            conn.send_trailers(usid, self.trailers)
         if self.complete:
             self.phase = AWAITING
             self.sent_at = self.down.last_active
@@ -429,13 +499,7 @@ class Stream:
         self.up = None
         self.usid = 0
         up.owing.discard(self)
-        if up.streams.pop(usid, None) is not None:
-            up.give_back(self.up_owed)
-            up.stats.streams_upstream -= 1
-            if not up.closed:
-                up.h2.reset_stream(usid, CANCEL)
-                up.schedule()
-            up.stream_ended()
+        up.cancel(usid, self.up_owed)
         self.up_owed = 0
 
     def _release(self) -> None:
@@ -448,18 +512,26 @@ class Stream:
 
     # --- the response side (called by the upstream) ---------------------------------
 
-    def passed_on(self, via: H2Connection) -> None:
+    def passed_on(self, via: Carrier) -> None:
         """``via`` has written: credit for what of this stream's data left goes back to
-        whoever sent it."""
+        whoever sent it (its stream there may have closed: then it is given back)."""
         down = self.down
-        up = self.up
         if via is down:
-            if up is not None and self.sid in down.streams:
-                self.up_owed = _pass_credit(up, self.usid, self.up_owed, down, self.sid)
+            if self.sid in down.streams:
+                drained = _drained(self.up_owed, down, self.sid)
+                if drained:
+                    self.up_owed -= drained
+                    if self.up is not None:
+                        self.up.acknowledge(drained, self.usid)
+                    elif self.lender is not None:
+                        self.lender.give_back(drained)
                 if self.up_owed:
                     return
-        elif via is up and self.usid in via.streams and self.sid in down.streams:
-            self.down_owed = _pass_credit(down, self.sid, self.down_owed, via, self.usid)
+        elif via is self.up and self.sid in down.streams:
+            drained = _drained(self.down_owed, via, self.usid)
+            if drained:
+                self.down_owed -= drained
+                down.acknowledge(drained, self.sid)
             if self.down_owed:
                 return
         via.owing.discard(self)
@@ -519,11 +591,14 @@ class Stream:
     def up_closed(self, code: int) -> None:
         """The upstream stream closed (the engine says so, with the error code)."""
         up = self.up
-        if up is not None:
-            up.give_back(self.up_owed)  # what it sent that never went on
-            up.owing.discard(self)
         self.up = None
         self.usid = 0
+        if up is not None:
+            up.owing.discard(self)
+            if self.phase == DONE and self.up_owed and self.sid in self.down.streams:
+                self.lender = up  # answered whole: credited as the rest goes down
+                return
+            up.give_back(self.up_owed)  # what it sent that never goes on
         self.up_owed = 0
         if self.phase == DONE:
             return
@@ -610,6 +685,11 @@ class Stream:
         down.give_back(self.down_owed)
         self.down_owed = 0
         down.owing.discard(self)
+        lender = self.lender
+        if lender is not None:
+            self.lender = None
+            lender.give_back(self.up_owed)
+            self.up_owed = 0
         if self.phase == DONE:
             return
         self._cancel_upstream()
@@ -661,14 +741,14 @@ def _count_grpc(down: H2Downstream, fields: Fields) -> None:
 async def _dial(
     route: Route,
     ep: Endpoint | None,
-    pool: StreamPool[H2Upstream] | None,
+    pool: StreamPool[Carrier] | None,
     waiting: list[Stream],
     exclude: list[Endpoint],
 ) -> None:
     """Make a connection for the streams waiting on it (to ``ep``, or where the connect
     policy goes after a failure)."""
     try:
-        got, _, conn = await route.connect(lambda: H2Upstream(route), exclude=exclude, first=ep)
+        got, _, conn = await route.connect(carrier(route), exclude=exclude, first=ep)
     except UpstreamError as e:
         if pool is not None and pool.waiting is waiting:
             pool.waiting = None
@@ -697,6 +777,9 @@ class H2Downstream(H2Connection):
         self.premature = 0  # ...and reset before their answer
         self.draining = False
         self.fresh = True  # no request yet: head_timeout runs from the accept
+        # Streams one upstream connection takes (HTTP/1.1 upstream: one at a time).
+        http1 = route.settings.upstream_protocol == "http1"
+        self.carried = 1 if http1 else route.settings.http2.max_streams_per_connection
 
     def __repr__(self) -> str:
         return f"<H2Downstream {self.route.config.name} {self.peer()} streams={len(self.streams)}>"
@@ -897,7 +980,7 @@ class H2Upstream(H2Connection):
     def __init__(self, route: Route) -> None:
         super().__init__(route, Role.CLIENT, CLIENT_CONFIG)
         self.fds = route.fds
-        self.pool: StreamPool[H2Upstream] | None = None
+        self.pool: StreamPool[Carrier] | None = None
         self.limit = route.settings.http2.max_streams_per_connection
         self.peer_limit = 100  # the server's MAX_CONCURRENT_STREAMS (100 until it says)
         self.created = self.idle_since = self.last_active
@@ -923,6 +1006,13 @@ class H2Upstream(H2Connection):
         self.stats.streams_upstream += 1
         self.schedule()
         return usid
+
+    def cancel(self, sid: int, owed: int) -> None:
+        if self.streams.pop(sid, None) is not None:
+            self.stats.streams_upstream -= 1
+            self.give_back(owed)
+            self.reset(sid, CANCEL)
+            self.stream_ended()
 
     def stream_ended(self) -> None:
         if not self.streams:
@@ -1050,6 +1140,256 @@ class H2Upstream(H2Connection):
                 stream.upstream_failed(error)
             else:
                 stream.fail(error)
+
+
+class _HeadOnly(Exception):
+    """Stops the parser after the head of an answer to HEAD (it has no body)."""
+
+
+class H1Leg(Carrier):
+    """An HTTP/1.1 connection to one endpoint carrying one HTTP/2 stream at a time
+    (``upstream_protocol: http1``): the request translated per RFC 9113 8.2, the
+    response back as fields, data and trailers. Pooled in the endpoint's StreamPool,
+    with room for one stream when idle."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.stats = route.stats
+        self.fds = route.fds
+        self.loop = route.loop
+        self.clock = route.clock
+        self.transport: asyncio.Transport | None = None
+        self.streams = {}
+        self.owing = set()
+        self.pool = None
+        self.closed = False
+        self.retired = False
+        self.created = self.idle_since = self.clock()
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[bytes] = []  # name, value...; after the head, the trailers
+        self.stream: Stream | None = None
+        self.chunked = False  # the request body goes chunked
+        self.head_only = False
+        self.interim = False
+        self.until_close = False  # the response body ends when the server closes
+        self.head_bytes = 0
+        self.unread = 0  # response bytes handed down and not yet sent on
+        self.reading = True
+        self.write_paused = False
+        self.settle_due = False
+
+    def __repr__(self) -> str:
+        return f"<H1Leg {self.pool.name if self.pool else '-'} stream={self.stream}>"
+
+    # --- what the pool and a stream call ---------------------------------------------
+
+    def room(self) -> int:
+        return 0 if self.closed or self.retired or self.stream is not None else 1
+
+    def open(self, stream: Stream, end: bool) -> int:
+        head, self.chunked = heads.h1_request(stream.request, end)
+        self.stream = stream
+        self.streams = {1: stream}
+        self.head_only = stream.request.method == b"HEAD"
+        self.head_bytes = 0
+        self.interim = self.until_close = False
+        self.write(head)
+        return 1
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+            self.stats.bytes_to_upstream += len(data)
+
+    def send_data(self, sid: int, data: bytes, end: bool) -> None:
+        if self.chunked:
+            out = heads.chunk(data) if data else b""
+            self.write(out + LAST_CHUNK + CRLF if end else out)
+        elif data:
+            self.write(data)
+
+    def send_trailers(self, sid: int, fields: Fields) -> None:
+        if self.chunked:
+            self.write(heads.h1_trailers(fields))
+        # (a body framed by its length has nowhere to carry trailers: they stay behind)
+
+    def cancel(self, sid: int, owed: int) -> None:
+        if self.stream is not None:
+            self.stream = None
+            self.streams = {}
+            self.close()  # HTTP/1.1 cancels a request only by closing its connection
+
+    def held(self, sid: int) -> int:
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def acknowledge(self, size: int, sid: int) -> None:
+        """Response bytes have left downstream: read on once few are left there."""
+        self.unread -= size
+        if not self.reading and self.unread <= STREAM_WINDOW // 2 and self.transport:
+            self.reading = True
+            self.transport.resume_reading()
+
+    def give_back(self, size: int) -> None:
+        self.acknowledge(size, 1)
+
+    def schedule(self) -> None:
+        if not self.settle_due:
+            self.settle_due = True
+            self.loop.call_soon(self.settle)
+
+    def settle(self) -> None:
+        """Request bytes written: those no longer buffered are acknowledged to the client."""
+        self.settle_due = False
+        if not self.write_paused:
+            for stream in list(self.owing):
+                stream.passed_on(self)
+
+    def stream_ended(self) -> None:
+        self.idle_since = self.clock()
+        if self.retired:
+            self.close()
+
+    def retire(self) -> None:
+        if self.pool is not None:
+            self.pool.remove(self)
+        self.retired = True
+        if self.stream is None:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.pool is not None:
+            self.pool.remove(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.stats.active_upstream += 1
+        self.fds.opened()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.settle()
+
+    def data_received(self, data: bytes) -> None:
+        stream = self.stream
+        if stream is None:
+            self.close()  # bytes on an idle connection: the server broke the protocol
+            return
+        stream.last_active = self.clock()
+        if self.head_bytes >= 0:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadOnly):
+                self._done(reusable=False)  # (what followed the head is not read)
+                return
+            self._broken(str(e.__context__ or e))
+            return
+        except httptools.HttpParserError as e:
+            self._broken(f"invalid response: {e}")
+            return
+        if self.head_bytes > 2 * MAX_HEAD_BYTES:
+            self._broken("response head over 64 KiB")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.stats.active_upstream -= 1
+        self.fds.closed()
+        if self.pool is not None:
+            self.pool.remove(self)
+        stream = self.stream
+        if stream is None:
+            return
+        if self.until_close and self.head_bytes < 0:
+            stream.response_data(b"", True)  # the body was delimited by the close
+            self._done(reusable=False)
+            return
+        self.stream = None
+        self.streams = {}
+        stream.up_closed(INTERNAL_ERROR)  # (a reset, for the stream: retried where safe)
+
+    # --- httptools callbacks ---------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += (name, value)
+
+    def on_headers_complete(self) -> None:
+        stream = self.stream
+        assert stream is not None
+        status = self.parser.get_status_code()
+        fields, framing = heads.h2_response(status, self.headers)
+        self.headers.clear()
+        if 100 <= status < 200:
+            self.interim = True
+            if status != 101:
+                stream.informational(fields)
+            return
+        self.head_bytes = -1  # (the head is in: no longer measured)
+        no_body = not heads.has_body(stream.request.method, status)
+        self.until_close = framing == FRAMING_CLOSE and not no_body
+        stream.response(fields, end=no_body)
+        if self.head_only:
+            raise _HeadOnly
+
+    def on_body(self, body: bytes) -> None:
+        stream = self.stream
+        assert stream is not None
+        self.unread += len(body)
+        stream.response_data(body, False)
+        if self.reading and self.unread > STREAM_WINDOW and self.transport is not None:
+            self.reading = False  # the client is slow: wait until it has taken some
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        stream = self.stream
+        assert stream is not None
+        if self.interim:
+            self.interim = False
+            return
+        if self.headers:
+            stream.response_trailers(heads.h2_trailers(self.headers))
+            self.headers.clear()
+        elif stream.phase != DONE:
+            stream.response_data(b"", True)
+        self._done(reusable=self.parser.should_keep_alive())
+
+    def _done(self, reusable: bool) -> None:
+        stream = self.stream
+        self.stream = None
+        self.streams = {}
+        self.head_bytes = 0
+        if stream is not None:
+            stream.up_closed(NO_ERROR)
+        if not reusable or self.until_close:
+            self.close()
+        else:
+            self.stream_ended()
+
+    def _broken(self, detail: str) -> None:
+        stream = self.stream
+        self.stream = None
+        self.streams = {}
+        self.close()
+        if stream is not None:
+            stream.upstream_failed(ProtocolError(detail))
+
+
+def carrier(route: Route) -> Callable[[], Carrier]:
+    """What carries a route's HTTP/2 streams upstream: HTTP/2, or HTTP/1.1 when asked."""
+    if route.settings.upstream_protocol == "http1":
+        return lambda: H1Leg(route)
+    return lambda: H2Upstream(route)
 
 
 def sniff(data: bytes) -> bool | None:

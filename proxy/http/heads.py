@@ -413,3 +413,73 @@ def h2_error(error: ProxyError) -> tuple[list[tuple[bytes, bytes]], bytes]:
         (b"sidelink-error", error.reason.encode()),
     ]
     return fields, body
+
+
+# --- between HTTP/2 and HTTP/1.1 (upstream_protocol) -------------------------------
+
+# Methods whose request means a body: one with none says so (content-length: 0).
+BODY_METHODS: Final = frozenset((b"POST", b"PUT", b"PATCH"))
+
+
+def h1_request(request: H2Request, end: bool) -> tuple[bytes, bool]:
+    """An HTTP/2 request's head as HTTP/1.1 (RFC 9113 8.2), and whether its body goes
+    chunked: ``:authority`` becomes Host, cookie fields are joined into one (8.2.3), and
+    ``te`` (hop-by-hop) stays behind. ``end``: the request has no body."""
+    fields = request.fields
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.path), b"host: %s\r\n" % fields[2][1]]
+    cookies: list[bytes] = []
+    length = False
+    for name, value in fields[4:]:
+        if name == b"cookie":
+            cookies.append(value)
+        elif name != b"te":
+            length = length or name == b"content-length"
+            lines.append(b"%s: %s\r\n" % (name, value))
+    if cookies:
+        lines.append(b"cookie: %s\r\n" % b"; ".join(cookies))
+    chunked = not length and not end
+    if chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    elif not length and request.method in BODY_METHODS:
+        lines.append(b"content-length: 0\r\n")
+    lines.append(CRLF)
+    return b"".join(lines), chunked
+
+
+def h2_response(status: int, headers: list[bytes]) -> tuple[list[tuple[bytes, bytes]], int]:
+    """An HTTP/1.1 response head (``name, value...``) as HTTP/2 fields, lowercase and
+    without connection-specific ones (RFC 9113 8.2.2), and how its body is framed."""
+    fields = [(b":status", b"%d" % status)]
+    framing = FRAMING_CLOSE
+    tokens: set[bytes] = set()
+    for i in range(0, len(headers), 2):
+        name = headers[i].lower()
+        value = headers[i + 1]
+        kind = FIELDS.get(name, PASS)
+        if kind == PASS:
+            fields.append((name, value))
+        elif kind == LENGTH:
+            framing = FRAMING_LENGTH
+            fields.append((name, value))
+        elif kind == TRANSFER_ENCODING:
+            if b"chunked" in value.lower() and framing == FRAMING_CLOSE:
+                framing = FRAMING_CHUNKED
+        elif kind == CONNECTION:
+            tokens |= connection_tokens(value)
+    if tokens:
+        fields = [field for field in fields if field[0] not in tokens]
+    return fields, framing
+
+
+def h2_trailers(headers: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """HTTP/1.1 trailers (``name, value...``) as HTTP/2 fields: end-to-end ones only."""
+    return [
+        (headers[i].lower(), headers[i + 1])
+        for i in range(0, len(headers), 2)
+        if field_kind(headers[i]) == PASS
+    ]
+
+
+def h1_trailers(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """HTTP/2 trailers as the end of an HTTP/1.1 chunked body."""
+    return LAST_CHUNK + b"".join(b"%s: %s\r\n" % (n, v) for n, v in fields) + CRLF
