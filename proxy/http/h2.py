@@ -372,10 +372,7 @@ class Stream:
             route.endpoints.acquire(ep)  # (held while it waits: the next pick sees it)
             self.picked = ep
             joining = pool.waiting
-            if (
-                joining is not None
-                and len(joining) < route.settings.http2.max_streams_per_connection
-            ):
+            if joining is not None and len(joining) < down.carried:
                 joining.append(self)
                 return
             pool.waiting = waiting
@@ -609,8 +606,8 @@ class Stream:
         elif self.status == 0:
             self.upstream_failed(UpstreamReset(f"upstream reset the stream (error {code})"))
         else:
-            self._release()
-            self._cut(code or CANCEL)
+            error = UpstreamReset(f"upstream reset the stream mid-answer (error {code})")
+            self.fail(error, code or CANCEL)
 
     def upstream_failed(self, error: UpstreamError) -> None:
         """The upstream stream, or its connection, failed before the answer began."""
@@ -652,9 +649,9 @@ class Stream:
 
     # --- the end --------------------------------------------------------------------
 
-    def fail(self, error: ProxyError) -> None:
-        """Answer with sidelink's own error, or reset the client's stream if the answer
-        has begun."""
+    def fail(self, error: ProxyError, code: int = INTERNAL_ERROR) -> None:
+        """Answer with sidelink's own error; if the answer has begun, end it (``code``: the
+        stream reset's, for a stream that is not gRPC)."""
         down = self.down
         if isinstance(error, UpstreamError):
             down.stats.errors[error.reason] += 1
@@ -662,7 +659,7 @@ class Stream:
         self._unpick()
         self.error = error
         if self.status:
-            self._cut(INTERNAL_ERROR)
+            self._cut(error, code)
             return
         self.status = 200 if self.request.grpc else error.status
         down.stats.request_duration.observe(perf_counter() - self.started)
@@ -670,12 +667,18 @@ class Stream:
             down.answer(self, error)
         self.end()
 
-    def _cut(self, code: int) -> None:
-        """The answer began and cannot be finished: the client's stream is reset."""
+    def _cut(self, error: ProxyError, code: int) -> None:
+        """The answer began and cannot be finished: a gRPC call ends with the error in
+        its trailers, any other stream is reset."""
         down = self.down
         self.status = RESET_CODE
         if self.sid in down.streams and not down.closed:
-            down.h2.reset_stream(self.sid, code)
+            if self.request.grpc:
+                with contextlib.suppress(ngh2.NGH2Error):  # (its end may be sent already)
+                    down.h2.send_trailers(self.sid, heads.grpc_trailers(error))
+                    down.stats.count_grpc(error.grpc_status)
+            else:
+                down.reset(self.sid, code)
             down.schedule()
         self.end()
 

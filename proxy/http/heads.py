@@ -383,9 +383,13 @@ def h2_request(headers: Iterable[tuple[bytes, bytes]], hosts: HostRule) -> H2Req
 def grpc_answer(error: ProxyError) -> list[tuple[bytes, bytes]]:
     """sidelink's own answer to a gRPC request: HTTP 200, trailers only (the gRPC
     protocol's way to say a call failed), the reason in ``sidelink-error``."""
+    return [(b":status", b"200"), (b"content-type", GRPC), *grpc_trailers(error)]
+
+
+def grpc_trailers(error: ProxyError) -> list[tuple[bytes, bytes]]:
+    """How a gRPC call ends with sidelink's error: alone (trailers only), or after the
+    server's answer began (then it ends the call instead of a stream reset)."""
     return [
-        (b":status", b"200"),
-        (b"content-type", GRPC),
         (b"grpc-status", b"%d" % error.grpc_status),
         (b"grpc-message", grpc_message(error.detail)),
         (b"sidelink-error", error.reason.encode()),
