@@ -41,8 +41,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 BALANCERS = ("p2c", "ewma", "round_robin")
 UPSTREAM_PROTOCOLS = ("auto", "http1", "http2")
-# Not built yet: HTTP/1.x requests going upstream as HTTP/2.
-UPSTREAM_TRANSLATIONS = ("http2",)
+
 PROTOCOLS = ("http", "tcp")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
@@ -147,17 +146,6 @@ def _choice(options: Sequence[str]) -> Callable[[object], str]:
         return str(value)
 
     return convert
-
-
-def _upstream_protocol(value: object) -> str:
-    protocol = _choice(UPSTREAM_PROTOCOLS)(value)
-    if protocol in UPSTREAM_TRANSLATIONS:
-        raise ValueError(
-            f"{protocol} is not supported yet (HTTP/1.x requests cannot go upstream as "
-            "HTTP/2): auto, where HTTP/2 requests go upstream as HTTP/2 and HTTP/1.x as "
-            "HTTP/1.1, or http1"
-        )
-    return protocol
 
 
 def _boolean(value: object) -> bool:
@@ -399,7 +387,7 @@ class RouteSettings:
     slow_start: float = duration(0.0, zero=True)
     host: str = setting("auto", _host_setting)
     pool: PoolConfig = field(default_factory=PoolConfig, metadata=_SECTION)
-    upstream_protocol: str = setting("auto", _upstream_protocol)
+    upstream_protocol: str = setting("auto", _choice(UPSTREAM_PROTOCOLS))
     http2: Http2Config = field(default_factory=Http2Config, metadata=_SECTION)
 
 

@@ -99,6 +99,7 @@ class Downstream(Forwarding):
     clock: Callable[[], float]  # the loop's
     last_active: float  # the loop time of the last read on either side
     closed: bool
+    bridged: bool  # requests go upstream as HTTP/2 streams (upstream_protocol: http2)
 
     @property
     def last_response(self) -> bool:
@@ -111,6 +112,11 @@ class Downstream(Forwarding):
 
     def new_upstream(self) -> Upstream:
         """A protocol object for a new upstream connection."""
+        raise NotImplementedError
+
+    def bridge(self, exchange: Exchange, ep: Endpoint | None) -> None:
+        """Carry ``exchange`` upstream as an HTTP/2 stream to ``ep`` (or to an endpoint
+        picked once the service resolves)."""
         raise NotImplementedError
 
     def touch(self, now: float) -> None:
@@ -206,12 +212,15 @@ class Exchange:
         down = self.down
         route = down.route
         ep = down.endpoints.pick(self.tried)
+        if down.bridged and (ep is not None or not route.watch.resolved):
+            down.bridge(self, ep)  # carried upstream as an HTTP/2 stream
+            return
         if ep is not None:
             now = down.last_active  # (of the read that brought the request, or of its turn)
             conn = (ep.pool or route.pool(ep)).get(now)
             if conn is not None:
                 ep.in_flight += 1
-                self._attach(ep, conn, now)
+                self.attach_to(ep, conn, now)
                 return
         elif route.watch.resolved:
             self.fail(NoEndpoints(f"{route.config.service} has no endpoints"))
@@ -295,9 +304,9 @@ class Exchange:
             route.endpoints.release(ep)
             pool.put(conn, now, reusable=True)
             return
-        self._attach(ep, conn, now)
+        self.attach_to(ep, conn, now)
 
-    def _attach(self, ep: Endpoint, conn: Upstream, now: float) -> None:
+    def attach_to(self, ep: Endpoint, conn: Upstream, now: float) -> None:
         self.endpoint = ep
         self.upstream = conn
         conn.attach(self)
@@ -388,7 +397,10 @@ class Exchange:
             first = down.endpoints.pick(self.tried)
             if first is None and ep.state != DRAINING:
                 first = ep
-            route.spawn(self._connect(first))
+            if down.bridged:
+                down.bridge(self, first)
+            else:
+                route.spawn(self._connect(first))
             return
         self.fail(error)
 

@@ -23,6 +23,7 @@ from typing import Final, cast
 
 import httptools
 
+from proxy.endpoints import Endpoint
 from proxy.errors import (
     BadRequest,
     BodyStalled,
@@ -119,6 +120,7 @@ class H1Downstream(Downstream):
         self.rejected: ClientError | None = None
         self.rejected_method = OTHER
         self.valid_host = b""  # the last Host value found valid: spared the check next time
+        self.bridged = route.settings.upstream_protocol == "http2"
         self.linger_until = float("inf")
         self.close_after_response = False
         self.fresh = True  # no byte yet: head_timeout runs from the accept
@@ -339,6 +341,9 @@ class H1Downstream(Downstream):
 
     def new_upstream(self) -> H1Upstream:
         return H1Upstream(self.route)
+
+    def bridge(self, ex: Exchange, ep: Endpoint | None) -> None:
+        h2.H2Bridge(ex).start(ep)
 
     def touch(self, now: float) -> None:
         """The upstream side moved: the connection is not idle."""

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 import ngh2
@@ -54,6 +54,7 @@ from proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from proxy.flow import FlowControl
 from proxy.http import heads
 from proxy.http.exchange import (
     AWAITING,
@@ -64,10 +65,19 @@ from proxy.http.exchange import (
     REPLAY_LIMIT,
     SENDING,
     STREAMING,
+    Exchange,
+    Upstream,
     log_answer,
     perf_counter,
 )
-from proxy.http.heads import CRLF, FRAMING_CLOSE, IDEMPOTENT, LAST_CHUNK, MAX_HEAD_BYTES
+from proxy.http.heads import (
+    CRLF,
+    FRAMING_CLOSE,
+    FRAMING_LENGTH,
+    IDEMPOTENT,
+    LAST_CHUNK,
+    MAX_HEAD_BYTES,
+)
 from proxy.metrics import RESET_CODE
 from proxy.route import Route, peer_name
 
@@ -114,14 +124,13 @@ class Carrier(asyncio.Protocol):
     (``give_back``). ``held`` says how much of what a stream handed it is still here.
     """
 
-    streams: dict[int, Stream]  # by this side's stream id
-    owing: set[Stream]  # streams whose data from the other side is held here, not all sent
+    owing: set[Rider]  # streams whose data from the other side is held here, not all sent
     closed: bool
     pool: StreamPool[Carrier] | None
     created: float
     idle_since: float
 
-    def open(self, stream: Stream, end: bool) -> int:
+    def open(self, stream: Rider, end: bool) -> int:
         """Start ``stream`` here (its request head): its id on this connection."""
         raise NotImplementedError
 
@@ -153,7 +162,7 @@ class Carrier(asyncio.Protocol):
         raise NotImplementedError
 
     def busy(self) -> bool:
-        return bool(self.streams)
+        raise NotImplementedError
 
     def stream_ended(self) -> None:
         raise NotImplementedError
@@ -179,7 +188,6 @@ class H2Connection(Carrier):
         self.paused = False  # the socket's buffer is full: frames wait in the engine
         self.flush_due = False
         self.owing = set()
-        self.streams = {}
         self.window = CONNECTION_WINDOW  # the connection window advertised to the peer
         self.closed = False
         self.last_active = self.clock()
@@ -281,6 +289,45 @@ def _drained(owed: int, via: Carrier, via_sid: int) -> int:
     return owed - held if owed > held else 0
 
 
+class Rider(Protocol):
+    """What rides on a carrier's stream upstream and hears its answer: an HTTP/2 client's
+    :class:`Stream`, or an :class:`H2Bridge` carrying an HTTP/1 exchange
+    (``upstream_protocol: http2``). (A Protocol: the bridge is an exchange's Upstream.)"""
+
+    request: heads.H2Request
+    up: Carrier | None  # the carrier of its upstream stream
+    usid: int  # that stream's id (0: none)
+    up_owed: int  # response bytes not yet acknowledged to the carrier
+    phase: int
+    status: int  # the status sent downstream (0: none yet)
+    last_active: float
+
+    def dialed(self, ep: Endpoint, conn: Carrier) -> None:
+        """The connection it waited for is made (maybe to another endpoint)."""
+
+    def dial_failed(self, error: UpstreamError) -> None: ...
+
+    def passed_on(self, via: Carrier) -> None:
+        """``via`` has written: credit for what left goes back to its sender."""
+
+    def response(self, fields: Fields, end: bool) -> None: ...
+
+    def informational(self, fields: Fields) -> None: ...
+
+    def response_data(self, data: bytes, end: bool) -> None: ...
+
+    def response_trailers(self, fields: Fields) -> None: ...
+
+    def up_closed(self, code: int) -> None:
+        """The upstream stream closed (with the engine's error code)."""
+
+    def upstream_failed(self, error: UpstreamError) -> None:
+        """The upstream stream or its connection failed before the answer began."""
+
+    def fail(self, error: ProxyError, code: int = ...) -> None:
+        """The upstream failed with the answer under way (or sidelink gives up on it)."""
+
+
 class Stream:
     """One HTTP/2 request from a client and its answer: the per-stream state and moves.
 
@@ -361,25 +408,18 @@ class Stream:
         down = self.down
         route = down.route
         ep = route.endpoints.pick(self.tried)
-        pool: StreamPool[Carrier] | None = None
-        waiting = [self]
-        if ep is not None:
-            pool = route.streams(ep)
-            conn = pool.get(down.last_active)
-            if conn is not None:
-                self._attach(ep, conn)
-                return
-            route.endpoints.acquire(ep)  # (held while it waits: the next pick sees it)
-            self.picked = ep
-            joining = pool.waiting
-            if joining is not None and len(joining) < down.carried:
-                joining.append(self)
-                return
-            pool.waiting = waiting
-        elif route.watch.resolved:
+        if ep is None and route.watch.resolved:
             self.fail(NoEndpoints(f"{route.config.service} has no endpoints"))
             return
-        route.spawn(_dial(route, ep, pool, waiting, list(self.tried)))
+        conn = carrier_for(
+            self, route, ep, down.last_active, per_conn=down.carried, tried=self.tried
+        )
+        if conn is not None:
+            assert ep is not None
+            self._attach(ep, conn)
+        elif ep is not None:
+            route.endpoints.acquire(ep)  # (held while it waits: the next pick sees it)
+            self.picked = ep
 
     def request_data(self, data: bytes, end: bool) -> None:
         size = len(data)
@@ -741,11 +781,39 @@ def _count_grpc(down: H2Downstream, fields: Fields) -> None:
             return
 
 
+def carrier_for(
+    rider: Rider,
+    route: Route,
+    ep: Endpoint | None,
+    now: float,
+    *,
+    per_conn: int,
+    tried: list[Endpoint],
+) -> Carrier | None:
+    """A pooled carrier to ``ep`` with room for one more stream; or None, and ``rider``
+    waits for one being made (its ``dialed`` or ``dial_failed`` says how it went).
+    ``per_conn``: the streams one connection takes, so how many may wait on one."""
+    pool: StreamPool[Carrier] | None = None
+    waiting: list[Rider] = [rider]
+    if ep is not None:
+        pool = route.streams(ep)
+        conn = pool.get(now)
+        if conn is not None:
+            return conn
+        joining = pool.waiting
+        if joining is not None and len(joining) < per_conn:
+            joining.append(rider)
+            return None
+        pool.waiting = waiting
+    route.spawn(_dial(route, ep, pool, waiting, list(tried)))
+    return None
+
+
 async def _dial(
     route: Route,
     ep: Endpoint | None,
     pool: StreamPool[Carrier] | None,
-    waiting: list[Stream],
+    waiting: list[Rider],
     exclude: list[Endpoint],
 ) -> None:
     """Make a connection for the streams waiting on it (to ``ep``, or where the connect
@@ -773,6 +841,7 @@ class H2Downstream(H2Connection):
 
     def __init__(self, route: Route, hosts: heads.HostRule) -> None:
         super().__init__(route, Role.SERVER, SERVER_CONFIG)
+        self.streams: dict[int, Stream] = {}  # the client's, by id
         self.hosts = hosts
         self.settings = route.settings
         self.last_sid = 0  # the newest stream taken
@@ -982,6 +1051,7 @@ class H2Upstream(H2Connection):
 
     def __init__(self, route: Route) -> None:
         super().__init__(route, Role.CLIENT, CLIENT_CONFIG)
+        self.streams: dict[int, Rider] = {}
         self.fds = route.fds
         self.pool: StreamPool[Carrier] | None = None
         self.limit = route.settings.http2.max_streams_per_connection
@@ -1003,7 +1073,7 @@ class H2Upstream(H2Connection):
     def busy(self) -> bool:
         return bool(self.streams)
 
-    def open(self, stream: Stream, end: bool) -> int:
+    def open(self, stream: Rider, end: bool) -> int:
         usid = self.h2.send_request(stream.request.fields, end_stream=end)
         self.streams[usid] = stream
         self.stats.streams_upstream += 1
@@ -1162,7 +1232,7 @@ class H1Leg(Carrier):
         self.loop = route.loop
         self.clock = route.clock
         self.transport: asyncio.Transport | None = None
-        self.streams = {}
+        self.streams: dict[int, Rider] = {}
         self.owing = set()
         self.pool = None
         self.closed = False
@@ -1170,7 +1240,7 @@ class H1Leg(Carrier):
         self.created = self.idle_since = self.clock()
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[bytes] = []  # name, value...; after the head, the trailers
-        self.stream: Stream | None = None
+        self.stream: Rider | None = None
         self.chunked = False  # the request body goes chunked
         self.head_only = False
         self.interim = False
@@ -1189,7 +1259,10 @@ class H1Leg(Carrier):
     def room(self) -> int:
         return 0 if self.closed or self.retired or self.stream is not None else 1
 
-    def open(self, stream: Stream, end: bool) -> int:
+    def busy(self) -> bool:
+        return self.stream is not None
+
+    def open(self, stream: Rider, end: bool) -> int:
         head, self.chunked = heads.h1_request(stream.request, end)
         self.stream = stream
         self.streams = {1: stream}
@@ -1386,6 +1459,284 @@ class H1Leg(Carrier):
         self.close()
         if stream is not None:
             stream.upstream_failed(ProtocolError(detail))
+
+
+class _StreamReading:
+    """What an exchange's flow control sees as its upstream transport, for a bridge:
+    pausing its reading holds back the credit for response data, so the HTTP/2 stream's
+    window closes while the HTTP/1 client is slow."""
+
+    def __init__(self, bridge: H2Bridge) -> None:
+        self.bridge = bridge
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.bridge.closed
+
+    def pause_reading(self) -> None:
+        self.bridge.reading = False
+
+    def resume_reading(self) -> None:
+        bridge = self.bridge
+        bridge.reading = True
+        if bridge.up is not None and bridge.up_owed:
+            bridge.up.acknowledge(bridge.up_owed, bridge.usid)
+            bridge.up_owed = 0
+
+
+class H2Bridge(Upstream):
+    """An HTTP/1 exchange carried upstream as one HTTP/2 stream (``upstream_protocol:
+    http2``): the exchange's request bytes are parsed back (httptools) into fields, data
+    and trailers, the answer turned into HTTP/1.1 for the client. One per exchange; the
+    connection under it is an :class:`H2Upstream` from the endpoint's StreamPool."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        down = exchange.down
+        self.route = down.route
+        self.hosts = heads.HostRule("", 80, "preserve")  # (the exchange's Host is final)
+        self.pool = None
+        self.created = self.idle_since = down.clock()
+        self.closed = False
+        self.exchange: Exchange | None = exchange
+        self.flow = FlowControl(cast(asyncio.Transport, _StreamReading(self)))
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[bytes] = []  # name, value...; after the head, the trailers
+        self.opened = False  # its stream is open upstream
+        self.keep_alive = True
+        self.request = heads.H2Request(b"", b"", [])
+        self.up: Carrier | None = None
+        self.usid = 0
+        self.up_owed = 0
+        self.reading = True  # the client takes what comes: response credit goes back at once
+        self.rechunk = False
+        self.phase = HEAD
+        self.status = 0
+        self.last_active = self.created
+        self.endpoint: Endpoint | None = None
+
+    def __repr__(self) -> str:
+        return f"<H2Bridge {self.usid} {self.exchange}>"
+
+    def start(self, ep: Endpoint | None) -> None:
+        """Find a carrier for the exchange's stream; attach the exchange once there is one."""
+        exchange = self.exchange
+        assert exchange is not None
+        down = exchange.down
+        route = self.route
+        per_conn = route.settings.http2.max_streams_per_connection
+        conn = carrier_for(
+            self, route, ep, down.last_active, per_conn=per_conn, tried=list(exchange.tried)
+        )
+        if conn is not None:
+            assert ep is not None
+            self.dialed(ep, conn)
+
+    # --- the carrier's side (as a Rider) ---------------------------------------------
+
+    def dialed(self, ep: Endpoint, conn: Carrier) -> None:
+        exchange = self.exchange
+        if exchange is None or exchange.phase != CONNECTING or exchange.down.closed:
+            return
+        if conn.room() <= 0:
+            self.start(ep)
+            return
+        self.up = conn
+        self.endpoint = ep
+        ep.in_flight += 1  # (released by the exchange when it lets go)
+        exchange.attach_to(ep, self, exchange.down.clock())
+
+    def dial_failed(self, error: UpstreamError) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.phase == CONNECTING and not exchange.down.closed:
+            exchange.fail(error)
+        else:
+            self.route.stats.errors[error.reason] += 1
+
+    def passed_on(self, via: Carrier) -> None:
+        """Request data left upstream: the client reads on once little is held there."""
+        if via.held(self.usid) <= STREAM_WINDOW // 2:
+            self.flow.writing_resumed()
+            via.owing.discard(self)
+
+    def response(self, fields: Fields, end: bool) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        status = _status(fields)
+        self.status = status
+        flat = [part for name, value in fields if name[:1] != b":" for part in (name, value)]
+        lines, framing = heads.response_lines(status, flat)
+        keep_alive = exchange.keep_alive and not exchange.down.last_response
+        self.rechunk = False
+        if framing != FRAMING_LENGTH and not end and heads.has_body(exchange.method, status):
+            if exchange.http10:
+                keep_alive = False  # (read to the close)
+            else:
+                self.rechunk = True
+                lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(heads.last_line(keep_alive, exchange.http10))
+        self.keep_alive = keep_alive
+        exchange.response_started(status)
+        exchange.deliver(b"".join(lines))
+        if end:
+            self._complete()
+
+    def informational(self, fields: Fields) -> None:
+        exchange = self.exchange
+        if exchange is not None and not exchange.http10:
+            flat = [part for name, value in fields if name[:1] != b":" for part in (name, value)]
+            lines, _ = heads.response_lines(_status(fields), flat)
+            exchange.deliver(b"".join((*lines, CRLF)))
+
+    def response_data(self, data: bytes, end: bool) -> None:
+        exchange = self.exchange
+        up = self.up
+        if exchange is None or up is None:
+            return
+        if data:
+            exchange.deliver(heads.chunk(data) if self.rechunk else data)
+            if self.reading:
+                up.acknowledge(len(data), self.usid)
+            else:
+                self.up_owed += len(data)
+        if end:
+            if self.rechunk:
+                exchange.deliver(LAST_CHUNK + CRLF)
+            self._complete()
+
+    def response_trailers(self, fields: Fields) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            if self.rechunk:
+                flat = [part for field in fields for part in field]
+                exchange.deliver(heads.trailer_block(flat))
+            self._complete()
+
+    def _complete(self) -> None:
+        exchange = self.exchange
+        self.phase = DONE
+        if exchange is not None:
+            exchange.response_complete(reusable=True, keep_alive=self.keep_alive)
+
+    def up_closed(self, code: int) -> None:
+        self.up = None
+        self.usid = 0
+        if self.phase == DONE or self.exchange is None:
+            return
+        self.upstream_failed(UpstreamReset(f"upstream reset the stream (error {code})"))
+
+    def upstream_failed(self, error: UpstreamError) -> None:
+        exchange = self.exchange
+        self.up = None
+        if exchange is not None and self.phase != DONE:
+            self.phase = DONE
+            exchange.upstream_failed(error)
+
+    def fail(self, error: ProxyError, code: int = INTERNAL_ERROR) -> None:
+        if isinstance(error, UpstreamError):
+            self.upstream_failed(error)
+
+    # --- the exchange's side (as an Upstream) ------------------------------------------
+
+    def attach(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def send(self, data: bytes) -> None:
+        """The exchange's HTTP/1.1 request bytes (its head first), parsed back."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:  # (our own bytes: a bug if ever)
+            self._cancel()
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.upstream_failed(ProtocolError(f"cannot carry the request: {e}"))
+
+    def detach(self, reusable: bool, now: float) -> None:
+        self._cancel()
+        self.exchange = None
+        self.closed = True
+
+    def close(self) -> None:
+        self.detach(False, 0.0)
+
+    def _cancel(self) -> None:
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.owing.discard(self)
+            up.cancel(self.usid, self.up_owed)
+            self.up_owed = 0
+
+    # --- httptools callbacks (the exchange's request, parsed back) ----------------------
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += (name, value)
+
+    def on_headers_complete(self) -> None:
+        method = self.parser.get_method()
+        headers = self.headers
+        fields = [(headers[i].lower(), headers[i + 1]) for i in range(0, len(headers), 2)]
+        # (Hop-by-hop fields are gone already; what framed the body for HTTP/1 goes too.)
+        fields = [f for f in fields if heads.FIELDS.get(f[0], heads.PASS) <= heads.LENGTH]
+        self.request = heads.h2_request(
+            [(b":method", method), (b":path", self.url), *fields], self.hosts
+        )
+        self.headers = []
+
+    def on_body(self, body: bytes) -> None:
+        self._open(end=False)
+        self._send(body, end=False)
+
+    def on_message_complete(self) -> None:
+        headers = self.headers
+        trailers = [(headers[i].lower(), headers[i + 1]) for i in range(0, len(headers), 2)]
+        if not self.opened:
+            self._open(end=not trailers)
+            if not trailers:
+                return
+        up = self.up
+        if up is None:
+            return
+        if trailers:
+            up.send_trailers(self.usid, trailers)
+        else:
+            self._send(b"", end=True)
+        up.schedule()
+
+    def _open(self, end: bool) -> None:
+        if self.opened:
+            return
+        self.opened = True
+        up = self.up
+        if up is None:
+            return
+        try:
+            self.usid = up.open(self, end)
+        except ngh2.NGH2Error as e:
+            # It took a GOAWAY after all: nothing reached the server.
+            up.retire()
+            self.up = None
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.upstream_failed(UpstreamReset(f"upstream connection closing: {e}"))
+            return
+        self.phase = SENDING
+
+    def _send(self, data: bytes, end: bool) -> None:
+        up = self.up
+        if up is None or not self.usid:
+            return
+        up.send_data(self.usid, data, end)
+        up.schedule()
+        if up.held(self.usid) > STREAM_WINDOW:
+            self.flow.writing_paused()  # the stream's window is shut: the client waits
+            up.owing.add(self)
 
 
 def carrier(route: Route) -> Callable[[], Carrier]:
