@@ -98,6 +98,11 @@ GOAWAY_GRACE: Final = 1.0
 # Rapid reset: a client that has reset more than this many streams before their answer,
 # and more than half of all it opened, is cut.
 PREMATURE_RESETS: Final = 100
+# After cutting a client, how long its GOAWAY has to reach it before the close.
+LINGER_TIMEOUT: Final = 1.0
+# The most of one read the engine takes in at once: between slices sidelink checks
+# what came (a burst of resets in one big read is seen before the engine's own limit).
+RECEIVE_SLICE: Final = 16 * 1024
 
 NO_ERROR: Final = 0x0
 PROTOCOL_ERROR: Final = 0x1
@@ -107,7 +112,11 @@ CANCEL: Final = 0x8
 ENHANCE_YOUR_CALM: Final = 0xB
 
 SERVER_CONFIG: Final = Configuration(
-    auto_window_update=False, max_inbound_header_list_size=MAX_HEAD_BYTES
+    auto_window_update=False,
+    max_inbound_header_list_size=MAX_HEAD_BYTES,
+    # Resets are counted by sidelink itself (PREMATURE_RESETS), which cuts with
+    # ENHANCE_YOUR_CALM; the engine's own limit (which says INTERNAL_ERROR) is a backstop.
+    stream_reset_rate_limit=(10_000, 1_000),
 )
 CLIENT_CONFIG: Final = Configuration(
     auto_window_update=False, max_inbound_header_list_size=MAX_HEAD_BYTES
@@ -190,6 +199,7 @@ class H2Connection(Carrier):
         self.owing = set()
         self.window = CONNECTION_WINDOW  # the connection window advertised to the peer
         self.closed = False
+        self.lingering = False  # cut: its GOAWAY sent, closed after LINGER_TIMEOUT
         self.last_active = self.clock()
 
     def begin(self, settings: dict[Setting, int]) -> None:
@@ -227,13 +237,15 @@ class H2Connection(Carrier):
         if data:
             transport.write(data)
             self.sent(len(data))
-            events = h2.events()
-            if events:
-                self.dispatch(events)
+        # (Sending makes events too: a stream that sent its end closes, one the engine
+        # could not send after a GOAWAY closes as refused.)
+        events = h2.events()
+        if events:
+            self.dispatch(events)
         if self.owing:
             for stream in list(self.owing):
                 stream.passed_on(self)
-        if not h2.want_read and not h2.want_write:
+        if not h2.want_read and not h2.want_write and not self.lingering:
             self.close()  # GOAWAY said and no stream left: the connection is done
 
     def sent(self, size: int) -> None:
@@ -324,7 +336,7 @@ class Rider(Protocol):
     def upstream_failed(self, error: UpstreamError) -> None:
         """The upstream stream or its connection failed before the answer began."""
 
-    def fail(self, error: ProxyError, code: int = ...) -> None:
+    def fail(self, error: ProxyError, code: int = INTERNAL_ERROR) -> None:
         """The upstream failed with the answer under way (or sidelink gives up on it)."""
 
 
@@ -872,18 +884,25 @@ class H2Downstream(H2Connection):
     # --- asyncio callbacks ----------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # cut: what the client still sends is dropped
         self.last_active = self.clock()
         h2 = self.h2
-        try:
-            h2.receive_data(data)
-        except ngh2.DenialOfServiceError as e:
-            self.calm(str(e))
-            return
-        except ngh2.NGH2Error as e:
-            log.info("route %s: HTTP/2 error from %s: %s", self.route.config.name, self.peer(), e)
-            self.terminate(PROTOCOL_ERROR)
-            return
-        self.dispatch(h2.events())
+        whole = len(data) <= RECEIVE_SLICE
+        for at in range(0, len(data), RECEIVE_SLICE):
+            try:
+                h2.receive_data(data if whole else data[at : at + RECEIVE_SLICE])
+            except ngh2.DenialOfServiceError as e:
+                self.calm(str(e))
+                return
+            except ngh2.NGH2Error as e:
+                name = self.route.config.name
+                log.info("route %s: HTTP/2 error from %s: %s", name, self.peer(), e)
+                self.terminate(PROTOCOL_ERROR)
+                return
+            self.dispatch(h2.events())
+            if self.lingering:
+                return
         self.flush()
 
     def dispatch(self, events: list[ngh2.Event]) -> None:
@@ -979,6 +998,8 @@ class H2Downstream(H2Connection):
     # --- lifecycle --------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
+        if self.lingering:
+            return
         settings = self.settings
         streams = self.streams
         if not streams:
@@ -1018,16 +1039,27 @@ class H2Downstream(H2Connection):
         self.terminate(ENHANCE_YOUR_CALM)
 
     def terminate(self, code: int) -> None:
-        """GOAWAY with ``code``, then close."""
+        """GOAWAY with ``code``, then close. For an error, reading stops and the close
+        waits a moment, so that the GOAWAY is not lost to the reset that closing with
+        unread bytes makes, while a flood still gets nothing more in."""
         if self.closed:
             return
+        transport = self.transport
+        self.lingering = code != NO_ERROR  # (so that the flush does not close at once)
         try:
             self.h2.terminate_connection(code, last_stream_id=self.last_sid)
             self.paused = False
             self.flush()
         except ngh2.NGH2Error:
-            pass
-        self.close()
+            # The engine gave up on the peer (a flood): the frame is made here instead.
+            if transport is not None and not transport.is_closing():
+                transport.write(goaway_frame(self.last_sid, code))
+        if not self.lingering or transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        transport.pause_reading()
+        transport.write_eof()
+        self.loop.call_later(LINGER_TIMEOUT, self.abort)
 
     def retire(self) -> None:
         self.shutdown()
@@ -1744,6 +1776,13 @@ def carrier(route: Route) -> Callable[[], Carrier]:
     if route.settings.upstream_protocol == "http1":
         return lambda: H1Leg(route)
     return lambda: H2Upstream(route)
+
+
+def goaway_frame(last_sid: int, code: int) -> bytes:
+    """A GOAWAY frame (RFC 9113 6.8), for when the engine can no longer make one."""
+    return b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + (
+        (last_sid & MAX_WINDOW).to_bytes(4, "big") + code.to_bytes(4, "big")
+    )
 
 
 def sniff(data: bytes) -> bool | None:
