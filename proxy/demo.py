@@ -82,15 +82,14 @@ class Replica:
         self.h2 = H2Replica(self.name, self.host, self.h2_port)
         await self.h2.start()
 
-    async def stop(self) -> None:
-        h2, runner = self.h2, self.runner
-        await asyncio.gather(
-            h2.stop() if h2 is not None else asyncio.sleep(0),
-            runner.cleanup() if runner is not None else asyncio.sleep(0),
-        )
+    async def stop(self) -> tuple[int, int]:
+        """Stop both ports; what the HTTP/2 port's stop did (see H2Replica.stop)."""
+        assert self.runner is not None and self.h2 is not None, "stopped before it started"
+        _, h2 = await asyncio.gather(self.runner.cleanup(), self.h2.stop())
+        return h2
 
     async def hello(self, request: web.Request) -> web.Response:
-        return web.Response(text=f"hello from replica-{self.index} ({self.host})\n")
+        return web.Response(text=f"hello from {self.name} ({self.host})\n")
 
 
 @dataclass
@@ -117,6 +116,8 @@ class Figures:
 
 @dataclass
 class Demo:
+    """The figures of one run: the HTTP/1 clients', the HTTP/2 connection's, the rollouts."""
+
     http1: Figures = field(default_factory=Figures)
     http2: Figures = field(default_factory=Figures)
     rollouts: int = 0
@@ -154,7 +155,9 @@ async def run_demo(duration: float) -> int:
         demo = Demo()
         counter = itertools.count(REPLICAS)
         stop = asyncio.Event()
-        channel = await H2Channel.connect("127.0.0.1", h2_route.bound[1])
+        channel = await asyncio.wait_for(
+            H2Channel.connect("127.0.0.1", h2_route.bound[1]), CALL_TIMEOUT
+        )
         tasks = [asyncio.ensure_future(_client(url, demo.http1, stop)) for _ in range(CLIENTS)]
         tasks += [
             asyncio.ensure_future(_h2_caller(channel, demo.http2, stop)) for _ in range(H2_STREAMS)
@@ -186,7 +189,7 @@ async def run_demo(duration: float) -> int:
             await server.serve_until_shutdown()
             await asyncio.gather(*(replica.stop() for replica in replicas))
     http1, http2 = demo.http1, demo.http2
-    print(f"  http/1: {http1.requests} requests on {CLIENTS} connections, {http1.failed} failed")
+    print(f"  http/1: {http1.requests} requests from {CLIENTS} clients, {http1.failed} failed")
     print(
         f"  http/2: {http2.requests} calls on 1 connection, {http2.failed} failed, "
         f"by replica: {_by_replica(http2.replicas)}"
@@ -299,7 +302,11 @@ def _by_replica(counts: Counter[str]) -> str:
 
 async def _terminate(replica: Replica) -> None:
     await asyncio.sleep(TERMINATION_GRACE)
-    await replica.stop()
+    connections, finished = await replica.stop()
+    print(
+        f"  stopped: {replica.name} ({replica.host}), HTTP/2 GOAWAY on {connections} "
+        f"connection(s), {finished} stream(s) finished after it"
+    )
 
 
 def _percentile(values: list[float], q: float) -> float:
