@@ -297,6 +297,14 @@ class Exchange:
                 route.stats.errors[e.reason] += 1  # (nobody is told, but it happened)
             return
         self.retries += len(tried) - before
+        if conn.closed:
+            # The server closed it before the request could go (one that speaks only
+            # HTTP/2 answers an HTTP/1 request's connection so): counted against it.
+            route.endpoints.release(ep)
+            route.endpoints.went_wrong(ep, UpstreamReset.reason)
+            if self.phase == CONNECTING and not down.closed:
+                self.fail(UpstreamReset("upstream closed a new connection at once"))
+            return
         pool = route.pool(ep)
         pool.adopt(conn)
         now = down.clock()

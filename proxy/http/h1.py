@@ -531,7 +531,7 @@ class H1Upstream(Upstream):
 
     def send(self, data: bytes) -> None:
         write = self.write
-        if write is not None:
+        if write is not None and not self.closed:
             write(data)
             self.stats.bytes_to_upstream += len(data)
 

@@ -495,8 +495,14 @@ class Stream:
             return
         if conn.room() > 0:
             self._attach(ep, conn)
+        elif conn.busy():
+            self.start()  # filled by the streams that waited with it: another one
         else:
-            self.start()
+            # A new connection that takes no stream (closed at once, or GOAWAY before
+            # any): as a refused stream, elsewhere if there is an elsewhere, bounded.
+            self.endpoint = ep
+            self.down.route.endpoints.went_wrong(ep, UpstreamReset.reason)
+            self._retry()
 
     def dial_failed(self, error: UpstreamError) -> None:
         self._unpick()
@@ -1573,7 +1579,11 @@ class H2Bridge(Upstream):
         if exchange is None or exchange.phase != CONNECTING or exchange.down.closed:
             return
         if conn.room() <= 0:
-            self.start(ep)
+            if conn.busy():
+                self.start(ep)  # filled by the streams that waited with it: another one
+            else:
+                self.route.endpoints.went_wrong(ep, UpstreamReset.reason)
+                exchange.fail(UpstreamReset("upstream took no stream on a new connection"))
             return
         self.up = conn
         self.endpoint = ep
