@@ -157,14 +157,23 @@ async def test_deeply_nested_yaml_is_counted_and_the_next_good_file_applies(
     cfg.write_text("routes:\n" + tcp_route("orders"))
     async with serving(from_file(cfg)) as server:
         reloads = server.metrics.config_reloads
-        await asyncio.to_thread(cfg.write_text, "[" * 100_000)
+        # (Each file swapped in whole, as a ConfigMap update does: a poll that caught a
+        # file half written would count one more error.)
+        await asyncio.to_thread(replace_text, cfg, "[" * 100_000)
         await until(lambda: reloads["error"] == 1, what="the nested file to be counted")
         assert set(server.routes) == {"orders"}
         good = "routes:\n" + tcp_route("orders") + tcp_route("billing")
-        await asyncio.to_thread(cfg.write_text, good)
+        await asyncio.to_thread(replace_text, cfg, good)
         await until(lambda: set(server.routes) == {"orders", "billing"}, what="the good file")
         assert reloads == {"ok": 1, "error": 1}
         assert Scrape.of(server).get("sidelink_config_reloads_total", result="error") == 1
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole at once (a new file renamed over it)."""
+    fresh = path.with_suffix(".new")
+    fresh.write_text(text)
+    fresh.replace(path)
 
 
 # --- a storm under traffic --------------------------------------------------------------
