@@ -67,6 +67,7 @@ class Lab:
         self.dns: ThreadedDnsServer | None = None
         self.targets: list[Target] = []
         self.failed: dict[str, str] = {}  # proxy -> why it did not start
+        self.notes: list[str] = []  # about the lab as a whole, for the report
         self.nginx_stream = False
         self.sidelink_admin_port: int | None = None
         self._processes: list[Process] = []
@@ -85,6 +86,10 @@ class Lab:
         """Upstream first, then each proxy alone, so each startup time is measured unloaded."""
         self.tmp.chmod(0o755)  # nginx workers may run as another user and must read www/
         upstream_port = self._start_upstream()
+        if self.h2 and not nginx_modules(self.tools.nginx).http2:
+            # The h2c upstreams are nginx too: without HTTP/2 there is nothing to proxy to.
+            self.h2 = False
+            self.notes.append("this nginx has no http_v2_module: the HTTP/2 scenarios did not run")
         if self.h2:
             self._start_h2_upstreams()
         for name in self.proxies:
