@@ -160,7 +160,7 @@ class Carrier(asyncio.Protocol):
     def acknowledge(self, size: int, sid: int) -> None:
         raise NotImplementedError
 
-    def give_back(self, size: int) -> None:
+    def give_back(self, size: int, sid: int) -> None:
         raise NotImplementedError
 
     def schedule(self) -> None:
@@ -280,12 +280,15 @@ class H2Connection(Carrier):
                 self.h2.acknowledge_received_data(size, sid)
             self.schedule()
 
-    def give_back(self, size: int) -> None:
-        """Credit for data the peer sent on a stream that has closed: the engine cannot
-        acknowledge it there, so the connection window grows by as much (what the peer
-        may have in flight stays the same)."""
+    def give_back(self, size: int, sid: int) -> None:
+        """Credit for data the peer sent on ``sid``, a stream that has closed: the engine
+        cannot reopen the connection's window through it, so the window grows by as much
+        (what the peer may have in flight stays the same). It is acknowledged on the
+        stream all the same, which is what lets the engine forget the stream's count."""
         if size <= 0 or self.closed:
             return
+        with contextlib.suppress(ngh2.NGH2Error):
+            self.h2.acknowledge_received_data(size, sid)
         if self.window + size > MAX_WINDOW:
             self.retire()  # 2 GiB given back on one connection: a fresh one takes over
             return
@@ -359,6 +362,7 @@ class Stream:
         "held",
         "last_active",
         "lender",
+        "lender_sid",
         "pending",
         "phase",
         "picked",
@@ -394,6 +398,7 @@ class Stream:
         # The upstream whose stream closed with response bytes still on their way down:
         # the credit for them goes back to it as they leave.
         self.lender: Carrier | None = None
+        self.lender_sid = 0
         self.endpoint: Endpoint | None = None  # the last endpoint it went to
         self.held = False  # ...and its in_flight is held
         self.picked: Endpoint | None = None  # picked, waiting for a connect (in_flight held)
@@ -579,7 +584,7 @@ class Stream:
                     if self.up is not None:
                         self.up.acknowledge(drained, self.usid)
                     elif self.lender is not None:
-                        self.lender.give_back(drained)
+                        self.lender.give_back(drained, self.lender_sid)
                 if self.up_owed:
                     return
         elif via is self.up and self.sid in down.streams:
@@ -646,14 +651,16 @@ class Stream:
     def up_closed(self, code: int) -> None:
         """The upstream stream closed (the engine says so, with the error code)."""
         up = self.up
+        usid = self.usid
         self.up = None
         self.usid = 0
         if up is not None:
             up.owing.discard(self)
             if self.phase == DONE and self.up_owed and self.sid in self.down.streams:
                 self.lender = up  # answered whole: credited as the rest goes down
+                self.lender_sid = usid
                 return
-            up.give_back(self.up_owed)  # what it sent that never goes on
+            up.give_back(self.up_owed, usid)  # what it sent that never goes on
         self.up_owed = 0
         if self.phase == DONE:
             return
@@ -743,13 +750,13 @@ class Stream:
     def down_closed(self) -> None:
         """The client's stream closed: done, reset by the client, or its connection lost."""
         down = self.down
-        down.give_back(self.down_owed)
+        down.give_back(self.down_owed, self.sid)
         self.down_owed = 0
         down.owing.discard(self)
         lender = self.lender
         if lender is not None:
             self.lender = None
-            lender.give_back(self.up_owed)
+            lender.give_back(self.up_owed, self.lender_sid)
             self.up_owed = 0
         if self.phase == DONE:
             return
@@ -1121,7 +1128,7 @@ class H2Upstream(H2Connection):
     def cancel(self, sid: int, owed: int) -> None:
         if self.streams.pop(sid, None) is not None:
             self.stats.streams_upstream -= 1
-            self.give_back(owed)
+            self.acknowledge(owed, sid)  # (the stream is still open: acknowledged through it)
             self.reset(sid, CANCEL)
             self.stream_ended()
 
@@ -1344,8 +1351,8 @@ class H1Leg(Carrier):
             self.reading = True
             self.transport.resume_reading()
 
-    def give_back(self, size: int) -> None:
-        self.acknowledge(size, 1)
+    def give_back(self, size: int, sid: int) -> None:
+        self.acknowledge(size, sid)
 
     def schedule(self) -> None:
         if not self.settle_due:
