@@ -396,6 +396,7 @@ class Exchange:
             # idempotent and kept whole: send it again on a fresh connection, to another
             # endpoint if there is one, else to the same one (a reused connection may
             # just have been stale; a Service with one ClusterIP has no other).
+            route.stats.errors[error.reason] += 1  # (as a connect failure retried past is)
             route.stats.retries += 1
             self.retries += 1
             self.tried = [*self.tried, ep]

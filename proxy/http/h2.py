@@ -684,7 +684,7 @@ class Stream:
         if (
             isinstance(error, UpstreamReset)
             and self.request.method in IDEMPOTENT
-            and len(self.tried) < route.settings.retries
+            and self.retries < route.settings.retries
             and route.retry_budget.allow()
         ):
             self._retry()
@@ -707,6 +707,8 @@ class Stream:
             self.tried.append(ep)
             if ep.state != DRAINING and route.endpoints.pick(self.tried) is None:
                 self.tried.pop()  # nowhere else: the same endpoint again, on a new stream
+        # Counted as connect failures are: each one, the ones retried past too.
+        down.stats.errors[UpstreamReset.reason] += 1
         down.stats.retries += 1
         self.retries += 1
         self.pending = list(self.replay)
