@@ -214,6 +214,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     inject.set_defaults(handler=cmd_inject)
 
+    webhook = _command(
+        sub,
+        "webhook",
+        "the admission webhook that injects the sidecar into new pods",
+        """
+        Serve the mutating admission webhook over HTTPS: each pod CREATE the API server
+        sends (AdmissionReview v1) is answered with a JSONPatch that does what `inject` does
+        to a pod. POST /mutate injects pods not annotated sidelink.io/inject: disabled (the
+        namespaces labelled sidelink.io/inject=enabled); POST /mutate/annotated only pods
+        annotated sidelink.io/inject: enabled. A pod's routes come from its annotation
+        sidelink.io/routes; a request it cannot read, or a pod it cannot inject, is allowed
+        with a warning. GET /healthz. The certificate is reloaded when its files change
+        and on SIGHUP; SIGTERM turns /healthz 503, serves --drain-delay more, then exits.
+        See deploy/webhook/.
+        """,
+        """
+        exit:   0 clean shutdown; 2 usage error or a certificate that cannot be loaded;
+                1 cannot start (the address taken)
+
+        example:
+          sidelink webhook --cert /etc/sidelink-webhook/tls.crt --key /etc/sidelink-webhook/tls.key
+        """,
+    )
+    webhook.add_argument("--cert", required=True, metavar="FILE", help="PEM certificate (chain)")
+    webhook.add_argument("--key", required=True, metavar="FILE", help="PEM private key")
+    webhook.add_argument(
+        "--listen", metavar="ADDR", default="0.0.0.0:8443", help="IP:PORT (default: 0.0.0.0:8443)"
+    )
+    webhook.add_argument("--image", metavar="IMAGE", help=f"default: {DEFAULT_IMAGE}")
+    webhook.add_argument(
+        "--config-map",
+        metavar="NAME",
+        help="mount this ConfigMap (key sidelink.yaml, in the pod's namespace) in every sidecar",
+    )
+    webhook.add_argument(
+        "--classic", action="store_true", help="a regular container (Kubernetes before 1.29)"
+    )
+    webhook.add_argument(
+        "--drain-delay",
+        type=_drain_seconds,
+        default=3.0,
+        metavar="S",
+        help="seconds served after SIGTERM, while endpoints follow /healthz (default: 3)",
+    )
+    webhook.set_defaults(handler=cmd_webhook)
+
     top = _command(
         sub,
         "top",
@@ -266,6 +312,16 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not 0.05 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"must be 0.05..3600 seconds, got {text}")
+    return value
+
+
+def _drain_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 0..300 seconds, got {text}") from None
+    if not 0 <= value <= 300:
+        raise argparse.ArgumentTypeError(f"must be 0..300 seconds, got {text}")
     return value
 
 
@@ -430,6 +486,42 @@ def cmd_inject(args: argparse.Namespace) -> int:
     for line in done.report:
         print(line, file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from proxy.inject import SidecarOptions
+    from proxy.webhook import CertificateError, Webhook
+
+    try:
+        host, port = split_host_port(args.listen)
+    except ValueError as e:
+        raise ConfigError([f"--listen: must be IP:PORT ({e}), got {args.listen!r}"]) from None
+    if args.config_map is not None and not args.config_map:
+        raise ConfigError(["--config-map: must be a ConfigMap name, got ''"])
+    options = SidecarOptions(
+        config_map=args.config_map, image=args.image or DEFAULT_IMAGE, classic=args.classic
+    )
+    configure_logging("info", "text")
+
+    async def serve() -> int:
+        try:
+            webhook = Webhook(options, args.cert, args.key, drain_delay=args.drain_delay)
+        except CertificateError as e:
+            raise ConfigError([str(e)]) from None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, webhook.shutdown)
+        loop.add_signal_handler(signal.SIGINT, webhook.shutdown)
+        loop.add_signal_handler(signal.SIGHUP, webhook.reload_certificate)
+        try:
+            await webhook.start(host, port)
+        except OSError as e:
+            log.error("cannot start: %s: %s", args.listen, e.strerror or e)
+            return EXIT_FAILURE
+        await webhook.serve_until_shutdown()
+        log.info("webhook stopped")
+        return EXIT_OK
+
+    return run_async(serve())
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -2,25 +2,30 @@
 
 The input may hold many documents and ``kind: List`` objects. Each pod template found gets one
 container named ``sidelink``: by default a native sidecar (first in ``initContainers`` with
-``restartPolicy: Always``, which needs Kubernetes 1.29 or later), or with ``classic=True`` a
-regular container appended to ``containers``. Every other object passes through unchanged, and
-the documents come out in the order they went in.
+``restartPolicy: Always``, which needs Kubernetes 1.29 or later) whose startup probe on
+``/readyz`` holds the app back until every route has resolved; or with ``classic=True`` a
+regular container first in ``containers``, whose ``postStart`` hook waits for ``/readyz`` (the
+kubelet starts the next container only once the hook has returned). Every other object passes
+through unchanged, and the documents come out in the order they went in.
 
-Injecting is idempotent: an existing ``sidelink`` container is replaced in place by a freshly
-generated one (or moved, if it sits in the other list), so running the command again, or again
-with different options, leaves exactly one.
+A pod template that already has a ``sidelink`` container (in either list) is left as it is, so
+running the command again, with the same options or others, changes nothing. One annotated
+``sidelink.io/inject: disabled`` is left alone too. A pod's annotation
+``sidelink.io/routes: "8081=svc.ns:80/http,..."`` gives that pod's routes, in place of the
+``routes`` option. The admission webhook (:mod:`proxy.webhook`) injects a Pod with the same
+code, through :func:`inject_pod`.
 
 The routes are checked as ``sidelink run`` checks them, so a sidecar that could not start is
 refused rather than written: quick routes must parse, and either some route or a ConfigMap
 must be given (a ConfigMap in the same input is validated too, with the quick routes).
 
 The output is re-serialised YAML: key order and values are kept, but comments, quoting style
-and anchors of the input are not.
+and anchors of the input are not (a string of several lines is written as a ``|`` block).
 """
 
 from __future__ import annotations
 
-import copy
+import enum
 import posixpath
 import re
 from collections.abc import Callable, Sequence
@@ -49,15 +54,28 @@ ADMIN_PORT_NAME = "sidelink-admin"
 CONFIG_MOUNT_PATH = posixpath.dirname(DEFAULT_CONFIG_PATH)
 ADMIN_PORT = AdminConfig().port
 
-_POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
-    "Pod": ("spec",),
-    "Deployment": ("spec", "template", "spec"),
-    "StatefulSet": ("spec", "template", "spec"),
-    "DaemonSet": ("spec", "template", "spec"),
-    "ReplicaSet": ("spec", "template", "spec"),
-    "ReplicationController": ("spec", "template", "spec"),
-    "Job": ("spec", "template", "spec"),
-    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+# Pod annotations: the opt-in and opt-out (the webhook's; inject honours the opt-out too), and
+# a pod's own routes.
+INJECT_ANNOTATION = "sidelink.io/inject"
+ENABLED = "enabled"
+DISABLED = "disabled"
+ROUTES_ANNOTATION = "sidelink.io/routes"
+# The native sidecar's startup probe runs each second, this many times before the kubelet
+# restarts it: routes that take two minutes to resolve still start.
+STARTUP_PROBE_FAILURES = 120
+# The classic sidecar's postStart hook waits this many seconds for /readyz.
+CLASSIC_READY_TIMEOUT = 120
+
+# Where the pod template (its metadata and spec) sits in each kind; a Pod is its own.
+_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 
 _Path = tuple[str | int, ...]
@@ -84,11 +102,29 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper writing a string of several lines as a ``|`` block, as people write them."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    # PyYAML falls back to quotes where a block cannot hold the text (trailing spaces, say).
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 class InjectError(ValueError):
     """Input that cannot be injected; the message names the source, line and document."""
 
 
-# Builds (does not raise) the error for a path inside one pod spec, so callers stay explicit.
+class NoRoutesError(InjectError):
+    """A pod that would get a sidecar with no routes at all (it could not start)."""
+
+
+# Builds (does not raise) the error for a path inside one pod template, so callers stay
+# explicit. Paths are relative to the template (``metadata``, ``spec``).
 _ErrorAt = Callable[[_Path, str], InjectError]
 
 
@@ -122,6 +158,33 @@ class Injection:
     report: tuple[str, ...]  # "deployment/web: injected", "service/web: skipped", ...
 
 
+class Outcome(enum.Enum):
+    """What injecting did to one pod template (the word the report uses)."""
+
+    INJECTED = "injected"
+    # It already has a sidelink container, which is left as it is.
+    UNCHANGED = "unchanged"
+    DISABLED = f"skipped ({INJECT_ANNOTATION}: {DISABLED})"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarOptions:
+    """What the sidecar is made of; the same for ``inject`` and the webhook."""
+
+    routes: tuple[str, ...] = ()
+    config_map: str | None = None
+    image: str = DEFAULT_IMAGE
+    classic: bool = False
+
+    def __post_init__(self) -> None:
+        # A bare string is a Sequence[str] too, and would silently become one route per
+        # character.
+        if isinstance(self.routes, str):
+            raise TypeError("routes must be a sequence of route specs, not a single string")
+        if self.config_map is not None and not self.config_map:
+            raise ValueError("config_map must be a ConfigMap name, got an empty string")
+
+
 def inject(
     text: str,
     *,
@@ -152,70 +215,122 @@ def inject_objects(
     """Add the sidelink container to every pod template in ``text``; say what was done.
 
     ``routes`` become the comma-separated ``SIDELINK_ROUTES`` variable, checked as the proxy
-    checks them when it starts. ``config_map`` names a ConfigMap holding ``sidelink.yaml``,
-    mounted read-only where the proxy looks by default. ``source`` only labels error messages.
+    checks them when it starts; a pod template annotated ``sidelink.io/routes`` gets those
+    instead. ``config_map`` names a ConfigMap holding ``sidelink.yaml``, mounted read-only
+    where the proxy looks by default. ``source`` only labels error messages.
 
-    Raises :class:`InjectError` for routes the proxy would refuse, no routes and no ConfigMap
-    (the sidecar could not start), invalid YAML, a document that is not a mapping, or a pod
-    template that is malformed.
+    Raises :class:`InjectError` for routes the proxy would refuse, a pod left with no routes
+    and no ConfigMap (the sidecar could not start), invalid YAML, a document that is not a
+    mapping, or a pod template that is malformed.
     """
-    # A bare string is a Sequence[str] too, and would silently become one route per character.
     if isinstance(routes, str):
         raise TypeError("routes must be a sequence of route specs, not a single string")
-    if config_map is not None and not config_map:
-        raise ValueError("config_map must be a ConfigMap name, got an empty string")
-    options = _Options(tuple(routes), config_map, image, classic)
+    options = SidecarOptions(tuple(routes), config_map, image, classic)
 
     loaded = _load(text, source)
-    _check_routes(options, [data for _, data in loaded], source)
+    checker = _RouteCheck(options, _config_map_text(options, [d for _, d in loaded], source))
+    if options.routes:
+        # Checked once up front, so a bad --route is refused whatever the input holds.
+        checker.check(options.routes, None)
     documents: list[Any] = []
     report: list[str] = []
     for doc, data in loaded:
         if data is None:
             continue
-        _inject_object(data, doc, (), options, report)
+        _inject_object(data, doc, (), checker, report)
         documents.append(data)
-    out = yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True, width=float("inf"))
+    out = yaml.dump_all(
+        documents, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=float("inf")
+    )
     return Injection(out, tuple(report))
 
 
-def _check_routes(options: _Options, documents: list[Any], source: str) -> None:
-    """Refuse what `sidelink run` in the sidecar would refuse: it exits 2, the pod crash-loops."""
+def inject_pod(pod: dict[str, Any], options: SidecarOptions) -> Outcome:
+    """Add the sidelink container to a Pod object (a mapping, as JSON gives it), in place.
+
+    This is what ``inject`` does to each pod template, for the admission webhook. A ConfigMap
+    named by ``options`` is trusted to exist (it cannot be checked here). Raises
+    :class:`InjectError` (:class:`NoRoutesError` for a pod without routes) naming the field.
+    """
+
+    def error(path: _Path, message: str) -> InjectError:
+        return InjectError(f"{_dotted(path) if path else 'the pod'} {message}")
+
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        problem = "is missing" if spec is None else f"must be a mapping, got {_type_name(spec)}"
+        raise error(("spec",), problem)
+    return _inject_template(pod, _RouteCheck(options, None), error)
+
+
+def _config_map_text(options: SidecarOptions, documents: list[Any], source: str) -> str | None:
+    """The ConfigMap's ``sidelink.yaml`` when the input holds that ConfigMap, else None."""
+    if options.config_map is None:
+        return None
     config_text = None
-    if options.config_map is not None:
-        # A ConfigMap in the same input is checked with the routes; one elsewhere cannot be.
-        for data in _objects(documents):
-            metadata = data.get("metadata")
-            if (
-                data.get("kind") == "ConfigMap"
-                and isinstance(metadata, dict)
-                and metadata.get("name") == options.config_map
-            ):
-                held = data.get("data")
-                value = held.get(CONFIG_MAP_KEY) if isinstance(held, dict) else None
-                if not isinstance(value, str):
-                    raise InjectError(
-                        f"{source}: ConfigMap {options.config_map} has no data.{CONFIG_MAP_KEY}, "
-                        f"which the sidecar reads as {DEFAULT_CONFIG_PATH}"
-                    )
-                config_text = value
-    elif not options.routes:
-        raise InjectError(
-            "no routes: give --route SPEC (repeatable) or --config-map NAME; "
-            "a sidecar without routes cannot start"
-        )
-    label = "<none>"
+    # A ConfigMap in the same input is checked with the routes; one elsewhere cannot be.
+    for data in _objects(documents):
+        metadata = data.get("metadata")
+        if (
+            data.get("kind") == "ConfigMap"
+            and isinstance(metadata, dict)
+            and metadata.get("name") == options.config_map
+        ):
+            held = data.get("data")
+            value = held.get(CONFIG_MAP_KEY) if isinstance(held, dict) else None
+            if not isinstance(value, str):
+                raise InjectError(
+                    f"{source}: ConfigMap {options.config_map} has no data.{CONFIG_MAP_KEY}, "
+                    f"which the sidecar reads as {DEFAULT_CONFIG_PATH}"
+                )
+            config_text = value
     if config_text is not None:
+        # Checked once here, so its problems are reported even when no pod is injected.
         label = f"{source}: ConfigMap {options.config_map} data.{CONFIG_MAP_KEY}"
-    try:
-        config = parse(config_text, label, options.routes, "--route")
-    except ConfigError as e:
-        raise InjectError("\n".join(e.problems)) from None
-    if config_text is not None and not config.routes:
-        raise InjectError(
-            f"{label}: no routes, and no --route SPEC adds one; "
-            "a sidecar without routes cannot start"
-        )
+        try:
+            parse(config_text, label)
+        except ConfigError as e:
+            raise InjectError("\n".join(e.problems)) from None
+        return config_text
+    return None
+
+
+class _RouteCheck:
+    """Refuse what `sidelink run` in the sidecar would refuse: it exits 2, the pod crash-loops.
+
+    Each set of routes is checked once (with the ConfigMap of the input, when it holds it).
+    """
+
+    def __init__(self, options: SidecarOptions, config_text: str | None) -> None:
+        self.options = options
+        self.config_text = config_text
+        self.label = "<none>"
+        if config_text is not None:
+            self.label = f"ConfigMap {options.config_map} data.{CONFIG_MAP_KEY}"
+        self._checked: set[tuple[str, ...]] = set()
+
+    def check(self, routes: tuple[str, ...], error: Callable[[str], InjectError] | None) -> None:
+        """Raise the problems with ``routes``; ``error`` places an annotation's (None: --route)."""
+        if routes in self._checked:
+            return
+        if self.options.config_map is None and not routes:
+            raise NoRoutesError(
+                "no routes: give --route SPEC (repeatable) or --config-map NAME; "
+                "a sidecar without routes cannot start"
+            )
+        origin = "--route" if error is None else ROUTES_ANNOTATION
+        try:
+            config = parse(self.config_text, self.label, routes, origin)
+        except ConfigError as e:
+            if error is None:
+                raise InjectError("\n".join(e.problems)) from None
+            raise error("; ".join(e.problems)) from None
+        if self.config_text is not None and not config.routes:
+            raise NoRoutesError(
+                f"{self.label}: no routes, and no --route SPEC or {ROUTES_ANNOTATION} "
+                "annotation adds one; a sidecar without routes cannot start"
+            )
+        self._checked.add(routes)
 
 
 def _objects(documents: list[Any]) -> list[dict[str, Any]]:
@@ -227,14 +342,6 @@ def _objects(documents: list[Any]) -> list[dict[str, Any]]:
             if data.get("kind") == "List" and isinstance(data.get("items"), list):
                 out += _objects(data["items"])
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class _Options:
-    routes: tuple[str, ...]
-    config_map: str | None
-    image: str
-    classic: bool
 
 
 def _load(text: str, source: str) -> list[tuple[_Document, Any]]:
@@ -266,7 +373,11 @@ def _load(text: str, source: str) -> list[tuple[_Document, Any]]:
 
 
 def _inject_object(
-    obj: Any, doc: _Document, base: _Path, options: _Options, report: list[str]
+    obj: Any,
+    doc: _Document,
+    base: _Path,
+    checker: _RouteCheck,
+    report: list[str],
 ) -> None:
     if not isinstance(obj, dict):
         where = f"document {doc.index}" + (f", {_dotted(base)}" if base else "")
@@ -287,26 +398,31 @@ def _inject_object(
         if not isinstance(items, list):
             raise doc.error(obj, base, ("items",), f"must be a list, got {_type_name(items)}")
         for i, item in enumerate(items):
-            _inject_object(item, doc, (*base, "items", i), options, report)
+            _inject_object(item, doc, (*base, "items", i), checker, report)
         return
-    spec_path = _POD_SPEC_PATHS.get(kind)
-    if spec_path is None:
+    template_path = _TEMPLATE_PATHS.get(kind)
+    if template_path is None:
         report.append(f"{_object_name(obj, kind)}: skipped")
         return
-    before = copy.deepcopy(obj)
-    spec: Any = obj
+    spec_path = (*template_path, "spec")
+    template: dict[str, Any] = obj
+    node: dict[str, Any] = obj
     for depth, key in enumerate(spec_path):
-        child = spec.get(key)
+        child = node.get(key)
         if not isinstance(child, dict):
             problem = (
                 "is missing" if child is None else f"must be a mapping, got {_type_name(child)}"
             )
             raise doc.error(obj, base, spec_path[: depth + 1], problem)
-        spec = child
-    had = _has_sidecar(spec)
-    _inject_pod_spec(spec, options, lambda path, msg: doc.error(obj, base, spec_path + path, msg))
-    done = "unchanged" if obj == before else ("updated" if had else "injected")
-    report.append(f"{_object_name(obj, kind)}: {done}")
+        if depth == len(template_path) - 1:
+            template = child
+        node = child
+    outcome = _inject_template(
+        template,
+        checker,
+        lambda path, msg: doc.error(obj, base, template_path + path, msg),
+    )
+    report.append(f"{_object_name(obj, kind)}: {outcome.value}")
 
 
 def _object_name(obj: dict[str, Any], kind: str) -> str:
@@ -316,47 +432,61 @@ def _object_name(obj: dict[str, Any], kind: str) -> str:
     return f"{kind.lower()}/{name if isinstance(name, str) else '(unnamed)'}"
 
 
-def _has_sidecar(spec: dict[str, Any]) -> bool:
-    return any(
-        isinstance(c, dict) and c.get("name") == CONTAINER_NAME
-        for key in ("containers", "initContainers")
-        if isinstance(spec.get(key), list)
-        for c in spec[key]
-    )
-
-
-def _inject_pod_spec(spec: dict[str, Any], options: _Options, error: _ErrorAt) -> None:
+def _inject_template(template: dict[str, Any], checker: _RouteCheck, error: _ErrorAt) -> Outcome:
+    """Inject into a pod template (or a Pod): its ``metadata`` and its ``spec``, a mapping."""
+    options = checker.options
+    annotations = _annotations(template, error)
+    if annotations.get(INJECT_ANNOTATION) == DISABLED:
+        return Outcome.DISABLED
+    spec: dict[str, Any] = template["spec"]
     containers = _container_list(spec, "containers", error, required=True)
     init_containers = _container_list(spec, "initContainers", error, required=False)
-    fresh = _sidecar(options)
+    if any(c.get("name") == CONTAINER_NAME for c in containers + init_containers):
+        return Outcome.UNCHANGED
 
+    routes = options.routes
+    annotated = annotations.get(ROUTES_ANNOTATION)
+    annotation_path = ("metadata", "annotations", ROUTES_ANNOTATION)
+    if annotated is not None:
+        if not isinstance(annotated, str):
+            raise error(annotation_path, f"must be a string, got {_type_name(annotated)}")
+        # The pod's own routes win over the command's: they are the more specific.
+        routes = split_routes(annotated) or routes
+    checker.check(routes, lambda problems: error(annotation_path, f"is refused: {problems}"))
+
+    sidecar = _sidecar(options, routes)
     if options.classic:
-        target, other, other_key = containers, init_containers, "initContainers"
-    else:
-        target, other, other_key = init_containers, containers, "containers"
-
-    kept = [c for c in other if c.get("name") != CONTAINER_NAME]
-    if len(kept) != len(other):
-        other[:] = kept
-        # Only our container was there, so the key is ours too: dropping it makes switching
-        # modes give the same output as injecting the original in that mode.
-        if not kept and other_key == "initContainers":
-            del spec[other_key]
-
-    existing = [i for i, c in enumerate(target) if c.get("name") == CONTAINER_NAME]
-    if existing:
-        target[existing[0]] = fresh
-        for i in reversed(existing[1:]):
-            del target[i]
-    elif options.classic:
-        target.append(fresh)
+        # First: the kubelet starts containers in order, and the next one only once this
+        # one's postStart hook has returned, so the app starts with the proxy ready.
+        containers.insert(0, sidecar)
     else:
         # First, so the kubelet starts the proxy (and waits for its startup probe) before any
         # other init container, which may already need to reach a service through it.
-        target.insert(0, fresh)
-        spec["initContainers"] = target
+        init_containers.insert(0, sidecar)
+        spec["initContainers"] = init_containers
+    _add_config_volume(spec, options, error)
+    return Outcome.INJECTED
 
-    _set_config_volume(spec, options, error)
+
+def split_routes(value: str) -> tuple[str, ...]:
+    """A comma-separated list of quick routes (the annotation, ``$SIDELINK_ROUTES``)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _annotations(template: dict[str, Any], error: _ErrorAt) -> dict[str, Any]:
+    metadata = template.get("metadata")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise error(("metadata",), f"must be a mapping, got {_type_name(metadata)}")
+    annotations = metadata.get("annotations")
+    if annotations is None:
+        return {}
+    if not isinstance(annotations, dict):
+        raise error(
+            ("metadata", "annotations"), f"must be a mapping, got {_type_name(annotations)}"
+        )
+    return annotations
 
 
 def _container_list(
@@ -365,83 +495,88 @@ def _container_list(
     value = spec.get(key)
     if value is None:
         if required:
-            raise error((key,), "is missing")
+            raise error(("spec", key), "is missing")
         return []
     if not isinstance(value, list):
-        raise error((key,), f"must be a list, got {_type_name(value)}")
+        raise error(("spec", key), f"must be a list, got {_type_name(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            raise error((key, i), f"must be a mapping (a container), got {_type_name(item)}")
+            raise error(
+                ("spec", key, i), f"must be a mapping (a container), got {_type_name(item)}"
+            )
     return value
 
 
-def _set_config_volume(spec: dict[str, Any], options: _Options, error: _ErrorAt) -> None:
+def _add_config_volume(spec: dict[str, Any], options: SidecarOptions, error: _ErrorAt) -> None:
+    if options.config_map is None:
+        return
     volumes = spec.get("volumes")
     if volumes is None:
         volumes = []
     elif not isinstance(volumes, list):
-        raise error(("volumes",), f"must be a list, got {_type_name(volumes)}")
+        raise error(("spec", "volumes"), f"must be a list, got {_type_name(volumes)}")
+    volume = {"name": CONFIG_VOLUME, "configMap": {"name": options.config_map}}
+    # A volume of that name is ours (the sidecar mounts it by that name): it is made to hold
+    # the ConfigMap asked for, where it stands.
     ours = [
         i for i, v in enumerate(volumes) if isinstance(v, dict) and v.get("name") == CONFIG_VOLUME
     ]
-
-    if options.config_map is not None:
-        volume = {"name": CONFIG_VOLUME, "configMap": {"name": options.config_map}}
-        if ours:
-            volumes[ours[0]] = volume
-            for i in reversed(ours[1:]):
-                del volumes[i]
-        else:
-            volumes.append(volume)
-        spec["volumes"] = volumes
-        return
-
-    # Re-injecting without --config-map regenerates the container without the mount; drop the
-    # volume we added earlier unless some other container has come to rely on it.
-    if not ours or _volume_mounted_elsewhere(spec, CONFIG_VOLUME):
-        return
-    for i in reversed(ours):
-        del volumes[i]
-    if not volumes:
-        del spec["volumes"]
+    if ours:
+        volumes[ours[0]] = volume
+        for i in reversed(ours[1:]):
+            del volumes[i]
+    else:
+        volumes.append(volume)
+    spec["volumes"] = volumes
 
 
-def _volume_mounted_elsewhere(spec: dict[str, Any], volume: str) -> bool:
-    for key in ("containers", "initContainers", "ephemeralContainers"):
-        listed = spec.get(key)
-        if not isinstance(listed, list):
-            continue
-        for container in listed:
-            if not isinstance(container, dict) or container.get("name") == CONTAINER_NAME:
-                continue
-            mounts = container.get("volumeMounts")
-            if isinstance(mounts, list) and any(
-                isinstance(m, dict) and m.get("name") == volume for m in mounts
-            ):
-                return True
-    return False
+def wait_ready_script(port: int = ADMIN_PORT, timeout: int = CLASSIC_READY_TIMEOUT) -> str:
+    """The classic sidecar's postStart hook: poll ``/readyz`` until 200, at most ``timeout`` s.
+
+    The image has Python (and no curl), so the hook is ``python -c`` with urllib. Failing
+    (not ready in time) makes the kubelet kill the container, which then restarts.
+    """
+    return (
+        "import time, urllib.request as r\n"
+        f"end = time.monotonic() + {timeout}\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        f"        r.urlopen('http://127.0.0.1:{port}/readyz', timeout=1)\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.5)\n"
+        "else:\n"
+        f"    raise SystemExit('sidelink: /readyz not ready after {timeout}s')\n"
+    )
 
 
-def _sidecar(options: _Options) -> dict[str, Any]:
+def _sidecar(options: SidecarOptions, routes: tuple[str, ...]) -> dict[str, Any]:
     """A new container every call: shared sub-objects would be dumped as YAML anchors."""
     container: dict[str, Any] = {"name": CONTAINER_NAME, "image": options.image}
     if not options.classic:
         container["restartPolicy"] = "Always"
     container["args"] = ["run"]
-    if options.routes:
-        container["env"] = [{"name": ROUTES_ENV, "value": ",".join(options.routes)}]
+    if routes:
+        container["env"] = [{"name": ROUTES_ENV, "value": ",".join(routes)}]
     container["ports"] = [{"name": ADMIN_PORT_NAME, "containerPort": ADMIN_PORT}]
     if options.config_map is not None:
         container["volumeMounts"] = [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}
         ]
-    container["startupProbe"] = {
-        # For a native sidecar the kubelet holds back the app until this passes, so the app's
-        # first outbound call already finds the proxy listening.
-        "httpGet": {"path": "/healthz", "port": ADMIN_PORT},
-        "periodSeconds": 1,
-        "failureThreshold": 30,
-    }
+    if options.classic:
+        container["lifecycle"] = {
+            "postStart": {"exec": {"command": ["python", "-c", wait_ready_script()]}}
+        }
+    else:
+        container["startupProbe"] = {
+            # For a native sidecar the kubelet holds back the app until this passes: /readyz
+            # answers 200 once every listener is bound and every route has resolved, so the
+            # app's first outbound call already finds its service. Generous, for a slow DNS
+            # or a Service created just after the pod.
+            "httpGet": {"path": "/readyz", "port": ADMIN_PORT},
+            "periodSeconds": 1,
+            "failureThreshold": STARTUP_PROBE_FAILURES,
+        }
     container["readinessProbe"] = {
         "httpGet": {"path": "/readyz", "port": ADMIN_PORT},
         "periodSeconds": 2,
@@ -462,6 +597,8 @@ def _sidecar(options: _Options) -> dict[str, Any]:
         "readOnlyRootFilesystem": True,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        # With the rest, what the Pod Security "restricted" profile asks of a container.
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     return container
 

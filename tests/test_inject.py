@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import textwrap
 from typing import Any
 
@@ -9,10 +12,21 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.kube import KUBE_VERSIONS, kube_errors
 from support.manifests import DEPLOYMENT
+from support.procs import free_port, sidelink
 
 from proxy import __version__
-from proxy.inject import DEFAULT_IMAGE, InjectError, inject_objects
+from proxy.inject import (
+    DEFAULT_IMAGE,
+    InjectError,
+    NoRoutesError,
+    Outcome,
+    SidecarOptions,
+    inject_objects,
+    inject_pod,
+    wait_ready_script,
+)
 from proxy.inject import inject as inject_into
 
 ROUTE = "8081=app1-service.namespace-a:80/http"
@@ -87,7 +101,12 @@ def test_sidecar_has_admin_port_probes_resources_and_security_context() -> None:
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
     assert sidecar["readinessProbe"]["periodSeconds"] == 2
     assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9901}
-    assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": 9901}
+    # The app starts only once every route has resolved: /readyz, and generously.
+    assert sidecar["startupProbe"] == {
+        "httpGet": {"path": "/readyz", "port": 9901},
+        "periodSeconds": 1,
+        "failureThreshold": 120,
+    }
     assert sidecar["resources"] == {
         "requests": {"cpu": "50m", "memory": "64Mi"},
         "limits": {"memory": "128Mi"},
@@ -98,15 +117,50 @@ def test_sidecar_has_admin_port_probes_resources_and_security_context() -> None:
         "readOnlyRootFilesystem": True,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
+    assert "lifecycle" not in sidecar
 
 
-def test_classic_appends_to_containers_without_restart_policy() -> None:
+def test_classic_goes_first_in_containers_with_a_post_start_hook() -> None:
     [doc] = load(inject(DEPLOYMENT, classic=True))
     spec = pod_spec(doc)
-    assert names(spec["containers"]) == ["app", "sidelink"]
-    assert "restartPolicy" not in spec["containers"][1]
+    assert names(spec["containers"]) == ["sidelink", "app"]
+    sidecar = spec["containers"][0]
+    assert "restartPolicy" not in sidecar
     assert "initContainers" not in spec
+    # The kubelet starts the app only once this hook has returned: it waits for /readyz.
+    assert sidecar["lifecycle"] == {
+        "postStart": {"exec": {"command": ["python", "-c", wait_ready_script()]}}
+    }
+    assert "startupProbe" not in sidecar
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9901}
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_post_start_hook_waits_for_readyz_and_gives_up_in_time() -> None:
+    # The hook's script run for real, against a sidelink process and against nothing.
+    with sidelink(["run", "--route", f"{free_port()}=localhost:{free_port()}/http"]) as proc:
+        proc.wait_admin()
+        script = wait_ready_script(proc.admin_port, timeout=20)
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, timeout=30, check=False
+        )
+        assert (done.returncode, done.stderr) == (0, b"")
+        assert proc.get("/readyz")[0] == 200
+    script = wait_ready_script(free_port(), timeout=1)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=30, check=False
+    )
+    assert done.returncode == 1
+    assert done.stderr == b"sidelink: /readyz not ready after 1s\n"
+
+
+def test_multi_line_strings_are_written_as_blocks() -> None:
+    out = inject(DEPLOYMENT, classic=True)
+    assert re.search(r"\n +- \|\n +import time, urllib.request as r\n", out)
+    assert load(out) == load(inject(out, classic=True))
 
 
 def test_the_rest_of_the_object_is_untouched_and_keeps_its_key_order() -> None:
@@ -197,32 +251,26 @@ def test_injecting_twice_changes_nothing(classic: bool) -> None:
 
 
 @pytest.mark.parametrize("classic", [False, True])
-def test_switching_modes_moves_the_container(classic: bool) -> None:
+def test_other_options_or_the_other_mode_leave_an_injected_pod_as_it_is(classic: bool) -> None:
     first = inject(DEPLOYMENT, classic=not classic)
-    switched = inject(first, classic=classic)
-    assert switched == inject(DEPLOYMENT, classic=classic)
-    spec = pod_spec(load(switched)[0])
-    [sidecar] = sidelinks(spec)
-    if classic:
-        assert spec["containers"][-1] is sidecar
-        assert "initContainers" not in spec
-    else:
-        assert spec["initContainers"][0] is sidecar
-        assert names(spec["containers"]) == ["app"]
+    assert inject(first, classic=classic) == first
+    assert inject(first, classic=classic, routes=["8082=other"], config_map="cm") == first
+    assert inject(first, image="new") == first
 
 
-def test_an_existing_sidelink_is_replaced_in_place() -> None:
+@pytest.mark.parametrize("where", ["initContainers", "containers"])
+def test_an_existing_sidelink_container_is_left_as_it_is(where: str) -> None:
+    own = "      - {name: sidelink, image: old, env: [{name: X, value: y}]}\n"
     text = DEPLOYMENT.replace(
         "      containers:\n",
-        "      initContainers:\n"
-        "      - {name: migrate, image: m}\n"
-        "      - {name: sidelink, image: old, env: [{name: X, value: y}]}\n"
-        "      containers:\n",
+        "      initContainers:\n      - {name: migrate, image: m}\n"
+        + (own if where == "initContainers" else "")
+        + "      containers:\n"
+        + (own if where == "containers" else ""),
     )
-    spec = pod_spec(load(inject(text, image="new"))[0])
-    assert names(spec["initContainers"]) == ["migrate", "sidelink"]
-    assert spec["initContainers"][1]["image"] == "new"
-    assert spec["initContainers"][1]["env"] == [{"name": "SIDELINK_ROUTES", "value": ROUTE}]
+    done = inject_objects(text, routes=[ROUTE], image="new", config_map="cm")
+    assert done.report == ("deployment/web: unchanged",)
+    assert load(done.text) == load(text)
 
 
 def test_routes_go_into_sidelink_routes() -> None:
@@ -251,13 +299,18 @@ def test_config_map_adds_a_volume_and_a_read_only_mount() -> None:
     assert "volumeMounts" not in spec["containers"][0]
 
 
-def test_config_map_volume_is_replaced_by_name_and_dropped_when_no_longer_asked_for() -> None:
-    once = inject(DEPLOYMENT, config_map="old")
-    spec = pod_spec(load(inject(once, config_map="new"))[0])
-    assert [v for v in spec["volumes"] if v["name"] == "sidelink-config"] == [
-        {"name": "sidelink-config", "configMap": {"name": "new"}}
+def test_a_volume_named_sidelink_config_is_made_to_hold_the_config_map() -> None:
+    text = DEPLOYMENT + (
+        "      volumes:\n      - {name: sidelink-config, emptyDir: {}}\n"
+        "      - {name: data, emptyDir: {}}\n      - {name: sidelink-config, emptyDir: {}}\n"
+    )
+    spec = pod_spec(load(inject(text, config_map="new"))[0])
+    assert spec["volumes"] == [
+        {"name": "sidelink-config", "configMap": {"name": "new"}},
+        {"name": "data", "emptyDir": {}},
     ]
-    assert inject(once) == inject(DEPLOYMENT)
+    # Without a ConfigMap the sidecar mounts nothing, and the pod's volumes stay as they are.
+    assert pod_spec(load(inject(text))[0])["volumes"] == pod_spec(load(text)[0])["volumes"]
 
 
 def test_existing_init_containers_are_kept_after_ours() -> None:
@@ -272,7 +325,7 @@ def test_existing_init_containers_are_kept_after_ours() -> None:
     assert names(spec["initContainers"]) == ["sidelink", "migrate", "seed"]
     spec = pod_spec(load(inject(text, classic=True))[0])
     assert names(spec["initContainers"]) == ["migrate", "seed"]
-    assert names(spec["containers"]) == ["app", "sidelink"]
+    assert names(spec["containers"]) == ["sidelink", "app"]
 
 
 def test_yaml_1_1_only_scalars_keep_their_text() -> None:
@@ -367,20 +420,21 @@ def test_injecting_is_idempotent_and_leaves_one_sidelink(
     once = inject(text, classic=classic, routes=routes, config_map=config_map)
     assert inject(once, classic=classic, routes=routes, config_map=config_map) == once
     spec = pod_spec(load(once)[0])
-    [sidecar] = sidelinks(spec)
     original = pod_spec(load(text)[0])
-    # A sidelink already in the requested list keeps its place; otherwise it goes to the end of
-    # containers (classic) or the front of initContainers (native).
+    if sidelinks(original):
+        # A pod that has a sidelink container already is left as it is.
+        assert spec == original
+        return
+    # Otherwise it goes first: in containers (classic) or in initContainers (native).
+    [sidecar] = sidelinks(spec)
     if classic:
-        assert "sidelink" not in names(spec.get("initContainers", []))
-        if "sidelink" not in names(original["containers"]):
-            assert spec["containers"][-1] == sidecar
+        assert spec["containers"][0] == sidecar
+        assert names(spec.get("initContainers", [])) == names(original.get("initContainers", []))
+        assert spec["containers"][1:] == original["containers"]
     else:
-        assert "sidelink" not in names(spec["containers"])
-        if "sidelink" not in names(original.get("initContainers", [])):
-            assert spec["initContainers"][0] == sidecar
-    others = [n for n in names(original["containers"]) if n != "sidelink"]
-    assert [n for n in names(spec["containers"]) if n != "sidelink"] == others
+        assert spec["initContainers"][0] == sidecar
+        assert spec["initContainers"][1:] == original.get("initContainers", [])
+        assert spec["containers"] == original["containers"]
 
 
 # --- a sidecar that could not start is refused (issue 12 defect 1) ------------------------
@@ -466,10 +520,144 @@ def test_the_report_names_each_object_and_what_was_done() -> None:
         "secret/s: skipped",
     )
     other = inject_objects(first.text, routes=["8082=x"])
-    assert other.report[1] == "deployment/web: updated"
+    assert other.text == first.text
+    assert other.report == again.report
     assert inject_objects("a: 1\n", routes=[ROUTE]).report == ("document 1: skipped (no kind)",)
 
 
 def test_a_document_nested_too_deeply_is_an_inject_error() -> None:
     with pytest.raises(InjectError, match="nested too deeply"):
         inject("[" * 5000 + "]" * 5000)
+
+
+# --- pod annotations: the pod's own routes, and the opt-out ------------------------------
+
+
+def annotated(annotations: dict[str, str], text: str = DEPLOYMENT) -> str:
+    lines = "".join(f"        {k}: {v!r}\n" for k, v in annotations.items())
+    replaced = text.replace(
+        "      labels: {app: web}\n", f"      labels: {{app: web}}\n      annotations:\n{lines}"
+    )
+    assert replaced != text
+    return replaced
+
+
+def test_the_routes_annotation_gives_the_pods_routes() -> None:
+    text = annotated({"sidelink.io/routes": " 8080=api.ns:80/http , 5432=db:5432,"})
+    # No --route needed: the pod has its own; and they win over the command's.
+    for routes in ([], [ROUTE]):
+        [sidecar] = pod_spec(load(inject_into(text, routes=routes))[0])["initContainers"]
+        assert sidecar["env"] == [
+            {"name": "SIDELINK_ROUTES", "value": "8080=api.ns:80/http,5432=db:5432"}
+        ]
+    # An empty annotation adds nothing: the command's routes are used.
+    [sidecar] = pod_spec(load(inject(annotated({"sidelink.io/routes": ""})))[0])["initContainers"]
+    assert sidecar["env"] == [{"name": "SIDELINK_ROUTES", "value": ROUTE}]
+
+
+def test_a_bad_routes_annotation_is_refused_with_its_line() -> None:
+    text = annotated({"sidelink.io/routes": "8081,8082=ok"})
+    line = text.splitlines().index("        sidelink.io/routes: '8081,8082=ok'") + 1
+    with pytest.raises(InjectError) as caught:
+        inject_into(text, source="app.yaml")
+    assert str(caught.value) == (
+        f"app.yaml:{line}: document 1 (Deployment web): "
+        "spec.template.metadata.annotations.sidelink.io/routes is refused: "
+        "sidelink.io/routes[0]: expected [HOST:]LISTEN_PORT=SERVICE[:PORT][/tcp|/http], "
+        "got '8081'"
+    )
+    with pytest.raises(InjectError, match="annotations must be a mapping"):
+        inject(DEPLOYMENT.replace("labels: {app: web}", "annotations: [x]"))
+
+
+def test_a_pod_without_routes_of_its_own_needs_the_commands() -> None:
+    pods = (
+        "kind: Pod\nmetadata: {name: a, annotations: {sidelink.io/routes: '8081=a'}}\n"
+        "spec: {containers: [{name: app, image: a}]}\n---\n"
+        "kind: Pod\nmetadata: {name: b}\nspec: {containers: [{name: app, image: a}]}\n"
+    )
+    with pytest.raises(NoRoutesError, match=r"^no routes: give --route SPEC"):
+        inject_into(pods)
+    assert inject_objects(pods, config_map="cm").report == ("pod/a: injected", "pod/b: injected")
+    # With nothing to inject, nothing is missing.
+    assert inject_into(SERVICE) == inject(SERVICE)
+
+
+def test_a_pod_annotated_disabled_is_left_alone() -> None:
+    text = annotated({"sidelink.io/inject": "disabled"})
+    done = inject_objects(text, routes=[ROUTE])
+    assert done.report == ("deployment/web: skipped (sidelink.io/inject: disabled)",)
+    assert load(done.text) == load(text)
+    assert inject_objects(annotated({"sidelink.io/inject": "enabled"}), routes=[ROUTE]).report == (
+        "deployment/web: injected",
+    )
+
+
+# --- inject_pod: the webhook's way in -------------------------------------------------------
+
+
+def test_inject_pod_does_what_inject_does_to_a_pod() -> None:
+    text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a}]\n"
+    for classic in (False, True):
+        options = SidecarOptions(routes=(ROUTE,), config_map="cm", classic=classic)
+        [pod] = load(text)
+        assert inject_pod(pod, options) is Outcome.INJECTED
+        assert [pod] == load(inject(text, routes=[ROUTE], config_map="cm", classic=classic))
+        assert inject_pod(pod, options) is Outcome.UNCHANGED
+
+
+def test_inject_pod_errors_name_the_field() -> None:
+    options = SidecarOptions()
+    with pytest.raises(NoRoutesError):
+        inject_pod({"spec": {"containers": []}}, options)
+    with pytest.raises(InjectError, match=r"^spec is missing$"):
+        inject_pod({}, options)
+    with pytest.raises(InjectError, match=r"^spec.containers\[0\] must be a mapping"):
+        inject_pod({"spec": {"containers": [1]}}, options)
+    pod = {"metadata": {"annotations": {"sidelink.io/routes": "x"}}, "spec": {"containers": []}}
+    with pytest.raises(InjectError, match=r"^metadata.annotations.sidelink.io/routes is refused"):
+        inject_pod(pod, options)
+    with pytest.raises(TypeError):
+        SidecarOptions(routes="8081=a")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="config_map"):
+        SidecarOptions(config_map="")
+
+
+# --- what inject writes is what the API server accepts ----------------------------------
+
+VALIDATED = textwrap.dedent(
+    """\
+    apiVersion: v1
+    kind: Pod
+    metadata: {name: p, annotations: {sidelink.io/routes: "8082=api.ns:80/http"}}
+    spec:
+      initContainers: [{name: migrate, image: m}]
+      containers: [{name: app, image: a}]
+      volumes: [{name: data, emptyDir: {}}]
+    ---
+    apiVersion: batch/v1
+    kind: CronJob
+    metadata: {name: nightly}
+    spec:
+      schedule: "0 3 * * *"
+      jobTemplate:
+        spec:
+          template:
+            spec:
+              restartPolicy: OnFailure
+              containers: [{name: task, image: t}]
+    """
+)
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("classic", [False, True])
+@pytest.mark.parametrize("config_map", [None, "web-sidelink"])
+def test_inject_output_is_valid_kubernetes(
+    version: str, classic: bool, config_map: str | None
+) -> None:
+    out = inject(f"{DEPLOYMENT}---\n{VALIDATED}", classic=classic, config_map=config_map)
+    docs = load(out)
+    assert [d["kind"] for d in docs] == ["Deployment", "Pod", "CronJob"]
+    for doc in docs:
+        assert kube_errors(doc, version) is None
