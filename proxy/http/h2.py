@@ -198,6 +198,7 @@ class H2Connection(Carrier):
         self.flush_due = False
         self.owing = set()
         self.window = CONNECTION_WINDOW  # the connection window advertised to the peer
+        self.window_grown = False  # ...grown since the last flush
         self.closed = False
         self.lingering = False  # cut: its GOAWAY sent, closed after LINGER_TIMEOUT
         self.last_active = self.clock()
@@ -233,6 +234,10 @@ class H2Connection(Carrier):
         if transport is None or self.paused or self.closed:
             return
         h2 = self.h2
+        if self.window_grown:
+            self.window_grown = False
+            with contextlib.suppress(ngh2.NGH2Error):  # (the engine may be closing)
+                h2.set_local_window_size(self.window)
         data = h2.data_to_send()
         if data:
             transport.write(data)
@@ -292,9 +297,8 @@ class H2Connection(Carrier):
         if self.window + size > MAX_WINDOW:
             self.retire()  # 2 GiB given back on one connection: a fresh one takes over
             return
-        self.window += size
-        with contextlib.suppress(ngh2.NGH2Error):  # (the engine may be closing)
-            self.h2.set_local_window_size(self.window)
+        self.window += size  # (told the engine at the next flush: once for many streams)
+        self.window_grown = True
         self.schedule()
 
 
@@ -752,8 +756,9 @@ class Stream:
     def down_closed(self) -> None:
         """The client's stream closed: done, reset by the client, or its connection lost."""
         down = self.down
-        down.give_back(self.down_owed, self.sid)
-        self.down_owed = 0
+        if self.down_owed:
+            down.give_back(self.down_owed, self.sid)
+            self.down_owed = 0
         down.owing.discard(self)
         lender = self.lender
         if lender is not None:
