@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.load import LoadError
+from benchmarks.load import IdleConnections, LoadError
 
 H2LOAD_THREADS = 1  # as wrk: one core drives load, the proxy shares the other
 H2LOAD_GRACE = 30.0
@@ -175,8 +175,6 @@ FRAME_DATA, FRAME_HEADERS, FRAME_RST, FRAME_SETTINGS, FRAME_PING, FRAME_GOAWAY =
 FLAG_END_STREAM, FLAG_ACK, FLAG_END_HEADERS = 0x1, 0x1, 0x4
 # The first byte of a response header block whose :status is a static-table entry.
 _INDEXED_STATUS = {0x88: 200, 0x89: 204, 0x8A: 206, 0x8B: 304, 0x8C: 400, 0x8D: 404, 0x8E: 500}
-IDLE_CONCURRENCY = 64
-IDLE_TIMEOUT = 60.0
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -233,63 +231,14 @@ def _header_block(flags: int, payload: bytes) -> bytes:
     return payload[start:end] or b"\x00"
 
 
-class IdleH2Connections:
+class IdleH2Connections(IdleConnections):
     """Holds ``count`` HTTP/2 connections open, each after one completed GET /."""
 
-    def __init__(self, port: int, count: int) -> None:
-        self.port = port
-        self.count = count
-        self.failed = 0
-        self.first_error = ""
-        self._writers: list[asyncio.StreamWriter] = []
-        self._runner = asyncio.Runner()
-
-    @property
-    def opened(self) -> int:
-        return len(self._writers)
-
-    def open(self) -> None:
-        self._runner.run(self._open_all())
-
-    def close(self) -> None:
+    async def hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
         try:
-            self._runner.run(self._close_all())
-        finally:
-            self._runner.close()
-
-    async def _open_all(self) -> None:
-        gate = asyncio.Semaphore(IDLE_CONCURRENCY)
-        async with asyncio.timeout(IDLE_TIMEOUT):
-            await asyncio.gather(*(self._open_one(gate) for _ in range(self.count)))
-
-    async def _open_one(self, gate: asyncio.Semaphore) -> None:
-        async with gate:
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError as e:
-                self._fail(f"connect: {e}")
-                return
-            try:
-                status = await get_once(reader, writer)
-            except (OSError, H2Error, asyncio.IncompleteReadError) as e:
-                writer.close()
-                self._fail(f"request: {e!r}")
-                return
-            if status != 200:
-                writer.close()
-                self._fail(f"status {status}" if status > 0 else "status not decoded")
-                return
-            self._writers.append(writer)
-
-    def _fail(self, error: str) -> None:
-        self.failed += 1
-        self.first_error = self.first_error or error
-
-    async def _close_all(self) -> None:
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-        await asyncio.sleep(0)
+            return await get_once(reader, writer)
+        except H2Error as e:
+            raise ValueError(str(e)) from e
 
 
 def h2_get(host: str, port: int, timeout: float = 2.0) -> int | str:

@@ -190,24 +190,29 @@ class IdleConnections:
                 self._fail(f"connect: {e}")
                 return
             try:
-                writer.write(IDLE_REQUEST)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head.split(b" ", 2)[1])
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
+                status = await self.hello(reader, writer)
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
                 writer.close()
                 self._fail(f"request: {e!r}")
                 return
             if status != 200:
                 writer.close()
-                self._fail(f"status {status}")
+                self._fail(f"status {status}" if status > 0 else "status not decoded")
                 return
             self._writers.append(writer)
+
+    async def hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        """The one request a connection makes before it idles: its status."""
+        writer.write(IDLE_REQUEST)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        return status
 
     def _fail(self, error: str) -> None:
         self.failed += 1

@@ -11,10 +11,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from support.h2peers import H2Client
 from support.inproc import route_address, running_server, serving
 from support.wait import until
 
 from proxy.config import ConfigSource, Overrides
+from proxy.demo_h2 import H2Replica
 from proxy.logs import JsonFormatter
 from proxy.server import Server
 
@@ -232,3 +234,25 @@ async def test_json_lines_have_every_field_as_its_own_key(
         assert (tcp["route"], tcp["protocol"], tcp["bytes_sent"]) == ("raw", "tcp", len(answer))
         assert tcp["endpoint"] == f"{POD}:{pod}"
         assert tcp["error"] is None
+
+
+async def test_an_http2_stream_gets_its_own_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sidelink.access")
+    pod = H2Replica("pod", POD, 0)
+    await pod.start()
+    try:
+        assert pod.server is not None
+        port = pod.server.sockets[0].getsockname()[1]
+        async with running_server(config(port, access_log=True)) as server:
+            client = await H2Client.connect(route_address(server, "web"))
+            try:
+                for path in ("/one", "/two"):
+                    assert (await client.request("GET", path)).status == 200
+            finally:
+                await client.close()
+            await until(lambda: len(access_lines(caplog)) == 2, what="one line per stream")
+        one, two = access_lines(caplog)
+        assert " GET /one status=200 " in one and f"upstream={POD}:{port}" in one
+        assert " GET /two status=200 " in two
+    finally:
+        await pod.stop()

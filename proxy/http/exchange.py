@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from proxy.endpoints import DRAINING, Endpoint, EndpointSet
 from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset, UpstreamTimeout
@@ -462,47 +462,48 @@ class Exchange:
 
     def _log(self) -> None:
         down = self.down
-        log_answer(
-            down.route.config.name,
-            down.peer(),
-            method=self.method,
-            path=self.path,
-            status=self.status,
-            started=self.started,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            endpoint=self.endpoint,
-            retries=self.retries,
-            error=self.error,
-        )
+        log_answer(down.route.config.name, down.peer(), self)
 
 
-def log_answer(
-    route: str,
-    peer: str,
-    *,
-    method: bytes,
-    path: bytes,
-    status: int,
-    started: float,
-    bytes_in: int,
-    bytes_out: int,
-    endpoint: Endpoint | None,
-    retries: int,
-    error: ProxyError | None,
-) -> None:
-    """One request's access-log line (an HTTP/1 exchange's or an HTTP/2 stream's)."""
+class Answered(Protocol):
+    """What an access-log line tells of a request: an exchange's, or an HTTP/2 stream's."""
+
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def path(self) -> bytes: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    @property
+    def endpoint(self) -> Endpoint | None: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def error(self) -> ProxyError | None: ...
+
+
+def log_answer(route: str, peer: str, answer: Answered) -> None:
+    """One request's access-log line."""
+    status = answer.status
+    error = answer.error
+    endpoint = answer.endpoint
     fields = {
         "route": route,
         "protocol": "http",
-        "method": method.decode(errors="replace"),
-        "path": path.decode(errors="replace"),
+        "method": answer.method.decode(errors="replace"),
+        "path": answer.path.decode(errors="replace"),
         "status": "reset" if status == RESET_CODE else status,
-        "duration_seconds": round(perf_counter() - started, 6),
-        "bytes_received": bytes_in,
-        "bytes_sent": bytes_out,
+        "duration_seconds": round(perf_counter() - answer.started, 6),
+        "bytes_received": answer.bytes_in,
+        "bytes_sent": answer.bytes_out,
         "endpoint": endpoint.label if endpoint is not None else None,
-        "retries": retries,
+        "retries": answer.retries,
         "error": error.reason if error is not None else None,
     }
     log_access(peer, fields)

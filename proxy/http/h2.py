@@ -418,8 +418,16 @@ class Stream:
         self.bytes_out = 0
 
     def __repr__(self) -> str:
-        method = self.request.method.decode(errors="replace")
+        method = self.method.decode(errors="replace")
         return f"<Stream {self.sid} {method} {PHASES[self.phase]} status={self.status}>"
+
+    @property
+    def method(self) -> bytes:
+        return self.request.method
+
+    @property
+    def path(self) -> bytes:
+        return self.request.path
 
     # --- the request side (called by the downstream) -------------------------------
 
@@ -782,20 +790,7 @@ class Stream:
             down.stats.count_request(self.request.method, self.status)
             route = down.route
             if route.access_log:
-                request = self.request
-                log_answer(
-                    route.config.name,
-                    down.peer(),
-                    method=request.method,
-                    path=request.path,
-                    status=self.status,
-                    started=self.started,
-                    bytes_in=self.bytes_in,
-                    bytes_out=self.bytes_out,
-                    endpoint=self.endpoint,
-                    retries=self.retries,
-                    error=self.error,
-                )
+                log_answer(route.config.name, down.peer(), self)
 
 
 def _status(fields: Fields) -> int:
