@@ -639,10 +639,14 @@ class Stream:
         self.bytes_out += size
         self.up_owed += size
         down.h2.send_data(self.sid, data, end_stream=end)
-        down.owing.add(self)
-        down.schedule()
         if end:
+            # (The upstream stream closes now: its credit goes back once the client's
+            # stream has closed too, see up_closed and down_closed.)
+            down.schedule()
             self._response_done()
+        else:
+            down.owing.add(self)
+            down.schedule()
 
     def response_trailers(self, fields: Fields) -> None:
         down = self.down
