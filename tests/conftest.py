@@ -22,6 +22,11 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
+# tests/image builds and runs the container image (root, dockerd, minutes): not part of the
+# default run; `python -m pytest tests/image` runs it (.ci/run does).
+collect_ignore = ["image"]
+
+
 def pytest_report_header() -> str:
     return f"sidelink hot path: {build()}"
 
