@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
-import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,8 @@ import pytest
 from support.grpc_servers import GrpcPods
 from support.inproc import route_address, running_server
 from support.metrics import Scrape, metric
-from support.procs import IN_CI, clean_environ, require_tool
+from support.npm import npm_install
+from support.procs import clean_environ, require_tool
 from support.replicas import HOSTS, SERVICE, TTL, route_yaml
 
 from proxy.dnsserver import DnsServer
@@ -39,7 +38,6 @@ ROUTE = "grpc"
 PODS = HOSTS[:3]  # 127.0.0.2 .. 127.0.0.4
 CLIENT = Path(__file__).parent / "support" / "grpc_js_client.js"
 PACKAGE = "@grpc/grpc-js@1"
-INSTALL_TIMEOUT = 300.0
 NODE_TIMEOUT = 60.0
 
 # Unary calls one after another. Nothing is in flight at each pick, so p2c's tie-break
@@ -67,32 +65,9 @@ class GrpcJs:
 
 @pytest.fixture(scope="session")
 def grpc_js(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> GrpcJs:
-    """node, and @grpc/grpc-js npm-installed into the pytest cache the first time (into a
-    temporary directory when the cache is off)."""
+    """node, and @grpc/grpc-js npm-installed into the pytest cache the first time."""
     node = require_tool("node")
-    npm = require_tool("npm")
-    cache = getattr(request.config, "cache", None)
-    prefix = cache.mkdir("grpc-js") if cache is not None else tmp_path_factory.mktemp("grpc-js")
-    # One installer at a time, should two sessions share the cache.
-    with open(prefix / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _installed(prefix):
-            command = [npm, "install", "--no-audit", "--no-fund", "--ignore-scripts"]
-            command += ["--prefix", str(prefix), PACKAGE]
-            try:
-                done = subprocess.run(
-                    command, check=False, capture_output=True, text=True, timeout=INSTALL_TIMEOUT
-                )
-            except subprocess.TimeoutExpired:
-                problem = f"`{' '.join(command)}` took over {INSTALL_TIMEOUT:.0f}s"
-            else:
-                problem = f"`{' '.join(command)}` exited {done.returncode}: {done.stderr[-2000:]}"
-                if done.returncode == 0 and _installed(prefix):
-                    problem = ""
-            if problem:
-                if IN_CI:
-                    pytest.fail(f"cannot install {PACKAGE}: {problem}")
-                pytest.skip(f"cannot install {PACKAGE} (no registry?): {problem}")
+    prefix = npm_install(request, tmp_path_factory, "grpc-js", PACKAGE, _installed)
     return GrpcJs(Path(node), prefix / "node_modules")
 
 

