@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -57,11 +57,19 @@ def free_ports(count: int) -> list[int]:
 class Process:
     """One child process in its own session, its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.cwd = cwd
+        self.env = env  # None: this process's own environment
         self.started_at = 0.0
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -89,6 +97,7 @@ class Process:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self.cwd,
+            env=self.env,
             # Its own process group, so stop() can end exactly this process and its workers.
             start_new_session=True,
         )

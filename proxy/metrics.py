@@ -3,10 +3,20 @@
 The forwarders update plain integers on per-route and per-service stats objects
 (an attribute add costs far less than a locked prometheus-client child), and one
 collector turns them into metric families when Prometheus scrapes.
+
+Benchmark-only switch, never for production: ``SIDELINK_BENCH_NO_METRICS=1`` in the
+environment, read once at import, turns the per-request metric work into no-ops
+(``Histogram.observe``, so the request and upstream-connect durations, and
+``RouteStats.count_request``/``count_grpc``), so that ``python -m benchmarks.metrics_cost``
+can measure what that work costs. The plain integer counters (connections, bytes, errors,
+retries) still count, but ``sidelink_requests_total``, ``sidelink_grpc_responses_total``
+and both duration histograms stay empty, which breaks every dashboard and alert built on
+them; sidelink logs a WARNING at start when it is set.
 """
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterator
 from typing import Final
@@ -47,6 +57,8 @@ LATENCY_BUCKETS = (
     30.0,
 )
 
+# SIDELINK_BENCH_NO_METRICS (see above): per-request metric work off, for benchmarks only.
+NO_METRICS: Final = os.environ.get("SIDELINK_BENCH_NO_METRICS", "") not in ("", "0")
 UPSTREAM_ERROR_REASONS: Final = tuple(error.reason for error in UPSTREAM_ERRORS)
 # The code counted for a response cut short by an upstream failure after its head was
 # sent (the client never got it whole): `code="reset"`.
@@ -72,6 +84,8 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
+        if NO_METRICS:
+            return
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
@@ -112,11 +126,15 @@ class RouteStats:
         self.streams_upstream = 0
 
     def count_request(self, method: bytes, code: int) -> None:
+        if NO_METRICS:
+            return
         key = (method, code)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
 
     def count_grpc(self, status: int) -> None:
+        if NO_METRICS:
+            return
         grpc = self.grpc
         grpc[status] = grpc.get(status, 0) + 1
 

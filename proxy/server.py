@@ -21,7 +21,7 @@ from proxy.addr import join_host_port
 from proxy.config import Config, ConfigError, ConfigSource, RouteConfig
 from proxy.http.h1 import downstream_factory
 from proxy.logs import configure_logging
-from proxy.metrics import Metrics
+from proxy.metrics import NO_METRICS, Metrics
 from proxy.resolver import Resolver
 from proxy.route import Route
 from proxy.tcp import TcpDownstream
@@ -142,6 +142,11 @@ class Server:
                 "the forwarding hot path runs as pure Python, at about three quarters of the "
                 "compiled speed: it was installed without a C compiler (apt-get install gcc "
                 "python3-dev, then pip install sidelink again)"
+            )
+        if NO_METRICS:
+            log.warning(
+                "SIDELINK_BENCH_NO_METRICS is set: requests are not counted or timed"
+                " (a benchmark switch, never for production)"
             )
 
     async def _add_route(self, rc: RouteConfig, reuse: Route | None = None) -> None:
