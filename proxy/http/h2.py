@@ -540,8 +540,11 @@ class Stream:
         try:
             usid = conn.open(self, end=last and not pending)
         except ngh2.NGH2Error:
-            conn.retire()  # it cannot take another stream after all (GOAWAY, ids spent)
-            self.start()
+            # It cannot take another stream after all (GOAWAY, ids spent, the engine
+            # closing): as a refused stream, elsewhere if there is an elsewhere, bounded.
+            conn.retire()
+            self.endpoint = ep
+            self._retry()
             return
         self.down.route.endpoints.acquire(ep)
         self.endpoint = ep
@@ -1109,6 +1112,7 @@ class H2Upstream(H2Connection):
         self.peer_limit = 100  # the server's MAX_CONCURRENT_STREAMS (100 until it says)
         self.created = self.idle_since = self.last_active
         self.retired = False
+        self.sent_below = 1  # streams with lower ids have had their HEADERS written
 
     def __repr__(self) -> str:
         pool = self.pool
@@ -1170,6 +1174,8 @@ class H2Upstream(H2Connection):
 
     def sent(self, size: int) -> None:
         self.stats.bytes_to_upstream += size
+        # Everything the engine had is written: every stream opened so far has gone out.
+        self.sent_below = self.h2.next_stream_id
 
     # --- asyncio callbacks -------------------------------------------------------------
 
@@ -1254,13 +1260,20 @@ class H2Upstream(H2Connection):
         self.streams.clear()
         self.owing.clear()
         self.stats.streams_upstream -= len(streams)
+        sent_below = self.sent_below
         for stream in streams:
+            never_sent = stream.usid >= sent_below
             stream.up = None
             stream.usid = 0
             stream.up_owed = 0
             if stream.phase == DONE:
                 continue
-            if stream.status == 0:
+            if never_sent and stream.status == 0:
+                # Opened on the connection as it died, its HEADERS never written: as a
+                # refused stream, nothing reached the server, so it goes again whatever
+                # its method (a pod killed as requests arrive).
+                stream.up_closed(REFUSED_STREAM)
+            elif stream.status == 0:
                 stream.upstream_failed(error)
             else:
                 stream.fail(error)
