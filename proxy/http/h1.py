@@ -211,6 +211,10 @@ class H1Downstream(Downstream):
         assert transport is not None
         self.route.connections.discard(self)
         self.closed = True
+        # (The parser calls back this protocol: dropped, so that the pair is not a cycle
+        # left for the garbage collector, as on connection_lost.)
+        self.parser = CLOSED_REQUESTS
+        self.feed = CLOSED_REQUESTS.feed_data
         down = h2.H2Downstream(self.route, self.hosts)
         transport.set_protocol(down)
         down.adopt(transport, data)
