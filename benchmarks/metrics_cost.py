@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import configs
+from benchmarks.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from benchmarks.diagnose import SAMPLE_LINE
 from benchmarks.load import LoadError, run_wrk, write_wrk_script
 from benchmarks.procs import (
@@ -62,11 +63,6 @@ from benchmarks.scenarios import WARMUP_SECONDS, WRK_SCENARIOS
 from benchmarks.servers import DNS_TTL, REPO, START_TIMEOUT, Lab
 from benchmarks.tools import INSTALL_HINT, find_tools, git_revision, machine, versions
 from proxy.dnsserver import ThreadedDnsServer
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 SWITCH = "SIDELINK_BENCH_NO_METRICS"
 # The main benchmark's scenario 1: its connection count, and its default duration.

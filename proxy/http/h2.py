@@ -61,6 +61,7 @@ from proxy.http.exchange import (
     CONNECTING,
     DONE,
     HEAD,
+    NO_ENDPOINTS,
     PHASES,
     REPLAY_LIMIT,
     SENDING,
@@ -392,7 +393,7 @@ class Stream:
         self.started = perf_counter()
         self.phase = HEAD
         self.complete = False  # the request has been read whole
-        self.pending: list[bytes] = []  # request data not yet handed upstream
+        self.pending: list[bytes] | None = None  # request data not yet handed upstream
         self.trailers: Fields | None = None
         # The request data kept to send again if a stream is refused (None: too much).
         self.replay: list[bytes] | None = []
@@ -406,7 +407,7 @@ class Stream:
         self.endpoint: Endpoint | None = None  # the last endpoint it went to
         self.held = False  # ...and its in_flight is held
         self.picked: Endpoint | None = None  # picked, waiting for a connect (in_flight held)
-        self.tried: list[Endpoint] = []
+        self.tried: Sequence[Endpoint] = NO_ENDPOINTS
         self.retries = 0
         self.down_owed = 0  # request bytes not yet acknowledged to the client
         self.up_owed = 0  # response bytes not yet acknowledged to the upstream
@@ -470,6 +471,8 @@ class Stream:
             up.send_data(self.usid, data, end)
             up.owing.add(self)
             up.schedule()
+        elif self.pending is None:
+            self.pending = [data]
         else:
             self.pending.append(data)
         if end:
@@ -516,9 +519,8 @@ class Stream:
             self.start()  # filled by the streams that waited with it: another one
         else:
             # A new connection that takes no stream (closed at once, or GOAWAY before
-            # any): as a refused stream, elsewhere if there is an elsewhere, bounded.
+            # any; counted against ep in _dial): as a refused stream, bounded.
             self.endpoint = ep
-            self.down.route.endpoints.went_wrong(ep, UpstreamReset.reason)
             self._retry()
 
     def dial_failed(self, error: UpstreamError) -> None:
@@ -552,7 +554,7 @@ class Stream:
         self.up = conn
         self.usid = usid
         if pending:
-            self.pending = []
+            self.pending = None
             send = conn.send_data
             for i, data in enumerate(pending, 1):
                 send(usid, data, last and i == len(pending))
@@ -723,9 +725,9 @@ class Stream:
             self.fail(UpstreamReset("upstream refused the stream on every try"))
             return
         if ep is not None:
-            self.tried.append(ep)
-            if ep.state != DRAINING and route.endpoints.pick(self.tried) is None:
-                self.tried.pop()  # nowhere else: the same endpoint again, on a new stream
+            tried = [*self.tried, ep]
+            if ep.state == DRAINING or route.endpoints.pick(tried) is not None:
+                self.tried = tried  # (else nowhere else: the same one again, on a new stream)
         # Counted as connect failures are: each one, the ones retried past too.
         down.stats.errors[UpstreamReset.reason] += 1
         down.stats.retries += 1
@@ -822,7 +824,7 @@ def carrier_for(
     now: float,
     *,
     per_conn: int,
-    tried: list[Endpoint],
+    tried: Sequence[Endpoint],
 ) -> Carrier | None:
     """A pooled carrier to ``ep`` with room for one more stream; or None, and ``rider``
     waits for one being made (its ``dialed`` or ``dial_failed`` says how it went).
@@ -865,6 +867,10 @@ async def _dial(
     route.endpoints.release(got)  # (the connect's hold: each stream holds its own)
     conn.pool = route.streams(got)
     conn.pool.add(conn)
+    if conn.room() <= 0:
+        # Closed at once, or GOAWAY before any stream: one failure of the endpoint,
+        # however many streams waited for the connection.
+        route.endpoints.went_wrong(got, UpstreamReset.reason)
     for stream in waiting:
         stream.dialed(got, conn)
     conn.stream_ended()  # (none came after all: it idles in the pool)
@@ -1550,6 +1556,10 @@ class _StreamReading:
             bridge.up_owed = 0
 
 
+# A bridged exchange's Host is final already (the route's rule made it): kept as it is.
+PRESERVE_HOST: Final = heads.HostRule("", 80, "preserve")
+
+
 class H2Bridge(Upstream):
     """An HTTP/1 exchange carried upstream as one HTTP/2 stream (``upstream_protocol:
     http2``): the exchange's request bytes are parsed back (httptools) into fields, data
@@ -1559,7 +1569,6 @@ class H2Bridge(Upstream):
     def __init__(self, exchange: Exchange) -> None:
         down = exchange.down
         self.route = down.route
-        self.hosts = heads.HostRule("", 80, "preserve")  # (the exchange's Host is final)
         self.pool = None
         self.created = self.idle_since = down.clock()
         self.closed = False
@@ -1592,7 +1601,7 @@ class H2Bridge(Upstream):
         route = self.route
         per_conn = route.settings.http2.max_streams_per_connection
         conn = carrier_for(
-            self, route, ep, down.last_active, per_conn=per_conn, tried=list(exchange.tried)
+            self, route, ep, down.last_active, per_conn=per_conn, tried=exchange.tried
         )
         if conn is not None:
             assert ep is not None
@@ -1607,8 +1616,7 @@ class H2Bridge(Upstream):
         if conn.room() <= 0:
             if conn.busy():
                 self.start(ep)  # filled by the streams that waited with it: another one
-            else:
-                self.route.endpoints.went_wrong(ep, UpstreamReset.reason)
+            else:  # (counted against ep in _dial)
                 exchange.fail(UpstreamReset("upstream took no stream on a new connection"))
             return
         self.up = conn
@@ -1753,7 +1761,7 @@ class H2Bridge(Upstream):
         # (Hop-by-hop fields are gone already; what framed the body for HTTP/1 goes too.)
         fields = [f for f in fields if heads.FIELDS.get(f[0], heads.PASS) <= heads.LENGTH]
         self.request = heads.h2_request(
-            [(b":method", method), (b":path", self.url), *fields], self.hosts
+            [(b":method", method), (b":path", self.url), *fields], PRESERVE_HOST
         )
         self.headers = []
 
