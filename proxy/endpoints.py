@@ -11,7 +11,9 @@ endpoints are out at once (at least one stays); when every endpoint is unusable 
 of them are tried rather than none (panic mode).
 
 Balancing: ``p2c`` (the less loaded of two picked at random), ``ewma`` (p2c on
-peak-EWMA latency times load, as Linkerd does) or ``round_robin``. With
+peak-EWMA latency times load, as Linkerd does: the estimate timed from the request
+going on its connection to the answer's head, decaying while nothing is learnt) or
+``round_robin``. With
 ``slow_start``, an endpoint that joins once the route has answered ramps its share
 up linearly over that window, from its first good answer.
 """
@@ -46,6 +48,11 @@ EJECT_DOUBLINGS: Final = 16  # ejections counted at most: past max_ejection eith
 # Peak-EWMA (Linkerd's defaults): the latency assumed of a new endpoint, and the decay.
 EWMA_INITIAL: Final = 0.030
 EWMA_DECAY: Final = 10.0
+# Estimates closer than this ratio are noise (each is its endpoint's recent peak): ewma
+# compares those two by load alone, so that the tie-break spreads even shares. Otherwise
+# whichever of equal replicas had the lower peak would win every tie in load, and take
+# up to a third more than the others for as long as the peaks last.
+EWMA_APART: Final = 1.25
 # A joining endpoint's share before its first good answer, and its least share after.
 SLOW_START_FLOOR: Final = 0.02
 
@@ -111,6 +118,24 @@ class Endpoint:
             self.warming = False
             return 1.0
         return max(SLOW_START_FLOOR, share)
+
+    def latency(self, now: float) -> float:
+        """Its peak-EWMA latency: the estimate decays toward zero while nothing is learnt,
+        so an endpoint that was slow once is tried again in time (as Linkerd's does)."""
+        if self.rtt_at:
+            self.rtt *= math.exp((self.rtt_at - now) / EWMA_DECAY)
+            self.rtt_at = now
+        return self.rtt
+
+    def observe(self, seconds: float, now: float) -> None:
+        """An answer took `seconds`, from the request going out to its head coming in: a
+        slower one is believed at once, a faster one decays in."""
+        if seconds > self.rtt or not self.rtt_at:
+            self.rtt = seconds  # (the first answer replaces the assumed EWMA_INITIAL)
+        else:
+            decay = math.exp((self.rtt_at - now) / EWMA_DECAY)
+            self.rtt = self.rtt * decay + seconds * (1.0 - decay)
+        self.rtt_at = now
 
 
 class EndpointSet:
@@ -211,8 +236,15 @@ class EndpointSet:
 
     def _better(self, a: Endpoint, b: Endpoint) -> Endpoint:
         if self.balance == "ewma":
-            cost_a = a.rtt * (a.in_flight + 1)
-            cost_b = b.rtt * (b.in_flight + 1)
+            now = monotonic()
+            rtt_a = a.latency(now)
+            rtt_b = b.latency(now)
+            if rtt_a > rtt_b * EWMA_APART or rtt_b > rtt_a * EWMA_APART:
+                cost_a = rtt_a * (a.in_flight + 1)
+                cost_b = rtt_b * (b.in_flight + 1)
+            else:  # latencies as good as equal: their load alone decides, as for p2c
+                cost_a = float(a.in_flight)
+                cost_b = float(b.in_flight)
         else:
             cost_a = float(a.in_flight)
             cost_b = float(b.in_flight)
@@ -263,14 +295,7 @@ class EndpointSet:
     def answered_by(self, ep: Endpoint, status: int, seconds: float) -> None:
         """A response head came from ep after `seconds`: 5xx counts against it."""
         if self.balance == "ewma":
-            now = monotonic()
-            # Peak-EWMA: a slower answer is believed at once, a faster one decays in.
-            if seconds > ep.rtt:
-                ep.rtt = seconds
-            else:
-                decay = math.exp(-(now - ep.rtt_at) / EWMA_DECAY) if ep.rtt_at else 0.0
-                ep.rtt = ep.rtt * decay + seconds * (1.0 - decay)
-            ep.rtt_at = now
+            ep.observe(seconds, monotonic())
         if status >= 500:
             self.went_wrong(ep, f"answered {status}")
         elif ep.consecutive or ep.ejections or not self.answered or ep.warming:

@@ -191,14 +191,7 @@ FAST = 0.005
 SLOW = 10 * FAST
 
 
-EWMA_UNEVEN = pytest.mark.xfail(
-    strict=False,
-    reason="issue 10 finding: ewma splits equal replicas up to 15% apart (850/1100 of 3,000): "
-    "a peak estimate a stall set lasts the 10 s decay, and ties in load go to the lower one",
-)
-
-
-@pytest.mark.parametrize("balance", ["p2c", pytest.param("ewma", marks=EWMA_UNEVEN), "round_robin"])
+@pytest.mark.parametrize("balance", ["p2c", "ewma", "round_robin"])
 async def test_three_equal_replicas_each_get_a_third_within_ten_percent(
     dns: DnsServer, balance: str
 ) -> None:
@@ -248,12 +241,6 @@ async def test_a_replica_ten_times_slower_gets_under_half_its_share_with_p2c(
     assert share < 1 / 3 / 2
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10 finding: the fast replicas' peak-EWMA estimates keep loop stalls for the "
-    "10 s decay (8-14 ms against their 5 ms), so with 8 clients their load term outweighs "
-    "the slow one's 50 ms now and then: it gets 0.2-2% and, above 1%, the p99 is its latency",
-)
 async def test_ewma_gives_a_slow_replica_less_than_p2c_with_a_p99_near_an_all_fast_set(
     dns: DnsServer,
 ) -> None:

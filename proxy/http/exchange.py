@@ -147,6 +147,7 @@ class Exchange:
     """One request and its response: the per-request state and its moves."""
 
     __slots__ = (
+        "attached",
         "buffer",
         "buffered",
         "bytes_in",
@@ -192,6 +193,7 @@ class Exchange:
         self.trailers: list[bytes] | None = None
         self.upstream: Upstream | None = None
         self.endpoint: Endpoint | None = None  # the last endpoint tried
+        self.attached = 0.0  # perf_counter when it went on its upstream connection
         self.sent_at = 0.0  # loop time the request was all sent (AWAITING from then)
         self.status = 0  # the status sent downstream (0: none yet)
         self.error: ProxyError | None = None  # what went wrong, for the access log
@@ -317,6 +319,7 @@ class Exchange:
     def attach_to(self, ep: Endpoint, conn: Upstream, now: float) -> None:
         self.endpoint = ep
         self.upstream = conn
+        self.attached = perf_counter()
         conn.attach(self)
         buffer = self.buffer
         if buffer:
@@ -354,10 +357,10 @@ class Exchange:
 
     def response_started(self, status: int) -> None:
         """The (final) response head is in: it starts going to the client."""
-        took = self._answered(status)
+        now = self._answered(status)
         ep = self.endpoint
         if ep is not None:
-            self.down.endpoints.answered_by(ep, status, took)
+            self.down.endpoints.answered_by(ep, status, now - self.attached)
         if status == 101:
             self.phase = TUNNEL
             self.down.switch_to_tunnel(self)
@@ -454,11 +457,11 @@ class Exchange:
         self.end()
 
     def _answered(self, status: int) -> float:
-        """The answer's status is known: timed (returned: the seconds since the head)."""
+        """The answer's status is known: timed (returned: perf_counter now)."""
         self.status = status
-        took = perf_counter() - self.started
-        self.down.stats.request_duration.observe(took)
-        return took
+        now = perf_counter()
+        self.down.stats.request_duration.observe(now - self.started)
+        return now
 
     def _log(self) -> None:
         down = self.down

@@ -357,6 +357,7 @@ class Stream:
     """
 
     __slots__ = (
+        "attached",
         "bytes_in",
         "bytes_out",
         "complete",
@@ -405,6 +406,7 @@ class Stream:
         self.lender: Carrier | None = None
         self.lender_sid = 0
         self.endpoint: Endpoint | None = None  # the last endpoint it went to
+        self.attached = 0.0  # perf_counter when it went on its upstream connection
         self.held = False  # ...and its in_flight is held
         self.picked: Endpoint | None = None  # picked, waiting for a connect (in_flight held)
         self.tried: Sequence[Endpoint] = NO_ENDPOINTS
@@ -553,6 +555,7 @@ class Stream:
         self.held = True
         self.up = conn
         self.usid = usid
+        self.attached = perf_counter()
         if pending:
             self.pending = None
             send = conn.send_data
@@ -617,11 +620,11 @@ class Stream:
         down = self.down
         status = _status(fields)
         self.status = status
-        took = perf_counter() - self.started
-        down.stats.request_duration.observe(took)
+        now = perf_counter()
+        down.stats.request_duration.observe(now - self.started)
         ep = self.endpoint
         if ep is not None:
-            down.route.endpoints.answered_by(ep, status, took)
+            down.route.endpoints.answered_by(ep, status, now - self.attached)
         self.phase = STREAMING
         down.h2.send_response(self.sid, fields, end_stream=end)
         down.schedule()

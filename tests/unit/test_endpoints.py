@@ -3,6 +3,7 @@ slow start."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -829,6 +830,45 @@ def test_ewma_a_peak_is_believed_at_once_and_decays_slowly(clock: Clock) -> None
         assert a.rtt < previous
         previous = a.rtt
     assert a.rtt == pytest.approx(0.01, rel=0.01)
+
+
+def test_ewma_an_endpoint_slow_once_is_tried_again_as_its_peak_decays(clock: Clock) -> None:
+    eps = make_set(A, B, balance="ewma")
+    a, b = eps.endpoints
+    eps.answered_by(a, 200, 1.0)  # one stall: a 1 s peak, and nothing sent to it since
+    b.in_flight = 3
+    # Nothing is learnt of a while it gets nothing, and its estimate decays as picks look
+    # at it, until b's load outweighs it: 1 s x e ** (-t / 10 s) < 10 ms x 4 at t = 32.2 s.
+    waited = 0
+    while waited < 40:
+        eps.answered_by(b, 200, 0.01)
+        if eps.pick() is a:
+            break
+        clock.advance(1.0)
+        waited += 1
+    assert waited == 33
+    assert a.rtt == pytest.approx(math.exp(-3.3), rel=1e-6)
+    clock.advance(EWMA_DECAY)
+    eps.answered_by(a, 200, 0.01)  # fast again: that decays in
+    assert a.rtt == pytest.approx(math.exp(-3.3) * math.exp(-1) + 0.01 * (1 - math.exp(-1)))
+
+
+def test_ewma_compares_nearly_equal_latencies_by_load_alone(clock: Clock) -> None:
+    # Each estimate is its endpoint's recent peak: 9.0 and 8.0 ms are noise, and the
+    # lower one must not win every tie in load (it would take a third more than its share).
+    eps = make_set(A, B, C, balance="ewma")
+    for ep, rtt in zip(eps.endpoints, (0.009, 0.008, 0.0085), strict=True):
+        eps.answered_by(ep, 200, rtt)
+    counts = picks(eps, 3000)
+    assert all(900 < counts[x] < 1100 for x in (A, B, C)), counts
+    # Further apart (10 ms against 5), latency times load decides again.
+    eps = make_set(A, B, balance="ewma")
+    a, b = eps.endpoints
+    eps.answered_by(a, 200, 0.010)
+    eps.answered_by(b, 200, 0.005)
+    a.in_flight = b.in_flight = 1
+    assert eps._better(a, b) is b
+    assert eps._better(b, a) is b
 
 
 def test_ewma_a_5xx_counts_its_latency_too(clock: Clock) -> None:
