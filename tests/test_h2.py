@@ -34,10 +34,11 @@ from support.h2peers import (
     NO_ERROR,
     H2Client,
     H2Pods,
+    H2Response,
     StreamReset,
 )
 from support.inproc import resolver_yaml, route_address, running_server
-from support.metrics import metric
+from support.metrics import Scrape, metric
 from support.pods import AppPods, pod_of
 from support.procs import Sidelink, free_port, peak_rss, require_tool
 from support.wait import settled, until, until_sync
@@ -635,6 +636,7 @@ error_log {dir}/error.log;
 events {{ worker_connections 256; }}
 http {{
   access_log off;
+  keepalive_requests {keepalive_requests};
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
   server {{
@@ -645,13 +647,18 @@ http {{
 """
 
 
-async def test_nginx_h2c_upstream(tmp_path: Path) -> None:
-    """nginx speaks only HTTP/2 on an `http2` listener: HTTP/2 requests reach it as such."""
+@contextlib.asynccontextmanager
+async def nginx_h2c(tmp_path: Path, keepalive_requests: int = 1000) -> AsyncIterator[int]:
+    """nginx with an h2c (prior knowledge) listener on POD1: its port. After
+    `keepalive_requests` streams on a connection it says GOAWAY, finishes the streams
+    below it and closes the connection (1000 is nginx's default)."""
     nginx = require_tool("nginx")
-    curl = require_tool("curl")
     port = free_port(POD1)
     conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, host=POD1, port=port))
+    text = NGINX_CONF.format(
+        dir=tmp_path, host=POD1, port=port, keepalive_requests=keepalive_requests
+    )
+    conf.write_text(text)
     proc = await asyncio.create_subprocess_exec(
         nginx, "-c", str(conf), "-p", str(tmp_path), stderr=asyncio.subprocess.PIPE
     )
@@ -669,17 +676,54 @@ async def test_nginx_h2c_upstream(tmp_path: Path) -> None:
         while not await listening():
             assert time.monotonic() < deadline, "nginx did not start"
             await asyncio.sleep(0.05)
-        async with proxied(port) as server:
-            for path in ("/x", "/y"):
-                code, out, err = await run(
-                    curl, "-sS", "--http2-prior-knowledge", url(server, path)
-                )
-                assert code == 0, err
-                assert out == f"nginx GET {path} HTTP/2.0\n".encode(), out
-            assert server.routes["app1"].stats.opened_upstream == 1
+        yield port
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_nginx_h2c_upstream(tmp_path: Path) -> None:
+    """nginx speaks only HTTP/2 on an `http2` listener: HTTP/2 requests reach it as such."""
+    curl = require_tool("curl")
+    async with nginx_h2c(tmp_path) as port, proxied(port) as server:
+        for path in ("/x", "/y"):
+            code, out, err = await run(curl, "-sS", "--http2-prior-knowledge", url(server, path))
+            assert code == 0, err
+            assert out == f"nginx GET {path} HTTP/2.0\n".encode(), out
+        assert server.routes["app1"].stats.opened_upstream == 1
+
+
+async def test_nginx_closing_its_connections_after_keepalive_requests_fails_no_post(
+    tmp_path: Path,
+) -> None:
+    """nginx's GOAWAY after `keepalive_requests`, under 40 POSTs at a time: the streams
+    past it are refused and go again on a new connection, and the connection closes
+    once its last stream is answered (before: that close was an exception out of the
+    engine, "Connection is terminating", that took the connection and its streams down)."""
+    async with (
+        nginx_h2c(tmp_path, keepalive_requests=50) as port,
+        proxied(port) as server,
+        H2Client.open(route_address(server)) as client,
+    ):
+        gate = asyncio.Semaphore(40)
+
+        async def one(i: int) -> H2Response:
+            async with gate:
+                return await client.request("POST", f"/p/{i}", body=b"x" * 1000)
+
+        responses = await asyncio.gather(*(one(i) for i in range(1000)))
+        assert Counter(r.status for r in responses) == {200: 1000}
+        assert all(
+            r.body == f"nginx POST /p/{i} HTTP/2.0\n".encode() for i, r in enumerate(responses)
+        )
+        opened = server.routes["app1"].stats.opened_upstream
+        assert opened >= 1000 // 50, opened  # nginx did close them: the test saw GOAWAYs
+        errors = Scrape.of(server).get("sidelink_upstream_errors_total", route="app1")
+        assert errors == 0, [
+            x
+            for x in Scrape.of(server).samples
+            if x[0] == "sidelink_upstream_errors_total" and x[2]
+        ]
 
 
 # --- SIGTERM ------------------------------------------------------------------------------------

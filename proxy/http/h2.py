@@ -136,6 +136,7 @@ class Carrier(asyncio.Protocol):
 
     owing: set[Rider]  # streams whose data from the other side is held here, not all sent
     closed: bool
+    parting: bool  # the peer said GOAWAY: a stream it refuses here is routine, not an error
     pool: StreamPool[Carrier] | None
     created: float
     idle_since: float
@@ -201,6 +202,7 @@ class H2Connection(Carrier):
         self.window = CONNECTION_WINDOW  # the connection window advertised to the peer
         self.window_grown = False  # ...grown since the last flush
         self.closed = False
+        self.parting = False
         self.lingering = False  # cut: its GOAWAY sent, closed after LINGER_TIMEOUT
         self.last_active = self.clock()
 
@@ -691,7 +693,9 @@ class Stream:
         if code == REFUSED_STREAM and self.status == 0:
             # Refused (REFUSED_STREAM, or above a GOAWAY's last stream id): the server never
             # processed it, so it goes again whatever its method, outside the retry budget.
-            self._retry()
+            # After a GOAWAY that is the server closing the connection (nginx does after
+            # keepalive_requests streams): a retry, not an upstream error.
+            self._retry(routine=up is not None and up.parting)
         elif self.status == 0:
             self.upstream_failed(UpstreamReset(f"upstream reset the stream (error {code})"))
         else:
@@ -715,8 +719,9 @@ class Stream:
         else:
             self.fail(error)
 
-    def _retry(self) -> None:
-        """Send the request again on a new stream: to another endpoint if there is one."""
+    def _retry(self, routine: bool = False) -> None:
+        """Send the request again on a new stream: to another endpoint if there is one
+        (``routine``: it is not counted as an upstream error)."""
         down = self.down
         route = down.route
         self._release()
@@ -731,8 +736,8 @@ class Stream:
             tried = [*self.tried, ep]
             if ep.state == DRAINING or route.endpoints.pick(tried) is not None:
                 self.tried = tried  # (else nowhere else: the same one again, on a new stream)
-        # Counted as connect failures are: each one, the ones retried past too.
-        down.stats.errors[UpstreamReset.reason] += 1
+        if not routine:  # (counted as connect failures are: each one, retried past or not)
+            down.stats.errors[UpstreamReset.reason] += 1
         down.stats.retries += 1
         self.retries += 1
         self.pending = list(self.replay)
@@ -1121,6 +1126,7 @@ class H2Upstream(H2Connection):
         self.peer_limit = 100  # the server's MAX_CONCURRENT_STREAMS (100 until it says)
         self.created = self.idle_since = self.last_active
         self.retired = False
+        self.next_usid = 1  # the id of the next stream it opens
         self.sent_below = 1  # streams with lower ids have had their HEADERS written
 
     def __repr__(self) -> str:
@@ -1139,6 +1145,7 @@ class H2Upstream(H2Connection):
 
     def open(self, stream: Rider, end: bool) -> int:
         usid = self.h2.send_request(stream.request.fields, end_stream=end)
+        self.next_usid = usid + 2
         self.streams[usid] = stream
         self.stats.streams_upstream += 1
         self.schedule()
@@ -1184,7 +1191,9 @@ class H2Upstream(H2Connection):
     def sent(self, size: int) -> None:
         self.stats.bytes_to_upstream += size
         # Everything the engine had is written: every stream opened so far has gone out.
-        self.sent_below = self.h2.next_stream_id
+        # (Not the engine's next_stream_id: that raises once it is done, after a GOAWAY
+        # and the last stream, and what it had to send then is still written.)
+        self.sent_below = self.next_usid
 
     # --- asyncio callbacks -------------------------------------------------------------
 
@@ -1249,6 +1258,7 @@ class H2Upstream(H2Connection):
                     self.peer_limit = limit
             elif kind is GoAwayReceived:
                 # No new streams here; those above its last stream id close as refused.
+                self.parting = True
                 self.retire()
 
     def eof_received(self) -> bool:
@@ -1309,6 +1319,7 @@ class H1Leg(Carrier):
         self.owing = set()
         self.pool = None
         self.closed = False
+        self.parting = False  # (an HTTP/1.1 server has no GOAWAY)
         self.retired = False
         self.created = self.idle_since = self.clock()
         self.parser = httptools.HttpResponseParser(self)
