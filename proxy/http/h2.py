@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 import ngh2
@@ -123,6 +123,17 @@ CLIENT_CONFIG: Final = Configuration(
     auto_window_update=False, max_inbound_header_list_size=MAX_HEAD_BYTES
 )
 Fields = Sequence[tuple[bytes, bytes]]
+# The engine's event classes, as constants: compiled code reads a Final from a C static,
+# an imported name from the module's dict, and dispatch compares each event with several.
+DATA: Final = DataReceived
+REQUEST: Final = RequestReceived
+RESPONSE: Final = ResponseReceived
+INTERIM: Final = InformationalResponseReceived
+TRAILERS: Final = TrailersReceived
+CLOSED: Final = StreamClosed
+RESET: Final = StreamReset
+GOAWAY: Final = GoAwayReceived
+SETTINGS: Final = SettingsReceived
 
 
 class Carrier(asyncio.Protocol):
@@ -239,8 +250,10 @@ class H2Connection(Carrier):
         h2 = self.h2
         if self.window_grown:
             self.window_grown = False
-            with contextlib.suppress(ngh2.NGH2Error):  # (the engine may be closing)
+            try:
                 h2.set_local_window_size(self.window)
+            except ngh2.NGH2Error:
+                pass  # (the engine is closing)
         data = h2.data_to_send()
         if data:
             transport.write(data)
@@ -271,8 +284,10 @@ class H2Connection(Carrier):
     def reset(self, sid: int, code: int) -> None:
         """RST_STREAM ``sid`` with ``code``."""
         if not self.closed:
-            with contextlib.suppress(ngh2.NGH2Error):  # (the engine may be closing)
+            try:
                 self.h2.reset_stream(sid, code)
+            except ngh2.NGH2Error:
+                pass  # (the engine is closing)
             self.schedule()
 
     def held(self, sid: int) -> int:
@@ -284,8 +299,10 @@ class H2Connection(Carrier):
     def acknowledge(self, size: int, sid: int) -> None:
         """``size`` bytes the peer sent on ``sid`` have been dealt with: its window reopens."""
         if size and not self.closed:
-            with contextlib.suppress(ngh2.NGH2Error):  # (the engine may be closing)
+            try:
                 self.h2.acknowledge_received_data(size, sid)
+            except ngh2.NGH2Error:
+                pass  # (the engine is closing)
             self.schedule()
 
     def give_back(self, size: int, sid: int) -> None:
@@ -295,8 +312,10 @@ class H2Connection(Carrier):
         stream all the same, which is what lets the engine forget the stream's count."""
         if size <= 0 or self.closed:
             return
-        with contextlib.suppress(ngh2.NGH2Error):
+        try:
             self.h2.acknowledge_received_data(size, sid)
+        except ngh2.NGH2Error:
+            pass  # (the engine is closing)
         if self.window + size > MAX_WINDOW:
             self.retire()  # 2 GiB given back on one connection: a fresh one takes over
             return
@@ -311,10 +330,12 @@ def _drained(owed: int, via: Carrier, via_sid: int) -> int:
     return owed - held if owed > held else 0
 
 
-class Rider(Protocol):
+class Rider:
     """What rides on a carrier's stream upstream and hears its answer: an HTTP/2 client's
     :class:`Stream`, or an :class:`H2Bridge` carrying an HTTP/1 exchange
-    (``upstream_protocol: http2``). (A Protocol: the bridge is an exchange's Upstream.)"""
+    (``upstream_protocol: http2``). (A base class rather than a typing Protocol: compiled
+    code calls a base class's methods directly, a Protocol's through a generic lookup,
+    several times per stream.)"""
 
     request: heads.H2Request
     up: Carrier | None  # the carrier of its upstream stream
@@ -326,31 +347,41 @@ class Rider(Protocol):
 
     def dialed(self, ep: Endpoint, conn: Carrier) -> None:
         """The connection it waited for is made (maybe to another endpoint)."""
+        raise NotImplementedError
 
-    def dial_failed(self, error: UpstreamError) -> None: ...
+    def dial_failed(self, error: UpstreamError) -> None:
+        raise NotImplementedError
 
     def passed_on(self, via: Carrier) -> None:
         """``via`` has written: credit for what left goes back to its sender."""
+        raise NotImplementedError
 
-    def response(self, fields: Fields, end: bool) -> None: ...
+    def response(self, fields: Fields, end: bool) -> None:
+        raise NotImplementedError
 
-    def informational(self, fields: Fields) -> None: ...
+    def informational(self, fields: Fields) -> None:
+        raise NotImplementedError
 
-    def response_data(self, data: bytes, end: bool) -> None: ...
+    def response_data(self, data: bytes, end: bool) -> None:
+        raise NotImplementedError
 
-    def response_trailers(self, fields: Fields) -> None: ...
+    def response_trailers(self, fields: Fields) -> None:
+        raise NotImplementedError
 
     def up_closed(self, code: int) -> None:
         """The upstream stream closed (with the engine's error code)."""
+        raise NotImplementedError
 
     def upstream_failed(self, error: UpstreamError) -> None:
         """The upstream stream or its connection failed before the answer began."""
+        raise NotImplementedError
 
     def fail(self, error: ProxyError, code: int = INTERNAL_ERROR) -> None:
         """The upstream failed with the answer under way (or sidelink gives up on it)."""
+        raise NotImplementedError
 
 
-class Stream:
+class Stream(Rider):
     """One HTTP/2 request from a client and its answer: the per-stream state and moves.
 
     Its phase is an exchange's (``exchange.py``): HEAD (read, not started), CONNECTING,
@@ -811,6 +842,9 @@ class Stream:
 
 
 def _status(fields: Fields) -> int:
+    name, value = fields[0]  # (pseudo-header fields come first: the engine checks)
+    if name == b":status":
+        return int(value)
     for name, value in fields:
         if name == b":status":
             return int(value)
@@ -948,20 +982,20 @@ class H2Downstream(H2Connection):
         streams = self.streams
         for event in events:
             kind = type(event)
-            if kind is DataReceived:
+            if kind is DATA:
                 data_event = cast(DataReceived, event)
                 stream = streams.get(data_event.stream_id)
                 if stream is not None:
                     stream.request_data(data_event.data, data_event.end_stream)
                 else:
                     self.acknowledge(len(data_event.data), data_event.stream_id)
-            elif kind is RequestReceived:
+            elif kind is REQUEST:
                 stream = self._request(cast(RequestReceived, event))
                 if stream is not None:
                     if new is None:
                         new = []
                     new.append(stream)
-            elif kind is StreamClosed:
+            elif kind is CLOSED:
                 closed = cast(StreamClosed, event)
                 stream = streams.pop(closed.stream_id, None)
                 if stream is not None:
@@ -969,19 +1003,19 @@ class H2Downstream(H2Connection):
                     stream.down_closed()
                     if not streams and self.draining:
                         self.schedule()
-            elif kind is TrailersReceived:
+            elif kind is TRAILERS:
                 trailers = cast(TrailersReceived, event)
                 stream = streams.get(trailers.stream_id)
                 if stream is not None:
                     stream.request_trailers(trailers.headers)
-            elif kind is StreamReset:
+            elif kind is RESET:
                 stream = streams.get(cast(StreamReset, event).stream_id)
                 if stream is not None and stream.phase != DONE:
                     self.premature += 1
                     if self.premature > PREMATURE_RESETS and self.premature * 2 > self.opened:
                         self.calm("too many streams reset before their answer")
                         return
-            elif kind is GoAwayReceived:
+            elif kind is GOAWAY:
                 self.draining = True
         if new is not None:
             # Started once the whole read is taken in: a stream opened and reset in the
@@ -1221,7 +1255,7 @@ class H2Upstream(H2Connection):
         streams = self.streams
         for event in events:
             kind = type(event)
-            if kind is DataReceived:
+            if kind is DATA:
                 data_event = cast(DataReceived, event)
                 stream = streams.get(data_event.stream_id)
                 if stream is not None:
@@ -1229,34 +1263,34 @@ class H2Upstream(H2Connection):
                     stream.response_data(data_event.data, data_event.end_stream)
                 else:
                     self.acknowledge(len(data_event.data), data_event.stream_id)
-            elif kind is ResponseReceived:
+            elif kind is RESPONSE:
                 head = cast(ResponseReceived, event)
                 stream = streams.get(head.stream_id)
                 if stream is not None:
                     stream.last_active = now
                     stream.response(head.headers, head.end_stream)
-            elif kind is StreamClosed:
+            elif kind is CLOSED:
                 closed = cast(StreamClosed, event)
                 stream = streams.pop(closed.stream_id, None)
                 if stream is not None:
                     self.stats.streams_upstream -= 1
                     stream.up_closed(closed.error_code)
                     self.stream_ended()
-            elif kind is TrailersReceived:
+            elif kind is TRAILERS:
                 trailers = cast(TrailersReceived, event)
                 stream = streams.get(trailers.stream_id)
                 if stream is not None:
                     stream.response_trailers(trailers.headers)
-            elif kind is InformationalResponseReceived:
+            elif kind is INTERIM:
                 interim = cast(InformationalResponseReceived, event)
                 stream = streams.get(interim.stream_id)
                 if stream is not None:
                     stream.informational(interim.headers)
-            elif kind is SettingsReceived:
+            elif kind is SETTINGS:
                 limit = cast(SettingsReceived, event).settings.get(Setting.MAX_CONCURRENT_STREAMS)
                 if limit is not None:
                     self.peer_limit = limit
-            elif kind is GoAwayReceived:
+            elif kind is GOAWAY:
                 # No new streams here; those above its last stream id close as refused.
                 self.parting = True
                 self.retire()
@@ -1557,7 +1591,7 @@ class _StreamReading:
         pass
 
     def is_closing(self) -> bool:
-        return self.bridge.closed
+        return self.bridge.exchange is None  # (the exchange has let go)
 
     def pause_reading(self) -> None:
         self.bridge.reading = False
@@ -1574,20 +1608,19 @@ class _StreamReading:
 PRESERVE_HOST: Final = heads.HostRule("", 80, "preserve")
 
 
-class H2Bridge(Upstream):
+class H2Bridge(Rider):
     """An HTTP/1 exchange carried upstream as one HTTP/2 stream (``upstream_protocol:
     http2``): the exchange's request bytes are parsed back (httptools) into fields, data
     and trailers, the answer turned into HTTP/1.1 for the client. One per exchange; the
-    connection under it is an :class:`H2Upstream` from the endpoint's StreamPool."""
+    connection under it is an :class:`H2Upstream` from the endpoint's StreamPool, and
+    the exchange sees it as its upstream connection through ``face``."""
 
     def __init__(self, exchange: Exchange) -> None:
         down = exchange.down
         self.route = down.route
-        self.pool = None
-        self.created = self.idle_since = down.clock()
-        self.closed = False
         self.exchange: Exchange | None = exchange
         self.flow = FlowControl(cast(asyncio.Transport, _StreamReading(self)))
+        self.face = _BridgeFace(self, down.clock())
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[bytes] = []  # name, value...; after the head, the trailers
@@ -1601,7 +1634,7 @@ class H2Bridge(Upstream):
         self.rechunk = False
         self.phase = HEAD
         self.status = 0
-        self.last_active = self.created
+        self.last_active = self.face.created
         self.endpoint: Endpoint | None = None
 
     def __repr__(self) -> str:
@@ -1636,7 +1669,7 @@ class H2Bridge(Upstream):
         self.up = conn
         self.endpoint = ep
         ep.in_flight += 1  # (released by the exchange when it lets go)
-        exchange.attach_to(ep, self, exchange.down.clock())
+        exchange.attach_to(ep, self.face, exchange.down.clock())
 
     def dial_failed(self, error: UpstreamError) -> None:
         exchange = self.exchange
@@ -1729,10 +1762,7 @@ class H2Bridge(Upstream):
         if isinstance(error, UpstreamError):
             self.upstream_failed(error)
 
-    # --- the exchange's side (as an Upstream) ------------------------------------------
-
-    def attach(self, exchange: Exchange) -> None:
-        self.exchange = exchange
+    # --- the exchange's side (through its face) ----------------------------------------
 
     def send(self, data: bytes) -> None:
         """The exchange's HTTP/1.1 request bytes (its head first), parsed back."""
@@ -1744,13 +1774,9 @@ class H2Bridge(Upstream):
             if exchange is not None:
                 exchange.upstream_failed(ProtocolError(f"cannot carry the request: {e}"))
 
-    def detach(self, reusable: bool, now: float) -> None:
+    def detach(self) -> None:
         self._cancel()
         self.exchange = None
-        self.closed = True
-
-    def close(self) -> None:
-        self.detach(False, 0.0)
 
     def _cancel(self) -> None:
         up = self.up
@@ -1827,6 +1853,31 @@ class H2Bridge(Upstream):
         if up.held(self.usid) > STREAM_WINDOW:
             self.flow.writing_paused()  # the stream's window is shut: the client waits
             up.owing.add(self)
+
+
+class _BridgeFace(Upstream):
+    """An :class:`H2Bridge` as its exchange sees it: an upstream connection of its own,
+    never pooled."""
+
+    def __init__(self, bridge: H2Bridge, now: float) -> None:
+        self.bridge = bridge
+        self.flow = bridge.flow
+        self.pool = None
+        self.created = self.idle_since = now
+        self.closed = False
+
+    def attach(self, exchange: Exchange) -> None:
+        self.bridge.exchange = exchange
+
+    def send(self, data: bytes) -> None:
+        self.bridge.send(data)
+
+    def detach(self, reusable: bool, now: float) -> None:
+        self.closed = True
+        self.bridge.detach()
+
+    def close(self) -> None:
+        self.detach(False, 0.0)
 
 
 def carrier(route: Route) -> Callable[[], Carrier]:
