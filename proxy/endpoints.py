@@ -45,6 +45,9 @@ DRAINING: Final = "draining"
 monotonic = time.monotonic
 
 EJECT_DOUBLINGS: Final = 16  # ejections counted at most: past max_ejection either way
+# random.random, as a constant: compiled code calls it at once, not through the module's
+# attribute on every pick (the module's generator all the same: random.seed holds).
+uniform: Final = random.random
 # Peak-EWMA (Linkerd's defaults): the latency assumed of a new endpoint, and the decay.
 EWMA_INITIAL: Final = 0.030
 EWMA_DECAY: Final = 10.0
@@ -213,8 +216,8 @@ class EndpointSet:
                 if candidates[0].state == ACTIVE:
                     return candidates[0]
             elif balance != "round_robin":
-                i = int(random.random() * n)
-                j = int(random.random() * (n - 1))
+                i = int(uniform() * n)
+                j = int(uniform() * (n - 1))
                 a = candidates[i]
                 b = candidates[j + 1 if j >= i else j]
                 if a.state == ACTIVE and b.state == ACTIVE:

@@ -146,12 +146,13 @@ M = TypeVar("M", bound=Multiplexed)
 
 
 class StreamPool(Generic[M]):
-    __slots__ = ("address", "config", "conns", "name", "waiting")
+    __slots__ = ("address", "config", "conns", "max_lifetime", "name", "waiting")
 
     def __init__(self, name: str, address: tuple[str, int], config: PoolConfig) -> None:
         self.name = name
         self.address = address
         self.config = config
+        self.max_lifetime = config.max_lifetime  # (read for every stream)
         self.conns: list[M] = []  # open and taking streams
         # Streams waiting for the connection being made (None: none is being made).
         self.waiting: list[Any] | None = None
@@ -162,7 +163,7 @@ class StreamPool(Generic[M]):
     def get(self, now: float) -> M | None:
         """A connection with room for one more stream, or None; old ones are retired."""
         for conn in self.conns:
-            if now - conn.created >= self.config.max_lifetime:
+            if now - conn.created >= self.max_lifetime:
                 self.retire(conn)
                 return self.get(now)
             if conn.room() > 0:

@@ -472,7 +472,7 @@ class Stream(Rider):
         self.phase = CONNECTING
         down = self.down
         route = down.route
-        ep = route.endpoints.pick(self.tried)
+        ep = down.endpoints.pick(self.tried)
         if ep is None and route.watch.resolved:
             self.fail(NoEndpoints(f"{route.config.service} has no endpoints"))
             return
@@ -483,7 +483,7 @@ class Stream(Rider):
             assert ep is not None
             self._attach(ep, conn)
         elif ep is not None:
-            route.endpoints.acquire(ep)  # (held while it waits: the next pick sees it)
+            down.endpoints.acquire(ep)  # (held while it waits: the next pick sees it)
             self.picked = ep
 
     def request_data(self, data: bytes, end: bool) -> None:
@@ -533,7 +533,7 @@ class Stream(Rider):
         if self.phase == AWAITING and now - self.sent_at > request_timeout:
             ep = self.endpoint
             if ep is not None:
-                self.down.route.endpoints.went_wrong(ep, UpstreamTimeout.reason)
+                self.down.endpoints.went_wrong(ep, UpstreamTimeout.reason)
             self._cancel_upstream()
             self.fail(UpstreamTimeout("upstream did not answer in time"))
         elif now - self.last_active > idle_timeout:
@@ -569,7 +569,7 @@ class Stream(Rider):
         picked = self.picked
         if picked is not None:
             self.picked = None
-            self.down.route.endpoints.release(picked)
+            self.down.endpoints.release(picked)
 
     def _attach(self, ep: Endpoint, conn: Carrier) -> None:
         pending = self.pending
@@ -583,7 +583,7 @@ class Stream(Rider):
             self.endpoint = ep
             self._retry()
             return
-        self.down.route.endpoints.acquire(ep)
+        self.down.endpoints.acquire(ep)
         self.endpoint = ep
         self.held = True
         self.up = conn
@@ -621,7 +621,7 @@ class Stream(Rider):
             self.held = False
             ep = self.endpoint
             assert ep is not None
-            self.down.route.endpoints.release(ep)
+            self.down.endpoints.release(ep)
 
     # --- the response side (called by the upstream) ---------------------------------
 
@@ -657,7 +657,7 @@ class Stream(Rider):
         down.stats.request_duration.observe(now - self.started)
         ep = self.endpoint
         if ep is not None:
-            down.route.endpoints.answered_by(ep, status, now - self.attached)
+            down.endpoints.answered_by(ep, status, now - self.attached)
         self.phase = STREAMING
         down.h2.send_response(self.sid, fields, end_stream=end)
         down.schedule()
@@ -739,7 +739,7 @@ class Stream(Rider):
         route = down.route
         ep = self.endpoint
         if ep is not None:
-            route.endpoints.went_wrong(ep, error.reason)
+            down.endpoints.went_wrong(ep, error.reason)
         if (
             isinstance(error, UpstreamReset)
             and self.request.method in IDEMPOTENT
@@ -872,9 +872,10 @@ def carrier_for(
     waits for one being made (its ``dialed`` or ``dial_failed`` says how it went).
     ``per_conn``: the streams one connection takes, so how many may wait on one."""
     pool: StreamPool[Carrier] | None = None
-    waiting: list[Rider] = [rider]
     if ep is not None:
-        pool = route.streams(ep)
+        pool = ep.streams
+        if pool is None:
+            pool = route.streams(ep)
         conn = pool.get(now)
         if conn is not None:
             return conn
@@ -882,6 +883,8 @@ def carrier_for(
         if joining is not None and len(joining) < per_conn:
             joining.append(rider)
             return None
+    waiting: list[Rider] = [rider]
+    if pool is not None:
         pool.waiting = waiting
     route.spawn(_dial(route, ep, pool, waiting, list(tried)))
     return None
@@ -923,6 +926,7 @@ class H2Downstream(H2Connection):
 
     def __init__(self, route: Route, hosts: heads.HostRule) -> None:
         super().__init__(route, Role.SERVER, SERVER_CONFIG)
+        self.endpoints = route.endpoints  # (held here for a direct reach, as Downstream does)
         self.streams: dict[int, Stream] = {}  # the client's, by id
         self.hosts = hosts
         self.settings = route.settings
