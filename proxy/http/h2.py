@@ -92,6 +92,10 @@ PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # it on: the most it holds for a stream, and for a connection.
 STREAM_WINDOW: Final = 256 * 1024
 CONNECTION_WINDOW: Final = 1024 * 1024
+# Credit given back for closed streams goes to the peer once this much has gathered: one
+# WINDOW_UPDATE for many small answers, not one each (the peer's window is short of at
+# most this, a sixteenth of it).
+REGROW_AT: Final = CONNECTION_WINDOW // 16
 MAX_WINDOW: Final = 2**31 - 1
 # Between the shutdown notice (GOAWAY with the largest stream id) and the final GOAWAY
 # naming the last stream sidelink takes: streams the client sent meanwhile still count.
@@ -211,7 +215,7 @@ class H2Connection(Carrier):
         self.flush_due = False
         self.owing = set()
         self.window = CONNECTION_WINDOW  # the connection window advertised to the peer
-        self.window_grown = False  # ...grown since the last flush
+        self.regrown = 0  # ...grown since the engine was last told
         self.closed = False
         self.parting = False
         self.lingering = False  # cut: its GOAWAY sent, closed after LINGER_TIMEOUT
@@ -248,8 +252,8 @@ class H2Connection(Carrier):
         if transport is None or self.paused or self.closed:
             return
         h2 = self.h2
-        if self.window_grown:
-            self.window_grown = False
+        if self.regrown >= REGROW_AT:
+            self.regrown = 0
             try:
                 h2.set_local_window_size(self.window)
             except ngh2.NGH2Error:
@@ -319,9 +323,10 @@ class H2Connection(Carrier):
         if self.window + size > MAX_WINDOW:
             self.retire()  # 2 GiB given back on one connection: a fresh one takes over
             return
-        self.window += size  # (told the engine at the next flush: once for many streams)
-        self.window_grown = True
-        self.schedule()
+        self.window += size
+        self.regrown += size
+        if self.regrown >= REGROW_AT:
+            self.schedule()  # (the engine is told then, once for many streams)
 
 
 def _drained(owed: int, via: Carrier, via_sid: int) -> int:
