@@ -5,14 +5,16 @@ upstream connection of an http route are fed frames made by two other ngh2 engin
 client sending `--streams` GETs at a time, as `h2load -m` does, and a server answering
 each with a small body), through fake transports. The time counted is sidelink's: its
 data_received calls and the writes they schedule on the loop (the peers' engines run
-outside it). Run it before and after a change to the HTTP/2 hot path, best of several
-runs (`--batches`): the machine's noise is larger than most changes.
+outside it). The collector is set as `sidelink run` sets it. Run it before and after a
+change to the HTTP/2 hot path, best of several runs (`--batches`): the machine's noise is
+larger than most changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import time
 
 import ngh2
@@ -20,6 +22,7 @@ import uvloop
 from ngh2 import Configuration, RequestReceived, ResponseReceived, Role, Setting
 
 from proxy import build
+from proxy.cli import YOUNG_COLLECTION
 from proxy.config import Overrides, parse
 from proxy.http.h1 import downstream_factory
 from proxy.http.h2 import H2Upstream
@@ -107,6 +110,10 @@ async def measure(requests: int, streams: int, batches: int) -> None:
     await asyncio.sleep(0)  # the IP service "resolves" at once
     lab = Lab(route)
     await lab.start()
+    # As `sidelink run` does once it serves: what lives on is out of the collector's sight.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION, 10, 10)
     for _ in range(1000 // streams + 1):
         await lab.round(streams)
     rounds = max(1, requests // streams)
