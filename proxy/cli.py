@@ -367,8 +367,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         gc.freeze()
         # The forwarding path makes no reference cycles, so the young generation is
         # collected after 5,000 allocations rather than 700: 8% less CPU per HTTP/2 stream
-        # at 100 streams a connection (benchmarks.inprocess_h2), for pauses of about
-        # 0.1 ms (the young objects still alive: the streams in flight).
+        # at 100 streams a connection (benchmarks.inprocess_h2), for pauses of 0.2-0.3 ms
+        # at most (they walk the young objects still alive: the streams in flight).
         gc.set_threshold(YOUNG_COLLECTION, 10, 10)
         await server.serve_until_shutdown()
         log.info("sidelink stopped")
