@@ -36,7 +36,17 @@ C = TypeVar("C", bound=Pooled)
 
 
 class Pool(Generic[C]):
-    __slots__ = ("active", "address", "config", "idle", "name", "stats")
+    __slots__ = (
+        "active",
+        "address",
+        "config",
+        "idle",
+        "idle_timeout",
+        "max_idle",
+        "max_lifetime",
+        "name",
+        "stats",
+    )
 
     def __init__(
         self, name: str, address: tuple[str, int], config: PoolConfig, stats: RouteStats
@@ -44,6 +54,10 @@ class Pool(Generic[C]):
         self.name = name
         self.address = address
         self.config = config
+        # (Read for every request: held here, the config is not compiled.)
+        self.idle_timeout = config.idle_timeout
+        self.max_lifetime = config.max_lifetime
+        self.max_idle = config.max_idle
         self.stats = stats
         self.idle: list[C] = []
         self.active = 0  # handed out and not yet returned
@@ -57,14 +71,13 @@ class Pool(Generic[C]):
     def get(self, now: float) -> C | None:
         """A healthy idle connection, or None; stale ones found on the way are closed."""
         idle = self.idle
-        config = self.config
         while idle:
             conn = idle.pop()
             self.stats.pool_idle -= 1
             if (
                 conn.closed
-                or now - conn.idle_since >= config.idle_timeout
-                or now - conn.created >= config.max_lifetime
+                or now - conn.idle_since >= self.idle_timeout
+                or now - conn.created >= self.max_lifetime
             ):
                 conn.close()
                 continue
@@ -82,9 +95,9 @@ class Pool(Generic[C]):
         self.active -= 1
         if (
             reusable
-            and len(self.idle) < self.config.max_idle
+            and len(self.idle) < self.max_idle
             and not conn.closed
-            and now - conn.created < self.config.max_lifetime
+            and now - conn.created < self.max_lifetime
         ):
             conn.idle_since = now
             self.idle.append(conn)
@@ -119,10 +132,7 @@ class Pool(Generic[C]):
             conn.close()
 
     def _fresh(self, conn: C, now: float) -> bool:
-        return (
-            now - conn.idle_since < self.config.idle_timeout
-            and now - conn.created < self.config.max_lifetime
-        )
+        return now - conn.idle_since < self.idle_timeout and now - conn.created < self.max_lifetime
 
 
 class Multiplexed(Protocol):
