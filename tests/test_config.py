@@ -15,6 +15,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import config as config_module
 from proxy.config import (
     DEFAULT_CONFIG_PATH,
     MAX_CONFIG_BYTES,
@@ -535,6 +536,15 @@ def test_property_any_float_duration_formats_to_text_that_parses_back_exactly(
     formatted = format_duration(seconds)
     assert "e" not in formatted.lower().rstrip("ms")  # no exponent notation: the parser has none
     assert parse_duration(formatted) == seconds, formatted
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_property_plain_digits_are_decimals_rendering(number: float) -> None:
+    # What format_duration builds on: repr's shortest digits, written out without an
+    # exponent, exactly as decimal would (sidelink no longer loads decimal to do it).
+    text = format(Decimal(repr(number)), "f")
+    assert config_module._plain(number) == (text.rstrip("0").rstrip(".") if "." in text else text)
 
 
 def test_parse_duration_rejects_booleans_and_negatives_directly() -> None:
