@@ -273,6 +273,14 @@ class H2Connection(Carrier):
         if not h2.want_read and not h2.want_write and not self.lingering:
             self.close()  # GOAWAY said and no stream left: the connection is done
 
+    def answer_read(self) -> None:
+        """After a read: write what the engine has to say at once (SETTINGS and PING
+        acknowledgements, window updates), and close a connection it is done with. (Most
+        reads leave nothing: a flush, five calls into the engine, is skipped for them.)"""
+        h2 = self.h2
+        if h2.want_write or not h2.want_read:
+            self.flush()
+
     def sent(self, size: int) -> None:
         raise NotImplementedError
 
@@ -982,7 +990,7 @@ class H2Downstream(H2Connection):
             self.dispatch(h2.events())
             if self.lingering:
                 return
-        self.flush()
+        self.answer_read()
 
     def dispatch(self, events: list[ngh2.Event]) -> None:
         """What the engine made of the client's frames, or of its own sending (a stream
@@ -1257,7 +1265,7 @@ class H2Upstream(H2Connection):
             self.close()
             return
         self.dispatch(h2.events())
-        self.flush()
+        self.answer_read()
 
     def dispatch(self, events: list[ngh2.Event]) -> None:
         now = self.last_active
