@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -427,6 +428,29 @@ async def test_posts_above_the_last_stream_id_are_retried_on_another_pod(dns: Dn
         assert sum(pods.hits.values()) == 12  # none processed twice
 
 
+async def test_bridged_posts_above_the_last_stream_id_go_again_whole(dns: DnsServer) -> None:
+    """upstream_protocol http2: an HTTP/1 POST whose stream a pod ignored past its GOAWAY
+    is opened again elsewhere with its whole body, and processed once."""
+    async with (
+        H2Pods(*THREE) as pods,
+        proxied(pods.port, dns, THREE, balance="round_robin", upstream_protocol="http2") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        pods.goaway_after = {POD1: 1}  # POD1's connections take one stream each
+        bodies = [os.urandom(20_000) for _ in range(12)]
+
+        async def one(i: int, body: bytes) -> tuple[int, Any]:
+            async with session.post(url(server, f"/once/{i}"), data=body) as r:
+                return r.status, await r.json(content_type=None)
+
+        answers = await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+        for i, ((status, seen), body) in enumerate(zip(answers, bodies, strict=True)):
+            assert status == 200, (i, status, seen)
+            assert (seen["path"], seen["body_sha256"]) == (f"/once/{i}", sha(body))
+        assert pods.ignored[POD1] >= 1, (pods.ignored, pods.conns)
+        assert sum(pods.hits.values()) == 12  # none processed twice
+
+
 async def test_refused_posts_are_retried_on_another_pod(dns: DnsServer) -> None:
     async with (
         H2Pods(*THREE) as pods,
@@ -724,6 +748,29 @@ async def test_nginx_closing_its_connections_after_keepalive_requests_fails_no_p
             for x in Scrape.of(server).samples
             if x[0] == "sidelink_upstream_errors_total" and x[2]
         ]
+
+
+async def test_http1_posts_bridged_to_an_nginx_closing_after_keepalive_requests_all_pass(
+    tmp_path: Path,
+) -> None:
+    """upstream_protocol http2: HTTP/1 POSTs carried as HTTP/2 streams to nginx, which says
+    GOAWAY every 50 streams: those it refused go again, whatever the method."""
+    async with (
+        nginx_h2c(tmp_path, keepalive_requests=50) as port,
+        proxied(port, upstream_protocol="http2") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        gate = asyncio.Semaphore(40)
+
+        async def one(i: int) -> tuple[int, bytes]:
+            async with gate, session.post(url(server, f"/b/{i}"), data=b"x" * 1000) as r:
+                return r.status, await r.read()
+
+        answers = await asyncio.gather(*(one(i) for i in range(1000)))
+        assert Counter(status for status, _ in answers) == {200: 1000}
+        assert all(
+            body == f"nginx POST /b/{i} HTTP/2.0\n".encode() for i, (_, body) in enumerate(answers)
+        )
 
 
 # --- SIGTERM ------------------------------------------------------------------------------------

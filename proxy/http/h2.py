@@ -1653,6 +1653,12 @@ class H2Bridge(Rider):
         self.status = 0
         self.last_active = self.face.created
         self.endpoint: Endpoint | None = None
+        # What went on the stream, to open it again if it is refused (None: too much).
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
+        self.complete = False  # the request has been parsed whole
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.refusals = 0  # streams the servers refused, each opened again
 
     def __repr__(self) -> str:
         return f"<H2Bridge {self.usid} {self.exchange}>"
@@ -1675,6 +1681,12 @@ class H2Bridge(Rider):
 
     def dialed(self, ep: Endpoint, conn: Carrier) -> None:
         exchange = self.exchange
+        if self.refusals and exchange is not None and not exchange.down.closed:
+            if conn.room() > 0:
+                self._reopen(ep, conn)
+            else:
+                self.upstream_failed(UpstreamReset("upstream took no stream on a new connection"))
+            return
         if exchange is None or exchange.phase != CONNECTING or exchange.down.closed:
             return
         if conn.room() <= 0:
@@ -1690,7 +1702,11 @@ class H2Bridge(Rider):
 
     def dial_failed(self, error: UpstreamError) -> None:
         exchange = self.exchange
-        if exchange is not None and exchange.phase == CONNECTING and not exchange.down.closed:
+        if exchange is None or exchange.down.closed:
+            self.route.stats.errors[error.reason] += 1
+        elif self.refusals:
+            self.upstream_failed(error)  # (going again after a refusal: the exchange decides)
+        elif exchange.phase == CONNECTING:
             exchange.fail(error)
         else:
             self.route.stats.errors[error.reason] += 1
@@ -1762,11 +1778,70 @@ class H2Bridge(Rider):
             exchange.response_complete(reusable=True, keep_alive=self.keep_alive)
 
     def up_closed(self, code: int) -> None:
+        up = self.up
         self.up = None
         self.usid = 0
         if self.phase == DONE or self.exchange is None:
             return
+        if code == REFUSED_STREAM and self.status == 0 and self._again(up):
+            return
         self.upstream_failed(UpstreamReset(f"upstream reset the stream (error {code})"))
+
+    def _again(self, refused_on: Carrier | None) -> bool:
+        """The server refused the stream, so processed nothing of it: it goes again on a
+        new stream, to another endpoint if there is one, whatever its method (as an HTTP/2
+        client's stream does, bounded). False when it cannot."""
+        exchange = self.exchange
+        route = self.route
+        ep = self.endpoint
+        if (
+            exchange is None
+            or ep is None
+            or self.replay is None
+            or self.refusals >= route.settings.retries + len(route.endpoints)
+        ):
+            return False
+        self.refusals += 1
+        down = exchange.down
+        if refused_on is None or not refused_on.parting:
+            route.stats.errors[UpstreamReset.reason] += 1  # (after a GOAWAY: routine)
+        route.stats.retries += 1
+        tried = [*exchange.tried, ep]
+        to = down.endpoints.pick(tried)
+        if to is not None or ep.state == DRAINING:
+            exchange.tried = tried
+        else:
+            to = ep  # (nowhere else: the same one, on a new stream)
+        per_conn = route.settings.http2.max_streams_per_connection
+        conn = carrier_for(self, route, to, down.last_active, per_conn=per_conn, tried=tried)
+        if conn is not None and to is not None:
+            self._reopen(to, conn)
+        return True
+
+    def _reopen(self, ep: Endpoint, conn: Carrier) -> None:
+        """Open the refused stream again on ``conn``, with all of it sent so far."""
+        exchange = self.exchange
+        old = self.endpoint
+        assert exchange is not None and old is not None and self.replay is not None
+        if old is not ep:  # (the exchange's hold on its endpoint moves with it)
+            exchange.down.endpoints.release(old)
+            ep.in_flight += 1
+            exchange.endpoint = ep
+            self.endpoint = ep
+        self.up = conn
+        replay = self.replay
+        trailers = self.trailers
+        last = self.complete and not trailers
+        self.opened = False
+        self._open(end=last and not replay)
+        up = self.up
+        if up is None or not self.usid:
+            return  # (it failed to open: the exchange has been told)
+        for i, data in enumerate(replay, 1):
+            up.send_data(self.usid, data, last and i == len(replay))
+        if self.complete and trailers:
+            up.send_trailers(self.usid, trailers)
+        up.schedule()
 
     def upstream_failed(self, error: UpstreamError) -> None:
         exchange = self.exchange
@@ -1829,6 +1904,8 @@ class H2Bridge(Rider):
     def on_message_complete(self) -> None:
         headers = self.headers
         trailers = [(headers[i].lower(), headers[i + 1]) for i in range(0, len(headers), 2)]
+        self.complete = True
+        self.trailers = trailers
         if not self.opened:
             self._open(end=not trailers)
             if not trailers:
@@ -1862,6 +1939,13 @@ class H2Bridge(Rider):
         self.phase = SENDING
 
     def _send(self, data: bytes, end: bool) -> None:
+        replay = self.replay
+        if replay is not None and data:
+            self.replay_size += len(data)
+            if self.replay_size <= REPLAY_LIMIT:
+                replay.append(data)
+            else:
+                self.replay = None
         up = self.up
         if up is None or not self.usid:
             return
