@@ -39,6 +39,12 @@ EXIT_FAILURE = 1  # the benchmark could not run, or a proxy failed to start
 EXIT_USAGE = 2  # bad options or a missing tool
 EXIT_INTERRUPTED = 130
 
+
+def progress(message: str) -> None:
+    """A line of what a benchmark command is doing, on stderr (results go to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 # A 1-minute load average above this means other work shares the machine.
 BUSY_LOAD = 1.0
 DEFAULT_ROUNDS = 3
@@ -95,11 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "revision": git_revision(REPO),
     }
     if load_at_start > BUSY_LOAD:
-        _progress(
+        progress(
             f"note: load average {load_at_start:.1f} before starting: something else is running"
             " on this machine, and the numbers will be noisier"
         )
-    _progress(
+    progress(
         f"sidelink benchmark: {rounds} round(s) of {duration}s per wrk run; wrk -t{WRK_THREADS}"
         f" on {meta['machine']['cores']} cores (load generator and proxy share the machine)"
     )
@@ -112,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if h2 and not lab.h2:  # the lab could not set HTTP/2 up (see lab.notes)
             h2, meta["suite"] = False, "h1" if h1 else "none"
         for name, why in lab.failed.items():
-            _progress(f"{name} FAILED TO START: {why}")
+            progress(f"{name} FAILED TO START: {why}")
         for target in lab.targets:
             suffix = f" ({'; '.join(target.notes)})" if target.notes else ""
             tcp = target.tcp_port if target.tcp_port is not None else "n/a"
@@ -121,12 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 h2c = f"{target.h2_host}:{target.h2_port}" if target.h2_port else "n/a"
                 grpc = f"{target.grpc_host}:{target.grpc_port}" if target.grpc_port else "n/a"
                 line += f" h2c {h2c} grpc {grpc}"
-            _progress(line + suffix)
+            progress(line + suffix)
         if h2 and lab.h2_ports is not None and lab.h2_ports.grpc is None:
-            _progress("grpcio is not installed: no gRPC scenario (pip install grpcio)")
+            progress("grpcio is not installed: no gRPC scenario (pip install grpcio)")
         for note in lab.notes:
-            _progress(note)
-        runner = Runner(lab, write_wrk_script(tmp), duration, rounds, _progress, h1=h1, h2=h2)
+            progress(note)
+        runner = Runner(lab, write_wrk_script(tmp), duration, rounds, progress, h1=h1, h2=h2)
         results = runner.run_all()
         results.notes[:0] = lab.notes
         if lab.sidelink_admin_port is not None:
@@ -143,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         lab.stop()
         if args.keep_tmp:
-            _progress(f"kept {tmp}")
+            progress(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -191,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sidelink": sidelink,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    _progress(f"wrote {out / 'results.md'} and {out / 'results.json'} ({meta['elapsed_s']}s)")
+    progress(f"wrote {out / 'results.md'} and {out / 'results.json'} ({meta['elapsed_s']}s)")
     return EXIT_FAILURE if lab.failed else EXIT_OK
 
 
@@ -312,7 +318,3 @@ def _pick(given: int | None, default: int) -> int:
 
 def _size(n: int) -> str:
     return f"{n / GIB:g} GiB" if n >= GIB else f"{n / MIB:g} MiB"
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

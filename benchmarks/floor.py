@@ -36,6 +36,7 @@ from pathlib import Path
 import uvloop
 
 from benchmarks import configs
+from benchmarks.cli import progress
 from benchmarks.load import LoadError, run_wrk, write_wrk_script
 from benchmarks.procs import (
     BenchError,
@@ -237,7 +238,7 @@ def measure(
                 raise BenchError(f"{target.name}: wrk saw errors: {result.errors}")
             cpu_us = used / result.requests * 1e6 if result.requests else 0.0
             samples[target.name].append((result.rps, cpu_us))
-            _progress(
+            progress(
                 f"  round {number + 1} {target.name:<12} {result.rps:9,.0f} req/s"
                 f"  {cpu_us:5.1f} µs CPU per connection"
             )
@@ -308,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target, process = start_floor(lab, kind, upstream_port)
             floors.append(process)
             targets.append(target)
-        _progress(
+        progress(
             f"floor: {args.rounds} round(s) of {args.duration}s, wrk -t1 -c{CONNECTIONS}"
             f' -H "Connection: close"; targets: {", ".join(t.name for t in targets)}'
         )
@@ -324,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             process.stop()
         lab.stop()
         if args.keep_tmp:
-            _progress(f"kept {tmp}")
+            progress(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - clock
@@ -350,10 +351,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxies", default="sidelink,haproxy", help="subset of sidelink,haproxy")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     return parser
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

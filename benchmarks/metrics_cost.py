@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import configs
-from benchmarks.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from benchmarks.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, progress
 from benchmarks.diagnose import SAMPLE_LINE
 from benchmarks.load import LoadError, run_wrk, write_wrk_script
 from benchmarks.procs import (
@@ -182,14 +182,14 @@ def measure(
                 raise BenchError(f"sidelink ({target.name}): wrk saw errors: {result.errors}")
             cpu_us = used / result.requests * 1e6 if result.requests else 0.0
             samples[target.name].append(Run(result.rps, cpu_us, result.requests))
-            _progress(
+            progress(
                 f"  round {number + 1} {target.name:<11} {result.rps:9,.0f} req/s"
                 f"  {cpu_us:5.1f} µs CPU per request  (load {load_average():.2f})"
             )
         for target in order:
             us = inprocess(target.name == ON)
             own[target.name].append(us)
-            _progress(f"  round {number + 1} {target.name:<11} in-process {us:6.2f} µs/request")
+            progress(f"  round {number + 1} {target.name:<11} in-process {us:6.2f} µs/request")
     return samples, own
 
 
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dns.set_a(f"{configs.DNS_SERVICE}.{configs.DNS_DOMAIN}", ["127.0.0.1"], ttl=DNS_TTL)
         for name, metrics in ((ON, True), (OFF, False)):
             targets.append(start_sidelink(lab, dns.port, upstream_port, name, metrics))
-        _progress(
+        progress(
             f"metrics cost: {args.rounds} round(s) of {args.duration}s, wrk -t1"
             f" -c{SCENARIO.connections} keep-alive on the http route; {OFF}: {SWITCH}=1"
         )
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target.process.stop()
         lab.stop()
         if args.keep_tmp:
-            _progress(f"kept {tmp}")
+            progress(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - clock
@@ -381,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checks": checks,
     }
     (out / "metrics_cost.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    _progress(f"wrote {out / 'metrics_cost.md'} and {out / 'metrics_cost.json'}")
+    progress(f"wrote {out / 'metrics_cost.md'} and {out / 'metrics_cost.json'}")
     return EXIT_OK
 
 
@@ -401,10 +401,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(OUT), help="output folder (default benchmarks/out)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     return parser
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.cli import progress
 from benchmarks.load import LoadError, WrkResult, run_wrk, write_wrk_script
 from benchmarks.procs import (
     BenchError,
@@ -423,13 +424,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         thread, result = start_load(which("wrk"), tmp, soak.listen_port, args.rps, seconds)
         start = time.monotonic()
         samples.append(soak.sample(0.0))
-        _progress(f"soak: {seconds:g} s, replicas {', '.join(soak.replicas)} on port {soak.port}")
+        progress(f"soak: {seconds:g} s, replicas {', '.join(soak.replicas)} on port {soak.port}")
         next_sample = start + args.sample
         next_rotation = start + args.rotate
         while thread.is_alive() or time.monotonic() < start + seconds:
             now = time.monotonic()
             if now >= next_rotation and now < start + seconds - args.rotate / 2:
-                _progress(f"{now - start:6.0f} s  replaced {soak.rotate(now)}")
+                progress(f"{now - start:6.0f} s  replaced {soak.rotate(now)}")
                 next_rotation += args.rotate
             soak.retire(now)
             if now >= next_sample:
@@ -449,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         soak.stop()
         if args.keep_tmp:
-            _progress(f"kept {tmp}")
+            progress(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"load: {load.how}")
@@ -470,10 +471,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", type=float, default=10, help="seconds between samples")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the config and the logs")
     return parser
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
