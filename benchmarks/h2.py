@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.load import IdleConnections, LoadError
+from benchmarks.load import IdleConnections, LoadError, RunResult
 
 H2LOAD_THREADS = 1  # as wrk: one core drives load, the proxy shares the other
 H2LOAD_GRACE = 30.0
@@ -27,23 +27,6 @@ _REQUESTS = re.compile(
     r" (\d+) errored, (\d+) timeout"
 )
 _STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
-
-
-@dataclass(frozen=True)
-class H2Result:
-    requests: int  # completed with a 2xx/3xx
-    duration_s: float
-    p50_us: float
-    p99_us: float
-    errors: dict[str, int]
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -61,7 +44,7 @@ def run_h2load(
     streams: int,
     duration: int,
     log_file: Path,
-) -> H2Result:
+) -> RunResult:
     """``h2load -c CONNS -m STREAMS -D SECONDS http://host:port/``: h2c, prior knowledge."""
     argv = [
         h2load,
@@ -96,7 +79,7 @@ def run_h2load(
     if succeeded == 0 and not any(errors.values()):
         # Nothing completed and nothing was counted: the connections never came up.
         errors["no_connection"] = connections
-    return H2Result(
+    return RunResult(
         requests=succeeded,
         duration_s=seconds,
         p50_us=percentile(latencies, 0.50),

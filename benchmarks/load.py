@@ -41,7 +41,9 @@ IDLE_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
-class WrkResult:
+class RunResult:
+    """One run of a load generator (wrk, or h2load: benchmarks.h2)."""
+
     requests: int
     duration_s: float
     p50_us: float
@@ -75,7 +77,7 @@ def run_wrk(
     connections: int,
     duration: int,
     headers: tuple[str, ...] = (),
-) -> WrkResult:
+) -> RunResult:
     argv = [
         wrk,
         f"-t{WRK_THREADS}",
@@ -97,7 +99,7 @@ def run_wrk(
     for line in done.stdout.splitlines():
         if line.startswith(WRK_MARK):
             data = json.loads(line[len(WRK_MARK) :])
-            return WrkResult(
+            return RunResult(
                 requests=int(data["requests"]),
                 duration_s=data["duration_us"] / 1e6,
                 p50_us=float(data["p50_us"]),

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from benchmarks.h2 import (
     GrpcResult,
-    H2Result,
     IdleH2Connections,
     run_grpc_client,
     run_h2load,
@@ -22,7 +21,7 @@ from benchmarks.h2 import (
 from benchmarks.load import (
     IdleConnections,
     LoadError,
-    WrkResult,
+    RunResult,
     run_curl_bulk,
     run_wrk,
 )
@@ -406,7 +405,7 @@ class Runner:
         return False
 
 
-def _wrk_line(key: str, name: str, result: WrkResult) -> str:
+def _wrk_line(key: str, name: str, result: RunResult) -> str:
     line = (
         f"  {key:<16} {name:<9} {result.rps:10.0f} req/s"
         f"  p50 {result.p50_us / 1000:7.2f} ms  p99 {result.p99_us / 1000:7.2f} ms"
@@ -417,7 +416,7 @@ def _wrk_line(key: str, name: str, result: WrkResult) -> str:
     return line
 
 
-def _h2_line(key: str, name: str, result: H2Result | GrpcResult, sample: Sample) -> str:
+def _h2_line(key: str, name: str, result: RunResult | GrpcResult, sample: Sample) -> str:
     line = (
         f"  {key:<16} {name:<9} {result.rps:10.0f} req/s"
         f"  p50 {result.p50_us / 1000:7.2f} ms  p99 {result.p99_us / 1000:7.2f} ms"

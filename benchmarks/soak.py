@@ -34,7 +34,7 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.cli import progress
-from benchmarks.load import LoadError, WrkResult, run_wrk, write_wrk_script
+from benchmarks.load import LoadError, RunResult, run_wrk, write_wrk_script
 from benchmarks.procs import (
     BenchError,
     Process,
@@ -331,7 +331,7 @@ def start_load(
 ) -> tuple[threading.Thread, Callable[[], LoadResult]]:
     """The load in a thread of its own: (thread, a function giving its result when done)."""
     if wrk is not None and rps == 0:
-        box: dict[str, WrkResult | Exception] = {}
+        box: dict[str, RunResult | Exception] = {}
         script = write_wrk_script(tmp)
 
         def run() -> None:
@@ -344,7 +344,7 @@ def start_load(
 
         def result() -> LoadResult:
             got = box.get("result")
-            if not isinstance(got, WrkResult):
+            if not isinstance(got, RunResult):
                 raise BenchError(f"wrk failed: {got}")
             errors = ", ".join(f"{k} {v}" for k, v in got.errors.items() if v)
             return LoadResult(
