@@ -42,14 +42,14 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support import wire
 from support.grpc_servers import Caller, GrpcPods
 from support.h2peers import H2Client, H2Pods, PodConnection, StreamReset
-from support.inproc import resolver_yaml, route_address, running_server
+from support.inproc import route_address, running_server
 from support.pods import StreamPods
 from support.procs import free_port, require_tool
+from support.replicas import route_entry, routes_yaml
 from support.wait import until
 
 from proxy import __version__
@@ -180,32 +180,17 @@ class CountingH2Pods(H2Pods):
 
 
 def config(dns_port: int, ports: dict[str, int]) -> str:
-    def route(name: str, service: str, port: int, protocol: str = "http", **extra: str) -> Any:
-        return {
-            "name": name,
-            "listen": "127.0.0.1:0",
-            "protocol": protocol,
-            "service": service,
-            "port": port,
-            "connect_timeout": "300ms",
-            "request_timeout": "2s",
-            "head_timeout": "2s",
-            **extra,
-        }
-
     routes = [
-        route("web", "web", ports["web"], request_timeout="300ms"),
-        route("dead", DEAD, ports["dead"]),
-        route("nowhere", "nowhere", 80),
-        route("moving", "moving", ports["moving"]),
-        route("h2", H2_POD, ports["h2"], request_timeout="300ms"),
-        route("grpc", GRPC_POD, ports["grpc"], request_timeout="300ms"),
-        route("tcp", TCP_POD, ports["tcp"], protocol="tcp"),
-        route("tcpdead", DEAD, ports["tcpdead"], protocol="tcp"),
+        route_entry("web", "web", ports["web"], request_timeout="300ms"),
+        route_entry("dead", DEAD, ports["dead"]),
+        route_entry("nowhere", "nowhere", 80),
+        route_entry("moving", "moving", ports["moving"]),
+        route_entry("h2", H2_POD, ports["h2"], request_timeout="300ms"),
+        route_entry("grpc", GRPC_POD, ports["grpc"], request_timeout="300ms"),
+        route_entry("tcp", TCP_POD, ports["tcp"], protocol="tcp"),
+        route_entry("tcpdead", DEAD, ports["tcpdead"], protocol="tcp"),
     ]
-    return resolver_yaml(dns_port) + yaml.safe_dump(
-        {"logging": {"level": "warning"}, "routes": routes}
-    )
+    return routes_yaml(dns_port, routes)
 
 
 # --- the exposition, as samples ------------------------------------------------------------

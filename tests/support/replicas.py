@@ -76,9 +76,16 @@ def route_yaml(
     """A config with one route to `service`, resolved by the DNS server on dns_port.
 
     `settings` are the route's own keys (outlier={...}, balance="ewma", pool={...}).
-    Timeouts are short, so a test that sees one still ends in seconds.
     """
-    route = {
+    return routes_yaml(dns_port, [route_entry(name, service, port, protocol, **settings)])
+
+
+def route_entry(
+    name: str, service: str, port: int, protocol: str = "http", **settings: Any
+) -> dict[str, Any]:
+    """One route listening on a free port, with short timeouts, so a test that sees one
+    still ends in seconds; `settings` add to them or override them."""
+    return {
         "name": name,
         "listen": "127.0.0.1:0",
         "protocol": protocol,
@@ -89,8 +96,12 @@ def route_yaml(
         "head_timeout": "2s",
         **settings,
     }
+
+
+def routes_yaml(dns_port: int, routes: list[dict[str, Any]]) -> str:
+    """A config with these routes, resolved by the DNS server on dns_port, logging warnings."""
     return resolver_yaml(dns_port) + yaml.safe_dump(
-        {"logging": {"level": "warning"}, "routes": [route]}
+        {"logging": {"level": "warning"}, "routes": routes}
     )
 
 
