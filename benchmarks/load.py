@@ -59,6 +59,18 @@ class RunResult:
         return sum(self.errors.values())
 
 
+async def read_answer(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response framed by Content-Length, body and all: its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
 class LoadError(Exception):
     """A load generator failed to run or to report (not: the target answered badly)."""
 
@@ -206,15 +218,7 @@ class IdleConnections:
     async def hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
         """The one request a connection makes before it idles: its status."""
         writer.write(IDLE_REQUEST)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await reader.readexactly(length)
-        return status
+        return await read_answer(reader)
 
     def _fail(self, error: str) -> None:
         self.failed += 1

@@ -34,7 +34,7 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.cli import progress
-from benchmarks.load import LoadError, RunResult, run_wrk, write_wrk_script
+from benchmarks.load import LoadError, RunResult, read_answer, run_wrk, write_wrk_script
 from benchmarks.procs import (
     BenchError,
     Process,
@@ -305,14 +305,7 @@ class PacedClient:
                 reader, writer = conn
                 writer.write(request)
                 async with asyncio.timeout(5):
-                    head = await reader.readuntil(END_OF_HEAD)
-                    length = 0
-                    for line in head.split(b"\r\n")[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            length = int(value)
-                    await reader.readexactly(length)
-                status = int(head.split(b" ", 2)[1])
+                    status = await read_answer(reader)
                 if status != 200:
                     raise ValueError(f"status {status}")
                 self.result.requests += 1
