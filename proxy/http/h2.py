@@ -351,6 +351,9 @@ class Rider:
     several times per stream.)"""
 
     request: heads.H2Request
+    # The request data kept to send again if the stream is refused (None: too much).
+    replay: list[bytes] | None
+    replay_size: int
     up: Carrier | None  # the carrier of its upstream stream
     usid: int  # that stream's id (0: none)
     up_owed: int  # response bytes not yet acknowledged to the carrier
@@ -392,6 +395,36 @@ class Rider:
     def fail(self, error: ProxyError, code: int = INTERNAL_ERROR) -> None:
         """The upstream failed with the answer under way (or sidelink gives up on it)."""
         raise NotImplementedError
+
+    def keep(self, data: bytes) -> None:
+        """Keep request data to send again if the stream is refused, up to REPLAY_LIMIT."""
+        replay = self.replay
+        if replay is not None:
+            self.replay_size += len(data)
+            if self.replay_size <= REPLAY_LIMIT:
+                replay.append(data)
+            else:
+                self.replay = None
+
+
+def refused_again(
+    route: Route, ep: Endpoint | None, tried: Sequence[Endpoint], tries: int, routine: bool
+) -> Sequence[Endpoint] | None:
+    """A refused stream goes again (nothing of it was processed): the endpoints to leave
+    out now (``ep`` too, if there is another), or None when it has gone again as often as
+    it may (``retries`` and once per endpoint). Counted as a retry, and as an upstream
+    error unless ``routine`` (the server said GOAWAY first)."""
+    if tries >= route.settings.retries + len(route.endpoints):
+        return None
+    if ep is not None:
+        more = [*tried, ep]
+        if ep.state == DRAINING or route.endpoints.pick(more) is not None:
+            tried = more  # (else nowhere else: the same one again, on a new stream)
+    stats = route.stats
+    if not routine:  # (counted as connect failures are: each one, retried past or not)
+        stats.errors[UpstreamReset.reason] += 1
+    stats.retries += 1
+    return tried
 
 
 class Stream(Rider):
@@ -507,13 +540,7 @@ class Stream(Rider):
             self.down.acknowledge(size, self.sid)  # answered already: dropped
             return
         self.down_owed += size
-        replay = self.replay
-        if replay is not None:
-            self.replay_size += size
-            if self.replay_size <= REPLAY_LIMIT:
-                replay.append(data)
-            else:
-                self.replay = None
+        self.keep(data)
         up = self.up
         if up is not None:
             up.send_data(self.usid, data, end)
@@ -766,25 +793,18 @@ class Stream(Rider):
     def _retry(self, routine: bool = False) -> None:
         """Send the request again on a new stream: to another endpoint if there is one
         (``routine``: it is not counted as an upstream error)."""
-        down = self.down
-        route = down.route
         self._release()
-        ep = self.endpoint
-        if self.replay is None:
+        replay = self.replay
+        if replay is None:
             self.fail(UpstreamReset("upstream refused the stream, too large to send again"))
             return
-        if self.retries >= route.settings.retries + len(route.endpoints):
+        tried = refused_again(self.down.route, self.endpoint, self.tried, self.retries, routine)
+        if tried is None:
             self.fail(UpstreamReset("upstream refused the stream on every try"))
             return
-        if ep is not None:
-            tried = [*self.tried, ep]
-            if ep.state == DRAINING or route.endpoints.pick(tried) is not None:
-                self.tried = tried  # (else nowhere else: the same one again, on a new stream)
-        if not routine:  # (counted as connect failures are: each one, retried past or not)
-            down.stats.errors[UpstreamReset.reason] += 1
-        down.stats.retries += 1
+        self.tried = tried
         self.retries += 1
-        self.pending = list(self.replay)
+        self.pending = list(replay)
         self.start()
 
     # --- the end --------------------------------------------------------------------
@@ -1794,24 +1814,16 @@ class H2Bridge(Rider):
         exchange = self.exchange
         route = self.route
         ep = self.endpoint
-        if (
-            exchange is None
-            or ep is None
-            or self.replay is None
-            or self.refusals >= route.settings.retries + len(route.endpoints)
-        ):
+        if exchange is None or ep is None or self.replay is None:
+            return False
+        routine = refused_on is not None and refused_on.parting
+        tried = refused_again(route, ep, exchange.tried, self.refusals, routine)
+        if tried is None:
             return False
         self.refusals += 1
+        exchange.tried = tried
         down = exchange.down
-        if refused_on is None or not refused_on.parting:
-            route.stats.errors[UpstreamReset.reason] += 1  # (after a GOAWAY: routine)
-        route.stats.retries += 1
-        tried = [*exchange.tried, ep]
         to = down.endpoints.pick(tried)
-        if to is not None or ep.state == DRAINING:
-            exchange.tried = tried
-        else:
-            to = ep  # (nowhere else: the same one, on a new stream)
         per_conn = route.settings.http2.max_streams_per_connection
         conn = carrier_for(self, route, to, down.last_active, per_conn=per_conn, tried=tried)
         if conn is not None and to is not None:
@@ -1939,13 +1951,8 @@ class H2Bridge(Rider):
         self.phase = SENDING
 
     def _send(self, data: bytes, end: bool) -> None:
-        replay = self.replay
-        if replay is not None and data:
-            self.replay_size += len(data)
-            if self.replay_size <= REPLAY_LIMIT:
-                replay.append(data)
-            else:
-                self.replay = None
+        if data:
+            self.keep(data)
         up = self.up
         if up is None or not self.usid:
             return
