@@ -477,6 +477,18 @@ def test_the_command_serves_and_stops_on_sigterm(
     assert "webhook stopped" in err
 
 
+def webhook_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """`sidelink webhook` with these arguments, run to its end (a refusal, here)."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "webhook", *args],
+        env=clean_environ(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -491,29 +503,14 @@ def test_the_command_serves_and_stops_on_sigterm(
 def test_the_command_refuses_bad_options_in_one_line(
     cert_files: tuple[str, str], args: list[str], expected: str
 ) -> None:
-    base = ["--cert", cert_files[0], "--key", cert_files[1]]
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "webhook", *base, *args],
-        env=clean_environ(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = webhook_command("--cert", cert_files[0], "--key", cert_files[1], *args)
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
     assert line.startswith(expected), line
 
 
 def test_the_command_needs_cert_and_key() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "webhook"],
-        env=clean_environ(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = webhook_command()
     assert done.returncode == 2
     assert "the following arguments are required: --cert, --key" in done.stderr
 
