@@ -1663,7 +1663,7 @@ class H2Bridge(Rider):
         self.headers: list[bytes] = []  # name, value...; after the head, the trailers
         self.opened = False  # its stream is open upstream
         self.keep_alive = True
-        self.request = heads.H2Request(b"", b"", [])
+        self.request = heads.H2Request(b"", b"", b"", [])
         self.up: Carrier | None = None
         self.usid = 0
         self.up_owed = 0
@@ -1905,7 +1905,8 @@ class H2Bridge(Rider):
         # (Hop-by-hop fields are gone already; what framed the body for HTTP/1 goes too.)
         fields = [f for f in fields if heads.FIELDS.get(f[0], heads.PASS) <= heads.LENGTH]
         self.request = heads.h2_request(
-            [(b":method", method), (b":path", self.url), *fields], PRESERVE_HOST
+            [(b":method", method), (b":scheme", b"http"), (b":path", self.url), *fields],
+            PRESERVE_HOST,
         )
         self.headers = []
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from http import HTTPStatus
-from typing import Final
+from typing import Final, cast
 
 import httptools
+from ngh2.types import Header
 
 from proxy.errors import BadRequest, ForbiddenHost, NotImplementedCoding, ProxyError
 
@@ -329,53 +330,57 @@ def head_size(method: bytes, target: bytes, headers: list[bytes]) -> int:
 # --- HTTP/2 -----------------------------------------------------------------------
 
 GRPC: Final = b"application/grpc"
+COLON: Final = 0x3A  # ":", what the name of a pseudo-header field begins with
 
 
 class H2Request:
     """An HTTP/2 request head as it goes upstream (RFC 9113 8.3.1), and what it said."""
 
-    __slots__ = ("fields", "grpc", "method", "path")
+    __slots__ = ("authority", "fields", "grpc", "method", "path")
 
-    def __init__(self, method: bytes, path: bytes, fields: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, method: bytes, path: bytes, authority: bytes, fields: list[Header]) -> None:
         self.method = method
         self.path = path
+        self.authority = authority  # the :authority upstream gets
         self.fields = fields  # pseudo-header fields first
         self.grpc = False  # content-type application/grpc...
 
 
-def h2_request(headers: Iterable[tuple[bytes, bytes]], hosts: HostRule) -> H2Request:
+def h2_request(headers: Iterable[Header], hosts: HostRule) -> H2Request:
     """A client's HTTP/2 request fields for upstream: ``:authority`` by the route's
     ``host`` rule (a ``host`` field folded into it), the rest as they came (the engine has
-    refused connection-specific fields already, RFC 9113 8.2.2)."""
+    refused connection-specific fields already, RFC 9113 8.2.2). The fields themselves go
+    on: one the client sent never-indexed stays so (RFC 7541 6.2.3), and none is copied."""
     method = path = b""
-    scheme = b"http"
     authority: bytes | None = None
-    rest: list[tuple[bytes, bytes]] = []
+    at = -1  # where :authority is in fields
+    fields: list[Header] = []
     grpc = False
-    for name, value in headers:
-        if name[:1] == b":":
+    for field in headers:
+        # (Read as a plain tuple, which both kinds of field are: compiled, that is an
+        # index into it and a compare of bytes, not generic item and equality lookups.)
+        pair = cast("tuple[bytes, ...]", field)
+        name = pair[0]
+        if name[0] == COLON:
             if name == b":method":
-                method = value
+                method = pair[1]
             elif name == b":path":
-                path = value
+                path = pair[1]
             elif name == b":authority":
-                authority = value
-            elif name == b":scheme":
-                scheme = value
+                authority = pair[1]
+                at = len(fields)
         elif name == b"host":
-            authority = authority or value
-        else:
-            if name == b"content-type" and value.startswith(GRPC):
-                grpc = True
-            rest.append((name, value))
-    fields = [
-        (b":method", method),
-        (b":scheme", scheme),
-        (b":authority", hosts.authority or authority or hosts.default),
-        (b":path", path),
-    ]
-    fields += rest
-    request = H2Request(method, path, fields)
+            authority = authority or pair[1]
+            continue
+        elif name == b"content-type" and pair[1].startswith(GRPC):
+            grpc = True
+        fields.append(field)
+    wanted = hosts.authority or authority or hosts.default
+    if at < 0:
+        fields.insert(0, (b":authority", wanted))
+    elif wanted is not authority:
+        fields[at] = (b":authority", wanted)
+    request = H2Request(method, path, wanted, fields)
     request.grpc = grpc
     return request
 
@@ -429,11 +434,16 @@ def h1_request(request: H2Request, end: bool) -> tuple[bytes, bool]:
     """An HTTP/2 request's head as HTTP/1.1 (RFC 9113 8.2), and whether its body goes
     chunked: ``:authority`` becomes Host, cookie fields are joined into one (8.2.3), and
     ``te`` (hop-by-hop) stays behind. ``end``: the request has no body."""
-    fields = request.fields
-    lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.path), b"host: %s\r\n" % fields[2][1]]
+    lines = [
+        b"%s %s HTTP/1.1\r\n" % (request.method, request.path),
+        b"host: %s\r\n" % request.authority,
+    ]
     cookies: list[bytes] = []
     length = False
-    for name, value in fields[4:]:
+    for field in request.fields:
+        name, value = cast("tuple[bytes, ...]", field)
+        if name[0] == COLON:
+            continue  # (pseudo-header fields: the request line and Host say them)
         if name == b"cookie":
             cookies.append(value)
         elif name != b"te":

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from ngh2 import NeverIndexedHeader
+from ngh2.types import Header
 
 from proxy.config import PoolConfig
 from proxy.endpoints import EndpointSet
@@ -27,7 +29,7 @@ AUTO = heads.HostRule("app1-service.ns", 8080, "auto")
 PRESERVE = heads.HostRule("app1-service.ns", 8080, "preserve")
 
 
-def request(*extra: tuple[bytes, bytes], authority: bytes = b"localhost:8081") -> heads.H2Request:
+def request(*extra: Header, authority: bytes = b"localhost:8081") -> heads.H2Request:
     fields = [
         (b":method", b"POST"),
         (b":scheme", b"http"),
@@ -38,20 +40,42 @@ def request(*extra: tuple[bytes, bytes], authority: bytes = b"localhost:8081") -
     return heads.h2_request(fields, AUTO)
 
 
-def test_request_fields_keep_pseudo_headers_first_and_the_rest_in_order() -> None:
+def test_request_fields_go_on_in_their_order_with_the_authority_rewritten() -> None:
     req = request((b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"x-a", b"1"))
     assert req.method == b"POST"
     assert req.path == b"/pkg.Svc/Call"
+    assert req.authority == b"app1-service.ns:8080"  # host: auto, the service as written
     assert req.grpc
     assert req.fields == [
         (b":method", b"POST"),
         (b":scheme", b"http"),
-        (b":authority", b"app1-service.ns:8080"),  # host: auto, the service as written
         (b":path", b"/pkg.Svc/Call"),
+        (b":authority", b"app1-service.ns:8080"),
         (b"content-type", b"application/grpc"),
         (b"te", b"trailers"),
         (b"x-a", b"1"),
     ]
+
+
+def test_a_missing_authority_goes_first_and_a_host_field_is_folded_into_it() -> None:
+    fields = [(b":method", b"GET"), (b":path", b"/"), (b"host", b"h"), (b"x-a", b"1")]
+    req = heads.h2_request(fields, PRESERVE)
+    assert req.fields == [
+        (b":authority", b"h"),
+        (b":method", b"GET"),
+        (b":path", b"/"),
+        (b"x-a", b"1"),
+    ]
+
+
+def test_never_indexed_fields_stay_never_indexed() -> None:
+    # RFC 7541 6.2.3: an intermediary forwards a never-indexed field with the same
+    # representation (ngh2 hands it over as NeverIndexedHeader, and takes it so too).
+    secret = NeverIndexedHeader(b"authorization", b"Bearer x")
+    req = request(secret, (b"x-a", b"1"))
+    [kept] = [f for f in req.fields if f[0] == b"authorization"]
+    assert type(kept) is NeverIndexedHeader
+    assert kept == secret
 
 
 @pytest.mark.parametrize(
