@@ -42,6 +42,7 @@ from ngh2 import (
     StreamReset,
     TrailersReceived,
 )
+from ngh2.types import Header
 
 from proxy.endpoints import DRAINING, Endpoint
 from proxy.errors import (
@@ -126,7 +127,9 @@ SERVER_CONFIG: Final = Configuration(
 CLIENT_CONFIG: Final = Configuration(
     auto_window_update=False, max_inbound_header_list_size=MAX_HEAD_BYTES
 )
-Fields = Sequence[tuple[bytes, bytes]]
+Fields = Sequence[Header]
+# What the three digits of a status each count too much as ASCII ("0" is 48).
+THREE_ZEROS: Final = ord("0") * 111
 # The engine's event classes, as constants: compiled code reads a Final from a C static,
 # an imported name from the module's dict, and dispatch compares each event with several.
 DATA: Final = DataReceived
@@ -875,11 +878,14 @@ class Stream(Rider):
 
 
 def _status(fields: Fields) -> int:
-    name, value = fields[0]  # (pseudo-header fields come first: the engine checks)
-    if name == b":status":
-        return int(value)
-    for name, value in fields:
-        if name == b":status":
+    """A response's :status (first, with the other pseudo-header fields: the engine
+    checks, and that it is three digits)."""
+    for field in fields:
+        pair = cast("tuple[bytes, ...]", field)  # (as in heads.h2_request)
+        if pair[0] == b":status":
+            value = pair[1]
+            if len(value) == 3:
+                return value[0] * 100 + value[1] * 10 + value[2] - THREE_ZEROS
             return int(value)
     return 0
 
