@@ -444,6 +444,7 @@ class Stream(Rider):
         "bytes_out",
         "complete",
         "down",
+        "down_open",
         "down_owed",
         "endpoint",
         "error",
@@ -472,6 +473,7 @@ class Stream(Rider):
     def __init__(self, down: H2Downstream, sid: int, request: heads.H2Request) -> None:
         self.down = down
         self.sid = sid
+        self.down_open = True  # the client's stream is open (in down.streams)
         self.request = request
         self.started = perf_counter()
         self.phase = HEAD
@@ -673,7 +675,7 @@ class Stream(Rider):
         whoever sent it (its stream there may have closed: then it is given back)."""
         down = self.down
         if via is down:
-            if self.sid in down.streams:
+            if self.down_open:
                 drained = _drained(self.up_owed, down, self.sid)
                 if drained:
                     self.up_owed -= drained
@@ -683,7 +685,7 @@ class Stream(Rider):
                         self.lender.give_back(drained, self.lender_sid)
                 if self.up_owed:
                     return
-        elif via is self.up and self.sid in down.streams:
+        elif via is self.up and self.down_open:
             drained = _drained(self.down_owed, via, self.usid)
             if drained:
                 self.down_owed -= drained
@@ -716,7 +718,7 @@ class Stream(Rider):
     def response_data(self, data: bytes, end: bool) -> None:
         down = self.down
         size = len(data)
-        if self.phase == DONE or self.sid not in down.streams:
+        if self.phase == DONE or not self.down_open:
             if self.up is not None:
                 self.up.acknowledge(size, self.usid)
             return
@@ -734,7 +736,7 @@ class Stream(Rider):
 
     def response_trailers(self, fields: Fields) -> None:
         down = self.down
-        if self.phase != DONE and self.sid in down.streams:
+        if self.phase != DONE and self.down_open:
             if self.request.grpc:
                 _count_grpc(down, fields)
             down.h2.send_trailers(self.sid, fields)
@@ -756,7 +758,7 @@ class Stream(Rider):
         self.usid = 0
         if up is not None:
             up.owing.discard(self)
-            if self.phase == DONE and self.up_owed and self.sid in self.down.streams:
+            if self.phase == DONE and self.up_owed and self.down_open:
                 self.lender = up  # answered whole: credited as the rest goes down
                 self.lender_sid = usid
                 return
@@ -826,7 +828,7 @@ class Stream(Rider):
             return
         self.status = 200 if self.request.grpc else error.status
         down.stats.request_duration.observe(perf_counter() - self.started)
-        if self.sid in down.streams:
+        if self.down_open:
             down.answer(self, error)
         self.end()
 
@@ -835,7 +837,7 @@ class Stream(Rider):
         its trailers, any other stream is reset."""
         down = self.down
         self.status = RESET_CODE
-        if self.sid in down.streams and not down.closed:
+        if self.down_open and not down.closed:
             if self.request.grpc:
                 with contextlib.suppress(ngh2.NGH2Error):  # (its end may be sent already)
                     down.h2.send_trailers(self.sid, heads.grpc_trailers(error))
@@ -846,7 +848,9 @@ class Stream(Rider):
         self.end()
 
     def down_closed(self) -> None:
-        """The client's stream closed: done, reset by the client, or its connection lost."""
+        """The client's stream closed: done, reset by the client, or its connection lost
+        (it has left down.streams)."""
+        self.down_open = False
         down = self.down
         if self.down_owed:
             down.give_back(self.down_owed, self.sid)
