@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hpack
 import pytest
 import yaml
 from aiohttp import web
@@ -292,6 +293,23 @@ async def test_trailers_pass_both_ways() -> None:
 
         r = await client.request("GET", "/trailers/get")
         assert (r.status, r.trailer("x-pod-trailer")) == (200, POD1)
+
+
+async def test_a_never_indexed_field_reaches_the_pod_never_indexed() -> None:
+    # RFC 7541 6.2.3: an intermediary keeps a never-indexed field never-indexed, so that
+    # no HPACK table on the way holds a secret. (A field of the client's own choosing:
+    # both engines never index authorization whatever they are given.)
+    async with (
+        H2Pods(POD1) as pods,
+        proxied(pods.port) as server,
+        H2Client.open(route_address(server)) as client,
+    ):
+        secret = hpack.NeverIndexedHeaderTuple("x-api-key", "s3cret")
+        r = await client.request("GET", "/", headers=[secret, ("x-plain", "1")])
+        assert r.status == 200
+        (seen,) = pods.seen("/")
+        assert (seen.header("x-api-key"), seen.header("x-plain")) == ("s3cret", "1")
+        assert seen.never_indexed == ["x-api-key"]
 
 
 @pytest.mark.both_loops

@@ -287,6 +287,7 @@ class Seen:
     body_bytes: int = 0
     body_sha256: Any = field(default_factory=hashlib.sha256)
     trailers: Fields = field(default_factory=list)
+    never_indexed: list[str] = field(default_factory=list)  # fields sent never-indexed
     complete: bool = False  # the whole request arrived
     answered: bool = False  # the whole response was sent
     reset_by_peer: int | None = None  # the RST_STREAM code sidelink sent on it
@@ -539,6 +540,12 @@ class PodConnection(asyncio.Protocol):
             path=pseudo.get(":path", ""),
             authority=pseudo.get(":authority", ""),
             headers=[h for h in headers if not h[0].startswith(":")],
+            never_indexed=[
+                name
+                for name, _ in _decoded(
+                    [h for h in event.headers if isinstance(h, hpack.NeverIndexedHeaderTuple)]
+                )
+            ],
         )
         self.pods.requests.append(seen)
         self.pods.hits[self.pod] += 1
