@@ -93,6 +93,17 @@ async def proxied(
         yield server
 
 
+@contextlib.asynccontextmanager
+async def one_pod() -> AsyncIterator[tuple[H2Pods, Server, H2Client]]:
+    """An h2c pod on POD1, sidelink in front of it, and an HTTP/2 client of sidelink's."""
+    async with (
+        H2Pods(POD1) as pods,
+        proxied(pods.port) as server,
+        H2Client.open(route_address(server)) as client,
+    ):
+        yield pods, server, client
+
+
 def url(server: Server, path: str = "/") -> str:
     host, port = route_address(server)
     return f"http://{host}:{port}{path}"
@@ -271,11 +282,7 @@ async def test_upstream_streams_per_connection_are_limited(
 
 @pytest.mark.both_loops
 async def test_trailers_pass_both_ways() -> None:
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, _server, client):
         r = await client.request(
             "POST",
             "/trailers",
@@ -299,11 +306,7 @@ async def test_a_never_indexed_field_reaches_the_pod_never_indexed() -> None:
     # RFC 7541 6.2.3: an intermediary keeps a never-indexed field never-indexed, so that
     # no HPACK table on the way holds a secret. (A field of the client's own choosing:
     # both engines never index authorization whatever they are given.)
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, _server, client):
         secret = hpack.NeverIndexedHeaderTuple("x-api-key", "s3cret")
         r = await client.request("GET", "/", headers=[secret, ("x-plain", "1")])
         assert r.status == 200
@@ -314,11 +317,7 @@ async def test_a_never_indexed_field_reaches_the_pod_never_indexed() -> None:
 
 @pytest.mark.both_loops
 async def test_client_reset_resets_the_upstream_stream() -> None:
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, server, client):
         sid = client.start("GET", "/hold/r")
         await until(lambda: pods.held("r") == 1, 5, "the stream held at the pod")
         assert streams_active(server, "downstream") == 1
@@ -338,11 +337,7 @@ async def test_client_reset_resets_the_upstream_stream() -> None:
 @pytest.mark.both_loops
 @pytest.mark.parametrize("stage", ["head", "body"])
 async def test_upstream_reset_resets_the_client_stream(stage: str) -> None:
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, server, client):
         with pytest.raises(StreamReset) as reset:
             await client.request("GET", f"/reset/{stage}/{INTERNAL_ERROR}")
         assert not reset.value.refused
@@ -358,11 +353,7 @@ async def test_upstream_reset_resets_the_client_stream(stage: str) -> None:
 async def test_upstream_reset_before_any_answer_fails_the_post() -> None:
     """A POST reset before its answer began: never replayed; the client's stream is reset,
     or answered 502 with the reason."""
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, _server, client):
         try:
             r = await client.request("POST", f"/reset/now/{INTERNAL_ERROR}", body=b"once")
         except StreamReset as e:
@@ -379,11 +370,7 @@ async def test_upstream_reset_before_any_answer_fails_the_post() -> None:
 
 @pytest.mark.both_loops
 async def test_upstream_goaway_lets_its_streams_finish_and_new_ones_take_a_new_connection() -> None:
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, _server, client):
         held = [client.start("GET", f"/hold/g/{i}") for i in range(3)]
         await until(lambda: pods.held("g") == 3, 5, "three streams held at the pod")
         first = pods.conns[0].number
@@ -497,11 +484,7 @@ async def test_refused_posts_are_retried_on_another_pod(dns: DnsServer) -> None:
 
 @pytest.mark.both_loops
 async def test_a_stream_the_client_does_not_read_stalls_only_itself() -> None:
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, server, client):
         with peak_rss() as peak:
             before = peak()
             slow = client.start("GET", f"/big/{BIG}", keep=False, read=False)
@@ -523,11 +506,7 @@ async def test_a_stream_the_client_does_not_read_stalls_only_itself() -> None:
 
 
 async def test_a_stream_the_pod_does_not_read_stalls_only_itself() -> None:
-    async with (
-        H2Pods(POD1) as pods,
-        proxied(pods.port) as server,
-        H2Client.open(route_address(server)) as client,
-    ):
+    async with one_pod() as (pods, _server, client):
         stuck = client.start("POST", "/stall-upload", end=False)
         upload = asyncio.ensure_future(client.send(stuck, b"u" * BIG))
         try:
