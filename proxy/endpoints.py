@@ -99,6 +99,15 @@ class Endpoint:
     def __repr__(self) -> str:
         return f"<Endpoint {self.label} {self.state} in_flight={self.in_flight}>"
 
+    def let_go(self) -> None:
+        """It takes no new work (it left DNS, or has gone): its idle HTTP/1 connections
+        close, and its HTTP/2 ones take no new stream, each closed once its last stream
+        ends."""
+        if self.pool is not None:
+            self.pool.close_idle()
+        if self.streams is not None:
+            self.streams.retire_all()
+
     @property
     def label(self) -> str:
         """``host:port``, as logs and the access log name it."""
@@ -197,8 +206,7 @@ class EndpointSet:
         for ep in current.values():
             ep.state = DRAINING
             self.draining.append(ep)
-            if ep.pool is not None:
-                ep.pool.close_idle()
+            ep.let_go()
         self.endpoints = fresh
         self._reap()
 
@@ -338,5 +346,4 @@ class EndpointSet:
         if gone:
             self.draining = [ep for ep in self.draining if ep.in_flight > 0]
             for ep in gone:
-                if ep.pool is not None:
-                    ep.pool.close_idle()
+                ep.let_go()

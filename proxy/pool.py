@@ -203,7 +203,8 @@ class StreamPool(Generic[M]):
                 self.remove(conn)
                 conn.close()
 
-    def close_idle(self) -> None:
-        for conn in [c for c in self.conns if not c.busy()]:
-            self.remove(conn)
-            conn.close()
+    def retire_all(self) -> None:
+        """No new streams on any of its connections (the endpoint is leaving): the idle
+        ones close now, the others once their last stream has ended."""
+        for conn in list(self.conns):
+            self.retire(conn)

@@ -112,17 +112,21 @@ class Route:
             self.listener = None
 
     def close(self) -> None:
-        """Forget DNS and close idle pooled connections; live ones are the lifecycle's."""
+        """Forget DNS and let the pooled connections go (the idle ones close); live ones
+        are the lifecycle's."""
         self.stop_listening()
         self.watch.unsubscribe(self.endpoints.update)
         self.resolver.release(self.watch)
-        for ep in self.endpoints.all():
-            if ep.pool is not None:
-                ep.pool.close_idle()
-            if ep.streams is not None:
-                ep.streams.close_idle()
+        self.let_go()
         if self._ticker is not None and not self.connections:
             self._ticker.cancel()
+
+    def let_go(self) -> None:
+        """No new work here: every endpoint's pooled connections go (see Endpoint.let_go).
+        Again once a retired route's last client has gone: its streams may have opened
+        connections since it was closed."""
+        for ep in self.endpoints.all():
+            ep.let_go()
 
     def admit(self, transport: asyncio.Transport) -> bool:
         """A downstream connection was accepted: counted against the fd budget, or, at the

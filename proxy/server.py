@@ -342,7 +342,10 @@ class Server:
         """Forget retired routes (and their series) as their last connections finish."""
         while self.retired:
             await asyncio.sleep(RETIRED_SWEEP_INTERVAL)
-            if any(not r.connections for r in self.retired):
+            done = [r for r in self.retired if not r.connections]
+            if done:
+                for route in done:
+                    route.let_go()
                 self.retired = [r for r in self.retired if r.connections]
                 self._forget_unused_stats()
 

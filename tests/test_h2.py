@@ -390,6 +390,26 @@ async def test_upstream_goaway_lets_its_streams_finish_and_new_ones_take_a_new_c
         assert client.goaways == []
 
 
+async def test_a_pod_leaving_dns_has_its_idle_connection_closed(dns: DnsServer) -> None:
+    # A pod out of the Service may still run (its readiness failed): its idle HTTP/2
+    # connection closes, and the calls go on on the pod that stays.
+    async with (
+        H2Pods(POD1, POD2) as pods,
+        proxied(pods.port, dns, hosts=(POD1, POD2)) as server,
+        H2Client.open(route_address(server)) as client,
+    ):
+        for _ in range(8):
+            assert (await client.request("GET", "/")).status == 200
+        assert pods.live(POD1) and pods.live(POD2)
+        dns.set_a(APP1, [POD1], ttl=30)
+        server.routes["app1"].watch.nudge()
+        await until(lambda: not pods.live(POD2), 5, "the leaving pod's connection closed")
+        for _ in range(4):
+            r = await client.request("GET", "/")
+            assert (r.status, r.json()["pod"]) == (200, POD1)
+        assert len(pods.live(POD1)) == 1
+
+
 async def test_upstream_goaways_under_load_fail_no_request(dns: DnsServer) -> None:
     """Every pod connection says GOAWAY after 10 streams (the streams sent past it are
     ignored, so refused): 300 requests on one client connection, none failed, each

@@ -17,6 +17,7 @@ from typing import ClassVar
 import aiohttp
 import pytest
 from aiohttp import web
+from support.h2peers import H2Client, H2Pods
 from support.inproc import resolver_yaml, route_address, serving
 from support.metrics import Scrape
 from support.pods import HANG_UPS, AppPods, StreamPods
@@ -291,3 +292,31 @@ async def _series_with_pod(tmp_path: Path, dns: DnsServer, port: int) -> None:
         assert after == before, (after - before, before - after)
         # The same series; only digits of counters (reloads, lookups) may differ.
         assert abs(len(Scrape.of(server).text) - size_before) < 200
+
+
+async def test_a_retired_route_closes_its_upstream_connections_once_their_streams_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload removes a route while a stream of it is in flight: the stream finishes,
+    and then its upstream connection closes (it stayed open, idle, for as long as the pod
+    lived: only the idle ones were closed when the route went)."""
+    monkeypatch.setattr(server_module, "RETIRED_SWEEP_INTERVAL", 0.02)
+    async with H2Pods(POD) as pods:
+        cfg = tmp_path / "sidelink.yaml"
+        route, other = (
+            f"  - name: {name}\n    listen: 0\n    service: {POD}\n    port: {pods.port}\n"
+            "    protocol: http\n"
+            for name in ("app1", "other")
+        )
+        cfg.write_text("routes:\n" + route + other)
+        async with serving(from_file(cfg)) as server:
+            async with H2Client.open(route_address(server, "app1")) as client:
+                sid = client.start("GET", "/hold/r")
+                await until(lambda: pods.held("r") == 1, what="the stream held at the pod")
+                cfg.write_text("routes:\n" + other)
+                assert await server.reload()
+                assert len(pods.live()) == 1  # busy: it stays for its stream
+                pods.release("r")
+                assert (await client.response(sid)).status == 200
+                await until(lambda: not pods.live(), what="the upstream connection to close")
+            await until(lambda: not server.retired, what="the retired route to finish")

@@ -962,6 +962,8 @@ async def _dial(
     for stream in waiting:
         stream.dialed(got, conn)
     conn.stream_ended()  # (none came after all: it idles in the pool)
+    if got.state == DRAINING:
+        conn.pool.retire(conn)  # (it left DNS meanwhile: it takes only those that waited)
 
 
 class H2Downstream(H2Connection):

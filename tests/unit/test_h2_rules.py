@@ -216,9 +216,38 @@ def test_sweep_closes_only_idle_connections_past_their_time() -> None:
     assert not busy.closed
     assert not fresh.closed
     assert pool.conns == [busy, fresh]
-    pool.close_idle()
-    assert fresh.closed
-    assert pool.conns == [busy]
+    pool.retire_all()
+    assert busy.retired and fresh.retired
+    assert pool.conns == []
+
+
+def test_an_endpoint_leaving_dns_retires_its_multiplexed_connections() -> None:
+    # The idle one closes (retired, a connection closes once it carries no stream), the
+    # busy one finishes its streams; neither takes a new one. The staying endpoint's stay.
+    eps = EndpointSet("app1", "p2c", RouteStats("app1"))
+    a, b = ("127.0.0.2", 80), ("127.0.0.3", 80)
+    eps.update([a, b])
+    pools = {}
+    for ep in eps.all():
+        ep.streams = pools[ep.address] = make_pool()
+    kept, idle, busy = Mux(0.0), Mux(0.0), Mux(0.0)
+    busy.streams = 1
+    pools[a].add(kept)
+    pools[b].add(idle)
+    pools[b].add(busy)
+    [leaving] = [ep for ep in eps.all() if ep.address == b]
+    eps.acquire(leaving)  # (a stream in flight: it drains rather than going at once)
+
+    eps.update([a])
+    assert idle.retired and busy.retired
+    assert pools[b].conns == []  # nothing left to hand out
+    assert not kept.retired and pools[a].conns == [kept]
+
+    # A connection made for it while it drained (a connect under way) goes when it is reaped.
+    late = Mux(1.0)
+    pools[b].add(late)
+    eps.release(leaving)
+    assert late.retired and pools[b].conns == []
 
 
 # --- p2c's tie-break --------------------------------------------------------------
