@@ -108,6 +108,10 @@ class Histogram:
         return out
 
 
+def _none() -> int:
+    return 0
+
+
 class RouteStats:
     """The live figures of one route; forwarders hold a reference and add to it."""
 
@@ -126,7 +130,9 @@ class RouteStats:
         self.retries = 0
         self.retry_budget_exhausted = 0
         self.shed = 0  # downstream connections closed at once: the process was at its fd limit
-        self.pool_idle = 0
+        self.pool_idle = 0  # idle HTTP/1 connections, kept by their pools
+        # HTTP/2 connections carrying no stream, counted when asked (set by the route).
+        self.idle_multiplexed: Callable[[], int] = _none
         self.ejections = 0
         self.grpc: dict[int, int] = {}  # grpc-status sent downstream -> count
         self.streams_downstream = 0  # HTTP/2 streams open now
@@ -323,7 +329,7 @@ class _Collector:
                 "Idle pooled upstream connections",
                 labels=["route"],
             ),
-            lambda r: r.pool_idle,
+            lambda r: r.pool_idle + r.idle_multiplexed(),
         )
         yield per_route(
             CounterMetricFamily(

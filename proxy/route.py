@@ -61,6 +61,8 @@ class Route:
         self.fds = process_budget()
         self.access_log = access_log
         self.stats = metrics.route(config.name)
+        # (The newest route of the name counts: one a reload retired has let its go.)
+        self.stats.idle_multiplexed = self._idle_multiplexed
         settings = config.settings
         self.endpoints = EndpointSet(
             config.name, settings.balance, self.stats, settings.outlier, settings.slow_start
@@ -142,6 +144,16 @@ class Route:
         if pool is None:
             pool = ep.pool = Pool(self.config.name, ep.address, self.settings.pool, self.stats)
         return pool
+
+    def _idle_multiplexed(self) -> int:
+        """Its pooled HTTP/2 connections that carry no stream."""
+        return sum(
+            1
+            for ep in self.endpoints.all()
+            if ep.streams is not None
+            for conn in ep.streams.conns
+            if not conn.busy()
+        )
 
     def streams(self, ep: Endpoint) -> StreamPool[Any]:
         pool = ep.streams

@@ -334,6 +334,18 @@ async def test_client_reset_resets_the_upstream_stream() -> None:
         assert (r.status, r.json()["connection"]) == (200, seen.connection)
 
 
+async def test_an_upstream_connection_without_streams_counts_as_idle_in_the_pool() -> None:
+    async with one_pod() as (pods, server, client):
+        assert metric(server, "sidelink_pool_idle_connections", route="app1") == 0  # none yet
+        sid = client.start("GET", "/hold/i")
+        await until(lambda: pods.held("i") == 1, 5, "the stream held at the pod")
+        assert metric(server, "sidelink_pool_idle_connections", route="app1") == 0  # busy
+        pods.release("i")
+        assert (await client.response(sid)).status == 200
+        await until(lambda: streams_active(server, "upstream") == 0, 5, "the stream to end")
+        assert metric(server, "sidelink_pool_idle_connections", route="app1") == 1
+
+
 @pytest.mark.both_loops
 @pytest.mark.parametrize("stage", ["head", "body"])
 async def test_upstream_reset_resets_the_client_stream(stage: str) -> None:

@@ -466,7 +466,7 @@ RETRIES = {"web": 2, "dead": 4, "moving": 2, "h2": 2, "tcpdead": 2}
 # /reset's, the GET /reset's three, /garbage's. h2 and grpc: one multiplexed connection each.
 UPSTREAM_OPENED = {"web": 6, "moving": 1, "h2": 1, "grpc": 1, "tcp": 3}
 UPSTREAM_OPEN_AT_END = {"moving": 1, "h2": 1, "grpc": 1}
-POOL_IDLE_AT_END = {"moving": 1}  # (HTTP/1 pools; HTTP/2 connections are not counted idle)
+POOL_IDLE_AT_END = {"moving": 1, "h2": 1, "grpc": 1}  # (each open one carries no stream)
 
 
 def expected_samples(mix: Mix, nxdomain: int) -> dict[Key, float]:
