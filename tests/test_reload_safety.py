@@ -294,6 +294,16 @@ async def _series_with_pod(tmp_path: Path, dns: DnsServer, port: int) -> None:
         assert abs(len(Scrape.of(server).text) - size_before) < 200
 
 
+def two_routes(port: int) -> tuple[str, str]:
+    """Two http routes to POD:port, app1 and other (a reload takes app1 away)."""
+    route, other = (
+        f"  - name: {name}\n    listen: 0\n    service: {POD}\n    port: {port}\n"
+        "    protocol: http\n"
+        for name in ("app1", "other")
+    )
+    return route, other
+
+
 async def test_a_retired_route_closes_its_upstream_connections_once_their_streams_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -303,11 +313,7 @@ async def test_a_retired_route_closes_its_upstream_connections_once_their_stream
     monkeypatch.setattr(server_module, "RETIRED_SWEEP_INTERVAL", 0.02)
     async with H2Pods(POD) as pods:
         cfg = tmp_path / "sidelink.yaml"
-        route, other = (
-            f"  - name: {name}\n    listen: 0\n    service: {POD}\n    port: {pods.port}\n"
-            "    protocol: http\n"
-            for name in ("app1", "other")
-        )
+        route, other = two_routes(pods.port)
         cfg.write_text("routes:\n" + route + other)
         async with serving(from_file(cfg)) as server:
             async with H2Client.open(route_address(server, "app1")) as client:
@@ -320,3 +326,37 @@ async def test_a_retired_route_closes_its_upstream_connections_once_their_stream
                 assert (await client.response(sid)).status == 200
                 await until(lambda: not pods.live(), what="the upstream connection to close")
             await until(lambda: not server.retired, what="the retired route to finish")
+
+
+async def test_a_retired_route_closes_the_http1_connection_its_last_request_gave_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with HTTP/1.1: the upstream connection of a request in flight at the
+    reload goes back to the retired route's pool, and is closed once the route's last
+    client has gone (before, it stayed open until the pod's keep-alive timeout)."""
+    monkeypatch.setattr(server_module, "RETIRED_SWEEP_INTERVAL", 0.02)
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/held", held)
+    async with AppPods(app, POD) as pod:
+        live = pod.runner.server
+        assert live is not None
+        cfg = tmp_path / "sidelink.yaml"
+        route, other = two_routes(pod.port)
+        cfg.write_text("routes:\n" + route + other)
+        async with serving(from_file(cfg)) as server, aiohttp.ClientSession() as session:
+            answer = asyncio.ensure_future(session.get(route_url(server) + "held"))
+            await until(lambda: len(live.connections) == 1, what="the request at the pod")
+            cfg.write_text("routes:\n" + other)
+            assert await server.reload()
+            release.set()
+            async with await answer as r:
+                assert (r.status, await r.text()) == (200, "late")
+            await session.close()
+            await until(lambda: not server.retired, what="the retired route to finish")
+            await until(lambda: not live.connections, what="its upstream connection to close")
