@@ -303,10 +303,13 @@ def _by_replica(counts: Counter[str]) -> str:
 async def _terminate(replica: Replica) -> None:
     await asyncio.sleep(TERMINATION_GRACE)
     connections, finished = await replica.stop()
-    print(
-        f"  stopped: {replica.name} ({replica.host}), HTTP/2 GOAWAY on {connections} "
-        f"connection(s), {finished} stream(s) finished after it"
-    )
+    if connections:
+        told = (
+            f"HTTP/2 GOAWAY on {connections} connection(s), {finished} stream(s) finished after it"
+        )
+    else:  # (the usual case: sidelink closed its connection when the replica left DNS)
+        told = "no HTTP/2 connection left open to it"
+    print(f"  stopped: {replica.name} ({replica.host}), {told}")
 
 
 def _percentile(values: list[float], q: float) -> float:
