@@ -233,14 +233,14 @@ class _Collector:
             labels=["route", "method", "code"],
         )
         for r in routes:
-            by_label: dict[tuple[str, int], int] = {}
-            for (method, code), n in r.requests.items():
-                key = (METHOD_LABELS.get(method, "OTHER"), code)
-                by_label[key] = by_label.get(key, 0) + n
-            for (label, code), n in by_label.items():
-                requests.add_metric(
-                    [r.name, label, "reset" if code == RESET_CODE else str(code)], n
-                )
+            for code, methods in r.counted.items():
+                by_label: dict[str, int] = {}
+                for method, n in methods.items():
+                    label = METHOD_LABELS.get(method, "OTHER")
+                    by_label[label] = by_label.get(label, 0) + n
+                shown = "reset" if code == RESET_CODE else str(code)
+                for label, n in by_label.items():
+                    requests.add_metric([r.name, label, shown], n)
         yield requests
 
         for name, doc, attr in (

@@ -203,6 +203,10 @@ class StreamPool(Generic[M]):
                 self.remove(conn)
                 conn.close()
 
+    def idle(self) -> int:
+        """Its connections that carry no stream."""
+        return sum(1 for conn in self.conns if not conn.busy())
+
     def retire_all(self) -> None:
         """No new streams on any of its connections (the endpoint is leaving): the idle
         ones close now, the others once their last stream has ended."""

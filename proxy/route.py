@@ -147,13 +147,7 @@ class Route:
 
     def _idle_multiplexed(self) -> int:
         """Its pooled HTTP/2 connections that carry no stream."""
-        return sum(
-            1
-            for ep in self.endpoints.all()
-            if ep.streams is not None
-            for conn in ep.streams.conns
-            if not conn.busy()
-        )
+        return sum(ep.streams.idle() for ep in self.endpoints.all() if ep.streams is not None)
 
     def streams(self, ep: Endpoint) -> StreamPool[Any]:
         pool = ep.streams

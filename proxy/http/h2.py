@@ -410,6 +410,14 @@ class Rider:
                 self.replay = None
 
 
+def send_all(conn: Carrier, usid: int, chunks: Sequence[bytes], end: bool) -> None:
+    """Request data held back (or kept to send again) on stream ``usid``; ``end`` with
+    the last of it."""
+    last = len(chunks)
+    for i, data in enumerate(chunks, 1):
+        conn.send_data(usid, data, end and i == last)
+
+
 def refused_again(
     route: Route, ep: Endpoint | None, tried: Sequence[Endpoint], tries: int, routine: bool
 ) -> Sequence[Endpoint] | None:
@@ -636,9 +644,7 @@ class Stream(Rider):
         self.attached = perf_counter()
         if pending:
             self.pending = None
-            send = conn.send_data
-            for i, data in enumerate(pending, 1):
-                send(usid, data, last and i == len(pending))
+            send_all(conn, usid, pending, last)
             conn.owing.add(self)
         if self.complete and self.trailers is not None:
             conn.send_trailers(usid, self.trailers)
@@ -916,7 +922,7 @@ def carrier_for(
     ``per_conn``: the streams one connection takes, so how many may wait on one."""
     pool: StreamPool[Carrier] | None = None
     if ep is not None:
-        pool = ep.streams
+        pool = ep.streams  # (route.streams makes it the first time: an uncompiled call)
         if pool is None:
             pool = route.streams(ep)
         conn = pool.get(now)
@@ -1849,7 +1855,7 @@ class H2Bridge(Rider):
         assert exchange is not None and old is not None and self.replay is not None
         if old is not ep:  # (the exchange's hold on its endpoint moves with it)
             exchange.down.endpoints.release(old)
-            ep.in_flight += 1
+            exchange.down.endpoints.acquire(ep)
             exchange.endpoint = ep
             self.endpoint = ep
         self.up = conn
@@ -1861,8 +1867,7 @@ class H2Bridge(Rider):
         up = self.up
         if up is None or not self.usid:
             return  # (it failed to open: the exchange has been told)
-        for i, data in enumerate(replay, 1):
-            up.send_data(self.usid, data, last and i == len(replay))
+        send_all(up, self.usid, replay, last)
         if self.complete and trailers:
             up.send_trailers(self.usid, trailers)
         up.schedule()
