@@ -272,9 +272,10 @@ def _document(
         f"- other work on the machine during the run: {load['other_work_cores']:.2f} of"
         f" {m['cores']} cores on average (CPU stolen by the host: {load['steal_cores']:.2f};"
         f" load average at start {load['load_average_at_start']:.1f})",
-        f"- ratio = sidelink ÷ other; for ↑ rows below 1.00x means sidelink is slower, for ↓ rows"
-        f" above 1.00x means sidelink costs more. Errors are wrk's socket errors + non-2xx/3xx"
-        f" answers (bulk: failed transfers; memory: failed idle connections of"
+        "- ratio = sidelink ÷ other within each round, the median over rounds (each pair saw"
+        " the same minutes of the host); for ↑ rows below 1.00x means sidelink is slower, for"
+        " ↓ rows above 1.00x means sidelink costs more. Errors are wrk's socket errors +"
+        " non-2xx/3xx answers (bulk: failed transfers; memory: failed idle connections of"
         f" {IDLE_CONNECTIONS:,}), summed over rounds.",
         "",
         report.markdown(rows, columns),

@@ -174,13 +174,18 @@ def median(samples: list[Sample], metric: str) -> float | None:
 
 
 def spread_line(rows: list[TableRow], scenario: str, metric: str) -> str:
-    """ "name min-max, ..." for one row: how far apart the rounds were."""
+    """ "name min-max, ..., sidelink ÷ other by round r1 r2 ..." for one row: how far
+    apart the rounds were."""
     for row in rows:
         if row.spec.scenario == scenario and row.spec.metric == metric:
             d = row.spec.decimals
-            return ", ".join(
-                f"{name} {lo:,.{d}f}-{hi:,.{d}f}" for name, (lo, hi) in row.spread.items()
-            )
+            parts = [f"{name} {lo:,.{d}f}-{hi:,.{d}f}" for name, (lo, hi) in row.spread.items()]
+            parts += [
+                f"{SIDELINK} ÷ {other} by round " + " ".join(f"{r:.2f}x" for r in ratios)
+                for other, ratios in row.by_round.items()
+                if ratios
+            ]
+            return ", ".join(parts)
     return ""
 
 
@@ -201,6 +206,7 @@ class TableRow:
     ratios: dict[str, float | None]
     errors: dict[str, dict[str, int]] | None
     spread: dict[str, tuple[float, float]]  # min and max over rounds, displayed units
+    by_round: dict[str, list[float]]  # other -> sidelink ÷ other within each round
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -212,6 +218,7 @@ class TableRow:
             "values": self.values,
             "min_max": self.spread,
             "ratios": {f"{SIDELINK}/{other}": r for other, r in self.ratios.items()},
+            "ratios_by_round": {f"{SIDELINK}/{other}": r for other, r in self.by_round.items()},
             "errors": self.errors,
         }
 
@@ -248,10 +255,15 @@ def build_rows(
                 na=na.get(spec.scenario, set()),
                 failed=failed,
             )
+        others = [o for o in RATIO_AGAINST if SIDELINK in columns and o in columns]
+        by_round = {other: _within_rounds(per_target, spec.metric, other) for other in others}
+        # (A figure made of several measures, as added latency or memory per connection,
+        # has no sample of its own per round: its ratio is of the figures.)
         ratios = {
-            other: _ratio(values.get(SIDELINK), values.get(other))
-            for other in RATIO_AGAINST
-            if SIDELINK in columns and other in columns
+            other: statistics.median(by_round[other])
+            if by_round[other]
+            else _ratio(values.get(SIDELINK), values.get(other))
+            for other in others
         }
         errors = None
         if spec.shows_errors:
@@ -264,8 +276,17 @@ def build_rows(
             if (found := _all_values(per_target.get(name, []), spec.metric))
         }
         label = spec.label.format(bulk=bulk)
-        rows.append(TableRow(spec, label, values, cells, ratios, errors, spread))
+        rows.append(TableRow(spec, label, values, cells, ratios, errors, spread, by_round))
     return rows
+
+
+def _within_rounds(per_target: dict[str, list[Sample]], metric: str, other: str) -> list[float]:
+    """sidelink ÷ ``other`` within each round both were measured in, round by round. The
+    table's ratio is their median: each pair saw the same minutes of the host, whose speed
+    drifts over a run more than the proxies differ."""
+    mine = {s.round: s.values[metric] for s in per_target.get(SIDELINK, []) if metric in s.values}
+    theirs = {s.round: s.values[metric] for s in per_target.get(other, []) if metric in s.values}
+    return [mine[r] / theirs[r] for r in sorted(mine) if theirs.get(r)]
 
 
 def _value(results: Results, spec: Row, name: str) -> float | None:

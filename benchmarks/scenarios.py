@@ -82,6 +82,7 @@ IDLE_H2_SCENARIO = "idle_h2_connections"
 class Sample:
     values: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    round: int = 0  # the round it was taken in (0: before the rounds)
 
 
 @dataclass
@@ -89,8 +90,10 @@ class Results:
     # scenario -> target -> one sample per round
     samples: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    round: int = 0  # the round now running; each sample added is stamped with it
 
     def add(self, scenario: str, target: str, sample: Sample) -> None:
+        sample.round = self.round
         self.samples.setdefault(scenario, {}).setdefault(target, []).append(sample)
 
 
@@ -131,6 +134,7 @@ class Runner:
         for number in range(self.rounds):
             shift = number % len(self.lab.targets)
             order = self.lab.targets[shift:] + self.lab.targets[:shift]
+            self.results.round = number + 1
             self.progress(f"round {number + 1}/{self.rounds}: {' '.join(t.name for t in order)}")
             if self.h1:
                 for scenario in WRK_SCENARIOS:
@@ -146,6 +150,7 @@ class Runner:
                 for key, concurrency in GRPC_SCENARIOS:
                     for target in order:
                         self.grpc(key, concurrency, target)
+        self.results.round = 0
         self.memory("rss_after_mib")
         return self.results
 
