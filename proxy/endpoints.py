@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from proxy.addr import Address, join_host_port
 from proxy.config import OutlierConfig
@@ -93,8 +93,8 @@ class Endpoint:
         self.rtt_at = 0.0
         self.warming = False  # slow start: joined after the route answered
         self.warm_from = 0.0  # its first good answer (0: none yet)
-        self.pool: Pool[Any] | None = None  # idle upstream connections (HTTP/1)
-        self.streams: StreamPool[Any] | None = None  # multiplexed ones (HTTP/2)
+        self.pool: Pool | None = None  # idle upstream connections (HTTP/1)
+        self.streams: StreamPool | None = None  # multiplexed ones (HTTP/2)
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.label} {self.state} in_flight={self.in_flight}>"

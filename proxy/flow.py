@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 # Per-transport write buffer limits: large enough to keep bulk transfers streaming,
 # small enough that 1,000 stalled connections stay cheap.
 WRITE_HIGH_WATER: Final = 256 * 1024
@@ -108,6 +110,7 @@ class FlowControl:
             self.peer.resume(PEER)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (for proxy.pool.Pooled's stand-ins in tests)
 class Forwarding(asyncio.Protocol):
     """A protocol whose write buffer's state reaches its peer through ``flow``."""
 

@@ -16,26 +16,35 @@ streams, closed once its last one ends), as is one the server sent GOAWAY on.
 
 from __future__ import annotations
 
-from typing import Any, Generic, Protocol, TypeVar
+import asyncio
+from typing import Any
+
+from mypy_extensions import mypyc_attr
 
 from proxy.addr import join_host_port
 from proxy.config import PoolConfig
+from proxy.flow import Forwarding
 from proxy.metrics import RouteStats
 
+# The two bases below are classes rather than typing Protocols: compiled code reads a
+# base class's attributes and calls its methods directly, a Protocol's through generic
+# lookups, on every request. Tests subclass them (interpreted) for their stand-ins.
 
-class Pooled(Protocol):
-    created: float
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Pooled(Forwarding):
+    """An HTTP/1 connection as its pool sees it (the base of ``http.exchange.Upstream``)."""
+
+    created: float  # loop times, for the idle timeout and max lifetime
     idle_since: float
-    closed: bool  # closed or closing
-    pool: Pool[Any] | None  # the pool it belongs to
+    closed: bool  # closed or closing: never handed out again
+    pool: Pool | None  # the pool it belongs to
 
-    def close(self) -> None: ...
-
-
-C = TypeVar("C", bound=Pooled)
+    def close(self) -> None:
+        raise NotImplementedError
 
 
-class Pool(Generic[C]):
+class Pool:
     __slots__ = (
         "active",
         "address",
@@ -59,7 +68,7 @@ class Pool(Generic[C]):
         self.max_lifetime = config.max_lifetime
         self.max_idle = config.max_idle
         self.stats = stats
-        self.idle: list[C] = []
+        self.idle: list[Pooled] = []
         self.active = 0  # handed out and not yet returned
 
     def __repr__(self) -> str:
@@ -68,7 +77,7 @@ class Pool(Generic[C]):
             f"idle={len(self.idle)} active={self.active}>"
         )
 
-    def get(self, now: float) -> C | None:
+    def get(self, now: float) -> Pooled | None:
         """A healthy idle connection, or None; stale ones found on the way are closed."""
         idle = self.idle
         while idle:
@@ -85,12 +94,12 @@ class Pool(Generic[C]):
             return conn
         return None
 
-    def adopt(self, conn: C) -> None:
+    def adopt(self, conn: Pooled) -> None:
         """A new connection to this endpoint was made, and is handed out at once."""
         conn.pool = self
         self.active += 1
 
-    def put(self, conn: C, now: float, reusable: bool) -> None:
+    def put(self, conn: Pooled, now: float, reusable: bool) -> None:
         """Take a connection back after a request: keep it idle, or close it."""
         self.active -= 1
         if (
@@ -105,7 +114,7 @@ class Pool(Generic[C]):
         else:
             conn.close()
 
-    def discard(self, conn: C) -> None:
+    def discard(self, conn: Pooled) -> None:
         """An idle connection died (the server closed it): forget it."""
         try:
             self.idle.remove(conn)
@@ -131,31 +140,36 @@ class Pool(Generic[C]):
         for conn in idle:
             conn.close()
 
-    def _fresh(self, conn: C, now: float) -> bool:
+    def _fresh(self, conn: Pooled, now: float) -> bool:
         return now - conn.idle_since < self.idle_timeout and now - conn.created < self.max_lifetime
 
 
-class Multiplexed(Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Multiplexed(asyncio.Protocol):
+    """A connection that carries many streams at once, as its pool sees it (the base of
+    ``http.h2.Carrier``)."""
+
     created: float
     idle_since: float  # when its last stream ended
     closed: bool
 
     def room(self) -> int:
         """How many more streams it takes now (0 when retired or closed)."""
+        raise NotImplementedError
 
     def busy(self) -> bool:
         """Whether it carries a stream."""
+        raise NotImplementedError
 
     def retire(self) -> None:
         """No new streams; closed once the last one ends."""
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        raise NotImplementedError
 
 
-M = TypeVar("M", bound=Multiplexed)
-
-
-class StreamPool(Generic[M]):
+class StreamPool:
     __slots__ = ("address", "config", "conns", "max_lifetime", "name", "waiting")
 
     def __init__(self, name: str, address: tuple[str, int], config: PoolConfig) -> None:
@@ -163,14 +177,14 @@ class StreamPool(Generic[M]):
         self.address = address
         self.config = config
         self.max_lifetime = config.max_lifetime  # (read for every stream)
-        self.conns: list[M] = []  # open and taking streams
+        self.conns: list[Multiplexed] = []  # open and taking streams
         # Streams waiting for the connection being made (None: none is being made).
         self.waiting: list[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<StreamPool {self.name} {join_host_port(*self.address)} conns={len(self.conns)}>"
 
-    def get(self, now: float) -> M | None:
+    def get(self, now: float) -> Multiplexed | None:
         """A connection with room for one more stream, or None; old ones are retired."""
         for conn in self.conns:
             if now - conn.created >= self.max_lifetime:
@@ -180,15 +194,15 @@ class StreamPool(Generic[M]):
                 return conn
         return None
 
-    def add(self, conn: M) -> None:
+    def add(self, conn: Multiplexed) -> None:
         self.conns.append(conn)
 
-    def retire(self, conn: M) -> None:
+    def retire(self, conn: Multiplexed) -> None:
         """No new streams on ``conn`` (its lifetime is over, or the server said GOAWAY)."""
         self.remove(conn)
         conn.retire()
 
-    def remove(self, conn: M) -> None:
+    def remove(self, conn: Multiplexed) -> None:
         if conn in self.conns:
             self.conns.remove(conn)
 

@@ -139,7 +139,7 @@ class Route:
         transport.abort()
         return False
 
-    def pool(self, ep: Endpoint) -> Pool[Any]:
+    def pool(self, ep: Endpoint) -> Pool:
         pool = ep.pool
         if pool is None:
             pool = ep.pool = Pool(self.config.name, ep.address, self.settings.pool, self.stats)
@@ -149,7 +149,7 @@ class Route:
         """Its pooled HTTP/2 connections that carry no stream."""
         return sum(ep.streams.idle() for ep in self.endpoints.all() if ep.streams is not None)
 
-    def streams(self, ep: Endpoint) -> StreamPool[Any]:
+    def streams(self, ep: Endpoint) -> StreamPool:
         pool = ep.streams
         if pool is None:
             pool = ep.streams = StreamPool(self.config.name, ep.address, self.settings.pool)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from proxy.endpoints import DRAINING, Endpoint, EndpointSet
 from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset, UpstreamTimeout
@@ -35,9 +35,9 @@ from proxy.flow import BUFFER, Forwarding
 from proxy.http.heads import IDEMPOTENT
 from proxy.logs import log_access
 from proxy.metrics import RESET_CODE, RouteStats
+from proxy.pool import Pooled
 
 if TYPE_CHECKING:
-    from proxy.pool import Pool
     from proxy.route import Route
 
 perf_counter: Final = time.perf_counter  # (Final: compiled code calls it without a lookup)
@@ -60,7 +60,7 @@ PHASES: Final = ("HEAD", "CONNECTING", "SENDING", "AWAITING", "STREAMING", "TUNN
 NO_ENDPOINTS: Final[tuple[Endpoint, ...]] = ()
 
 
-class Upstream(Forwarding):
+class Upstream(Pooled):
     """An upstream connection as an exchange uses it: attached, sent to, detached.
 
     What it may call back is the exchange's ``response_started``, ``deliver``,
@@ -68,11 +68,6 @@ class Upstream(Forwarding):
     (A base class rather than a typing Protocol: compiled code calls a base class's
     methods directly, a Protocol's through a generic lookup, on every request.)
     """
-
-    pool: Pool[Upstream] | None
-    created: float  # loop times, for the pool's idle timeout and max lifetime
-    idle_since: float
-    closed: bool  # closed or closing: never handed out again
 
     def attach(self, exchange: Exchange) -> None:
         """Carry ``exchange``: its response goes to it from now on."""
@@ -84,9 +79,6 @@ class Upstream(Forwarding):
 
     def detach(self, reusable: bool, now: float) -> None:
         """The exchange is over: back to the pool if ``reusable``, else closed."""
-        raise NotImplementedError
-
-    def close(self) -> None:
         raise NotImplementedError
 
 
@@ -222,7 +214,7 @@ class Exchange:
             conn = (ep.pool or route.pool(ep)).get(now)
             if conn is not None:
                 ep.in_flight += 1
-                self.attach_to(ep, conn, now)
+                self.attach_to(ep, cast(Upstream, conn), now)  # (a Pool holds Upstreams)
                 return
         elif route.watch.resolved:
             self.fail(NoEndpoints(f"{route.config.service} has no endpoints"))

@@ -508,7 +508,7 @@ class H1Upstream(Upstream):
         self.write: Callable[[bytes], object] | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.feed = self.parser.feed_data
-        self.pool: Pool[Upstream] | None = None
+        self.pool: Pool | None = None
         self.exchange: Exchange | None = None
         self.created = self.clock()
         self.idle_since = self.created

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 import httptools
 import ngh2
@@ -81,10 +81,8 @@ from proxy.http.heads import (
     MAX_HEAD_BYTES,
 )
 from proxy.metrics import RESET_CODE
+from proxy.pool import Multiplexed, StreamPool
 from proxy.route import Route, peer_name
-
-if TYPE_CHECKING:
-    from proxy.pool import StreamPool
 
 log = logging.getLogger("sidelink.http2")
 
@@ -143,7 +141,7 @@ GOAWAY: Final = GoAwayReceived
 SETTINGS: Final = SettingsReceived
 
 
-class Carrier(asyncio.Protocol):
+class Carrier(Multiplexed):
     """A connection that carries streams: either side of an HTTP/2 connection, or an
     HTTP/1.1 connection carrying one stream upstream (``upstream_protocol: http1``).
 
@@ -153,11 +151,8 @@ class Carrier(asyncio.Protocol):
     """
 
     owing: set[Rider]  # streams whose data from the other side is held here, not all sent
-    closed: bool
     parting: bool  # the peer said GOAWAY: a stream it refuses here is routine, not an error
-    pool: StreamPool[Carrier] | None
-    created: float
-    idle_since: float
+    pool: StreamPool | None
 
     def open(self, stream: Rider, end: bool) -> int:
         """Start ``stream`` here (its request head): its id on this connection."""
@@ -186,20 +181,7 @@ class Carrier(asyncio.Protocol):
     def schedule(self) -> None:
         raise NotImplementedError
 
-    def room(self) -> int:
-        """How many more streams it takes now (0 when retired or closed)."""
-        raise NotImplementedError
-
-    def busy(self) -> bool:
-        raise NotImplementedError
-
     def stream_ended(self) -> None:
-        raise NotImplementedError
-
-    def retire(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
         raise NotImplementedError
 
 
@@ -920,14 +902,14 @@ def carrier_for(
     """A pooled carrier to ``ep`` with room for one more stream; or None, and ``rider``
     waits for one being made (its ``dialed`` or ``dial_failed`` says how it went).
     ``per_conn``: the streams one connection takes, so how many may wait on one."""
-    pool: StreamPool[Carrier] | None = None
+    pool: StreamPool | None = None
     if ep is not None:
         pool = ep.streams  # (route.streams makes it the first time: an uncompiled call)
         if pool is None:
             pool = route.streams(ep)
         conn = pool.get(now)
         if conn is not None:
-            return conn
+            return cast(Carrier, conn)  # (a StreamPool holds carriers only)
         joining = pool.waiting
         if joining is not None and len(joining) < per_conn:
             joining.append(rider)
@@ -942,7 +924,7 @@ def carrier_for(
 async def _dial(
     route: Route,
     ep: Endpoint | None,
-    pool: StreamPool[Carrier] | None,
+    pool: StreamPool | None,
     waiting: list[Rider],
     exclude: list[Endpoint],
 ) -> None:
@@ -1210,7 +1192,7 @@ class H2Upstream(H2Connection):
         super().__init__(route, Role.CLIENT, CLIENT_CONFIG)
         self.streams: dict[int, Rider] = {}
         self.fds = route.fds
-        self.pool: StreamPool[Carrier] | None = None
+        self.pool: StreamPool | None = None
         self.limit = route.settings.http2.max_streams_per_connection
         self.peer_limit = 100  # the server's MAX_CONCURRENT_STREAMS (100 until it says)
         self.created = self.idle_since = self.last_active

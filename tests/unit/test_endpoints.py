@@ -25,7 +25,7 @@ from proxy.endpoints import (
     EndpointSet,
 )
 from proxy.metrics import RouteStats
-from proxy.pool import Pool
+from proxy.pool import Pool, Pooled
 
 A = ("10.0.0.1", 80)
 B = ("10.0.0.2", 80)
@@ -46,7 +46,7 @@ class Clock:
         self.now += seconds
 
 
-class Conn:
+class Conn(Pooled):
     def __init__(self, created: float) -> None:
         self.created = created
         self.idle_since = created
@@ -101,13 +101,13 @@ def by_address(eps: EndpointSet) -> dict[tuple[str, int], Endpoint]:
     return {ep.address: ep for ep in eps.all()}
 
 
-def adopt(pool: Pool[Conn], conn: Conn) -> None:
+def adopt(pool: Pool, conn: Conn) -> None:
     """A new connection handed out: the one place this file tells a pool so."""
     pool.adopt(conn)
 
 
 def with_idle_pool(ep: Endpoint, stats: RouteStats, idle: int) -> list[Conn]:
-    pool: Pool[Conn] = Pool("app1", ep.address, PoolConfig(), stats)
+    pool: Pool = Pool("app1", ep.address, PoolConfig(), stats)
     conns = [Conn(0.0) for _ in range(idle)]
     for conn in conns:
         adopt(pool, conn)

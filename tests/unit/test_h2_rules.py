@@ -23,7 +23,7 @@ from proxy.errors import (
 from proxy.http import heads
 from proxy.http.h2 import PREFACE, sniff
 from proxy.metrics import RouteStats
-from proxy.pool import StreamPool
+from proxy.pool import Multiplexed, StreamPool
 
 AUTO = heads.HostRule("app1-service.ns", 8080, "auto")
 PRESERVE = heads.HostRule("app1-service.ns", 8080, "preserve")
@@ -154,7 +154,7 @@ def test_the_preface_is_told_however_it_is_cut(cut: int) -> None:
 # --- StreamPool ----------------------------------------------------------------------
 
 
-class Mux:
+class Mux(Multiplexed):
     """The little a StreamPool reads of a multiplexed connection."""
 
     def __init__(self, created: float, room: int = 2) -> None:
@@ -178,7 +178,7 @@ class Mux:
         self.closed = True
 
 
-def make_pool(**config: float) -> StreamPool[Mux]:
+def make_pool(**config: float) -> StreamPool:
     return StreamPool("app1", ("127.0.0.2", 80), PoolConfig(**config))  # type: ignore[arg-type]
 
 

@@ -17,12 +17,12 @@ from hypothesis.stateful import (
 
 from proxy.config import PoolConfig
 from proxy.metrics import RouteStats
-from proxy.pool import Pool
+from proxy.pool import Pool, Pooled
 
 ADDRESS = ("127.0.0.2", 80)
 
 
-class Conn:
+class Conn(Pooled):
     """The little a pool reads of an upstream connection."""
 
     def __init__(self, created: float) -> None:
@@ -39,21 +39,19 @@ class Conn:
         return f"<Conn created={self.created} idle_since={self.idle_since} closed={self.closed}>"
 
 
-def make_pool(
-    max_idle: int = 64, idle_timeout: float = 60.0, max_lifetime: float = 300.0
-) -> Pool[Conn]:
+def make_pool(max_idle: int = 64, idle_timeout: float = 60.0, max_lifetime: float = 300.0) -> Pool:
     config = PoolConfig(max_idle=max_idle, idle_timeout=idle_timeout, max_lifetime=max_lifetime)
     return Pool("app1", ADDRESS, config, RouteStats("app1"))
 
 
-def connect(pool: Pool[Conn], now: float) -> Conn:
+def connect(pool: Pool, now: float) -> Conn:
     """A new connection made and handed out (the one place that tells the pool so)."""
     conn = Conn(now)
     pool.adopt(conn)
     return conn
 
 
-def idle_conns(pool: Pool[Conn], now: float, count: int) -> list[Conn]:
+def idle_conns(pool: Pool, now: float, count: int) -> list[Conn]:
     """count connections made at `now` and returned idle at once, oldest first."""
     conns = [connect(pool, now) for _ in range(count)]
     for conn in conns:
@@ -61,7 +59,7 @@ def idle_conns(pool: Pool[Conn], now: float, count: int) -> list[Conn]:
     return conns
 
 
-def assert_gauge(pool: Pool[Conn]) -> None:
+def assert_gauge(pool: Pool) -> None:
     assert pool.stats.pool_idle == len(pool.idle)
 
 
@@ -330,8 +328,8 @@ def test_close_idle_closes_every_idle_connection_and_not_the_active_ones() -> No
 def test_one_gauge_shared_by_the_pools_of_a_route() -> None:
     stats = RouteStats("app1")
     config = PoolConfig()
-    first: Pool[Conn] = Pool("app1", ("10.0.0.7", 80), config, stats)
-    second: Pool[Conn] = Pool("app1", ("10.0.0.8", 80), config, stats)
+    first: Pool = Pool("app1", ("10.0.0.7", 80), config, stats)
+    second: Pool = Pool("app1", ("10.0.0.8", 80), config, stats)
     idle_conns(first, 0.0, 2)
     idle_conns(second, 0.0, 3)
     assert stats.pool_idle == 5
@@ -367,7 +365,7 @@ def test_repr() -> None:
 
 
 def test_repr_of_an_ipv6_endpoint() -> None:
-    pool: Pool[Conn] = Pool("app1", ("fd00::7", 8080), PoolConfig(), RouteStats("app1"))
+    pool: Pool = Pool("app1", ("fd00::7", 8080), PoolConfig(), RouteStats("app1"))
     assert repr(pool) == "<Pool app1 [fd00::7]:8080 idle=0 active=0>"
 
 
