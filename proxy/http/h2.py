@@ -150,7 +150,10 @@ class Carrier(Multiplexed):
     (``give_back``). ``held`` says how much of what a stream handed it is still here.
     """
 
-    owing: set[Rider]  # streams whose data from the other side is held here, not all sent
+    # Streams whose data from the other side is held here, not all sent. (A dict as a
+    # set: an empty one is 64 bytes, an empty set 216, and most connections owe nothing
+    # when idle.)
+    owing: dict[Rider, None]
     parting: bool  # the peer said GOAWAY: a stream it refuses here is routine, not an error
     pool: StreamPool | None
 
@@ -198,7 +201,7 @@ class H2Connection(Carrier):
         self.transport: asyncio.Transport | None = None
         self.paused = False  # the socket's buffer is full: frames wait in the engine
         self.flush_due = False
-        self.owing = set()
+        self.owing = {}
         self.window = CONNECTION_WINDOW  # the connection window advertised to the peer
         self.regrown = 0  # ...grown since the engine was last told
         self.closed = False
@@ -539,7 +542,7 @@ class Stream(Rider):
         up = self.up
         if up is not None:
             up.send_data(self.usid, data, end)
-            up.owing.add(self)
+            up.owing[self] = None
             up.schedule()
         elif self.pending is None:
             self.pending = [data]
@@ -627,7 +630,7 @@ class Stream(Rider):
         if pending:
             self.pending = None
             send_all(conn, usid, pending, last)
-            conn.owing.add(self)
+            conn.owing[self] = None
         if self.complete and self.trailers is not None:
             conn.send_trailers(usid, self.trailers)
         if self.complete:
@@ -644,7 +647,7 @@ class Stream(Rider):
         usid = self.usid
         self.up = None
         self.usid = 0
-        up.owing.discard(self)
+        up.owing.pop(self, None)
         up.cancel(usid, self.up_owed)
         self.up_owed = 0
 
@@ -680,7 +683,7 @@ class Stream(Rider):
                 down.acknowledge(drained, self.sid)
             if self.down_owed:
                 return
-        via.owing.discard(self)
+        via.owing.pop(self, None)
 
     def response(self, fields: Fields, end: bool) -> None:
         down = self.down
@@ -719,7 +722,7 @@ class Stream(Rider):
             down.schedule()
             self._response_done()
         else:
-            down.owing.add(self)
+            down.owing[self] = None
             down.schedule()
 
     def response_trailers(self, fields: Fields) -> None:
@@ -745,7 +748,7 @@ class Stream(Rider):
         self.up = None
         self.usid = 0
         if up is not None:
-            up.owing.discard(self)
+            up.owing.pop(self, None)
             if self.phase == DONE and self.up_owed and self.down_open:
                 self.lender = up  # answered whole: credited as the rest goes down
                 self.lender_sid = usid
@@ -843,7 +846,7 @@ class Stream(Rider):
         if self.down_owed:
             down.give_back(self.down_owed, self.sid)
             self.down_owed = 0
-        down.owing.discard(self)
+        down.owing.pop(self, None)
         lender = self.lender
         if lender is not None:
             self.lender = None
@@ -1387,7 +1390,7 @@ class H1Leg(Carrier):
         self.clock = route.clock
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Rider] = {}
-        self.owing = set()
+        self.owing = {}
         self.pool = None
         self.closed = False
         self.parting = False  # (an HTTP/1.1 server has no GOAWAY)
@@ -1735,7 +1738,7 @@ class H2Bridge(Rider):
         """Request data left upstream: the client reads on once little is held there."""
         if via.held(self.usid) <= STREAM_WINDOW // 2:
             self.flow.writing_resumed()
-            via.owing.discard(self)
+            via.owing.pop(self, None)
 
     def response(self, fields: Fields, end: bool) -> None:
         exchange = self.exchange
@@ -1885,7 +1888,7 @@ class H2Bridge(Rider):
         up = self.up
         if up is not None:
             self.up = None
-            up.owing.discard(self)
+            up.owing.pop(self, None)
             up.cancel(self.usid, self.up_owed)
             self.up_owed = 0
 
@@ -1960,7 +1963,7 @@ class H2Bridge(Rider):
         up.schedule()
         if up.held(self.usid) > STREAM_WINDOW:
             self.flow.writing_paused()  # the stream's window is shut: the client waits
-            up.owing.add(self)
+            up.owing[self] = None
 
 
 class _BridgeFace(Upstream):
