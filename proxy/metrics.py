@@ -108,7 +108,8 @@ class Histogram:
         return out
 
 
-def _none() -> int:
+def _no_idle_multiplexed() -> int:
+    """RouteStats.idle_multiplexed until a route sets its own."""
     return 0
 
 
@@ -132,7 +133,7 @@ class RouteStats:
         self.shed = 0  # downstream connections closed at once: the process was at its fd limit
         self.pool_idle = 0  # idle HTTP/1 connections, kept by their pools
         # HTTP/2 connections carrying no stream, counted when asked (set by the route).
-        self.idle_multiplexed: Callable[[], int] = _none
+        self.idle_multiplexed: Callable[[], int] = _no_idle_multiplexed
         self.ejections = 0
         self.grpc: dict[int, int] = {}  # grpc-status sent downstream -> count
         self.streams_downstream = 0  # HTTP/2 streams open now
