@@ -217,14 +217,20 @@ async def run(
     them that landed on `slow`, and the p99 latency the clients saw."""
     hits = replicas.hits()
     # A collection of what earlier tests left is a pause every request in flight sees:
-    # a peak that peak-EWMA keeps for seconds.
+    # a peak that peak-EWMA keeps for seconds. Collected now, and frozen (as `sidelink
+    # run` freezes what it holds once serving), an oldest-generation collection during
+    # the run walks only what the run made.
     gc.collect()
+    gc.freeze()
     config = route_yaml(dns.port, replicas.port, balance=balance)
-    async with (
-        running_server(config) as server,
-        Load(route_address(server), clients=CLIENTS, total=total) as load,
-    ):
-        await load.done()
+    try:
+        async with (
+            running_server(config) as server,
+            Load(route_address(server), clients=CLIENTS, total=total) as load,
+        ):
+            await load.done()
+    finally:
+        gc.unfreeze()
     assert not load.failed, load.errors()
     window = landed(replicas, hits)
     return window[slow.host] / sum(window.values()), load.quantile(0.99)
