@@ -131,8 +131,24 @@ def machine() -> dict[str, str]:
         "cpu": cpu,
         "cores": str(os.cpu_count()),
         "kernel": f"{platform.system()} {platform.release()}",
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python": interpreter(),
     }
+
+
+def interpreter() -> str:
+    """The Python sidelink runs on here (the benchmark starts it with its own): version,
+    executable, and whether libpython is a shared library or inside the executable. Its
+    build counts for much: Debian's python3, the image's, is built with PGO and LTO and
+    has libpython inside; a source build with default options (pyenv's, say) has neither
+    and runs sidelink's HTTP/2 path markedly slower (RESULTS.md, ninth session)."""
+    try:
+        shared = "libpython" in Path("/proc/self/maps").read_text()
+    except OSError:
+        linkage = ""
+    else:
+        linkage = ", libpython shared" if shared else ", libpython in the executable"
+    version = f"{platform.python_implementation()} {platform.python_version()}"
+    return f"{version} ({os.path.realpath(sys.executable)}{linkage})"
 
 
 def git_revision(repo: Path) -> str:
