@@ -25,7 +25,9 @@ umask 077
 if [ ! -f "$dir/ca.key" ] || [ ! -f "$dir/ca.crt" ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -keyout "$dir/ca.key" -out "$dir/ca.crt" -days 3650 \
-    -subj "/CN=sidelink-webhook-ca" 2>/dev/null
+    -subj "/CN=sidelink-webhook-ca" \
+    -addext "basicConstraints = critical, CA:TRUE" \
+    -addext "keyUsage = critical, keyCertSign, cRLSign" 2>/dev/null
 fi
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
   -keyout "$dir/tls.key" -out "$dir/tls.csr" -subj "/CN=$service.$namespace.svc" 2>/dev/null
