@@ -138,9 +138,10 @@ def machine() -> dict[str, str]:
 def interpreter() -> str:
     """The Python sidelink runs on here (the benchmark starts it with its own): version,
     executable, and whether libpython is a shared library or inside the executable. Its
-    build counts for much: Debian's python3, the image's, is built with PGO and LTO and
-    has libpython inside; a source build with default options (pyenv's, say) has neither
-    and runs sidelink's HTTP/2 path markedly slower (RESULTS.md, ninth session)."""
+    build counts for much: Debian's python3 and the official python images (the image's
+    two bases) are built with PGO and LTO; a source build with default options (pyenv's,
+    say) is not, and runs sidelink's HTTP/2 path markedly slower (RESULTS.md, ninth
+    session)."""
     try:
         shared = "libpython" in Path("/proc/self/maps").read_text()
     except OSError:
