@@ -186,9 +186,18 @@ async def test_the_retry_budget_bounds_upstream_attempts_when_half_the_replicas_
 # --- balancing ------------------------------------------------------------------------------
 
 # Replica latencies well above the jitter of one loop serving clients, sidelink and
-# replicas alike (about 3 ms at p99 here), so that latency-aware balancing sees them.
-FAST = 0.005
+# replicas alike (about 3 ms at p99 here, 15 ms in a CI run), so that latency-aware
+# balancing sees them. Peak-EWMA believes a peak at once and keeps it for seconds, and
+# weighs it by the load in flight: the slow replica is picked whenever a fast one's
+# peak times its load passes SLOW. A stall of the loop is such a peak. With 5 ms and 8
+# clients (about 4 in flight on each fast replica) a 12 ms stall was enough, and a CI
+# run under load sent the slow replica 1.5-1.8% of the requests, and so the p99. With
+# 10 ms and 4 clients a peak has to pass 50 ms: under four CPU-bound processes beside
+# the test, ewma's share stayed 0.1-0.2% (p2c's 9.8-10.2%).
+FAST = 0.010
 SLOW = 10 * FAST
+BALANCE_CLIENTS = 4
+BALANCE_REQUESTS = 1200
 
 
 @pytest.mark.parametrize("balance", ["p2c", "ewma", "round_robin"])
@@ -211,9 +220,9 @@ async def test_three_equal_replicas_each_get_a_third_within_ten_percent(
 
 
 async def run(
-    dns: DnsServer, replicas: Replicas, balance: str, slow: Replica, total: int = 2000
+    dns: DnsServer, replicas: Replicas, balance: str, slow: Replica
 ) -> tuple[float, float]:
-    """`total` requests through a fresh sidelink balancing by `balance`: the share of
+    """BALANCE_REQUESTS requests through a fresh sidelink balancing by `balance`: the share of
     them that landed on `slow`, and the p99 latency the clients saw."""
     hits = replicas.hits()
     # A collection of what earlier tests left is a pause every request in flight sees:
@@ -226,7 +235,7 @@ async def run(
     try:
         async with (
             running_server(config) as server,
-            Load(route_address(server), clients=CLIENTS, total=total) as load,
+            Load(route_address(server), clients=BALANCE_CLIENTS, total=BALANCE_REQUESTS) as load,
         ):
             await load.done()
     finally:

