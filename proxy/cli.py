@@ -468,14 +468,19 @@ def _field(label: str, value: str) -> None:
 def cmd_inject(args: argparse.Namespace) -> int:
     from proxy.inject import InjectError, inject_objects
 
+    source = "<stdin>" if args.file == "-" else args.file
     try:
         if args.file == "-":
-            text, source = sys.stdin.read(), "<stdin>"
+            data = sys.stdin.buffer.read()
         else:
-            with open(args.file, encoding="utf-8") as f:
-                text, source = f.read(), args.file
+            with open(args.file, "rb") as f:
+                data = f.read()
+        text = data.decode("utf-8")
     except OSError as e:
-        print(f"{args.file}: cannot read: {e.strerror}", file=sys.stderr)
+        print(f"{source}: cannot read: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnicodeDecodeError as e:
+        print(f"{source}: cannot read: not UTF-8 text ({e.reason})", file=sys.stderr)
         return EXIT_USAGE
     try:
         done = inject_objects(

@@ -346,7 +346,12 @@ def _objects(documents: list[Any]) -> list[dict[str, Any]]:
 
 def _load(text: str, source: str) -> list[tuple[_Document, Any]]:
     """Every document with its node tree, kept so that later errors can name a line."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # (which checks every character is one YAML allows)
+    except yaml.reader.ReaderError as e:
+        at = text.count("\n", 0, e.position) + 1
+        character = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise InjectError(f"{source}:{at}: unacceptable character {character}: {e.reason}") from e
     loaded: list[tuple[_Document, Any]] = []
     try:
         while loader.check_node():

@@ -256,3 +256,44 @@ async def test_an_http2_stream_gets_its_own_line(caplog: pytest.LogCaptureFixtur
         assert " GET /two status=200 " in two
     finally:
         await pod.stop()
+
+
+async def test_sidelinks_own_answers_are_logged_with_their_retries_and_bytes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing listens on the pod: each request fails to connect twice (retries: 1), and
+    sidelink answers 503 itself, over HTTP/1.1 and over HTTP/2."""
+    caplog.set_level(logging.INFO, logger="sidelink.access")
+    dead = "127.0.0.5"
+    text = (
+        "logging: {access_log: true}\n"
+        "routes:\n"
+        f"  - {{name: web, listen: 0, service: {dead}, port: 9, protocol: http, retries: 1}}\n"
+    )
+    async with running_server(text) as server:
+        host, port = route_address(server, "web")
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /h1 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        h1_answer = await reader.read()
+        writer.close()
+        async with H2Client.open(route_address(server, "web")) as client:
+            h2_answer = await client.request("GET", "/h2")
+        await until(lambda: len(json_lines(caplog)) == 2, what="two http lines")
+        retried = server.routes["web"].stats.retries
+    h1, h2 = json_lines(caplog)
+    assert h1_answer.startswith(b"HTTP/1.1 503 ")
+    assert {k: h1[k] for k in ("path", "status", "retries", "error")} == {
+        "path": "/h1",
+        "status": 503,
+        "retries": 1,  # as sidelink_retries_total counts it
+        "error": "no_endpoints",
+    }
+    assert h1["bytes_sent"] == len(h1_answer)
+    assert h2_answer.status == 503 and h2_answer.body
+    assert {k: h2[k] for k in ("path", "status", "error")} == {
+        "path": "/h2",
+        "status": 503,
+        "error": "no_endpoints",
+    }
+    assert h2["bytes_sent"] == len(h2_answer.body)  # as for every stream: what DATA carried
+    assert retried == 2  # one per request

@@ -468,6 +468,12 @@ INJECT_BAD = {
         "<stdin>:2: document 1: while parsing a flow sequence: "
         "expected ',' or ']', but got '<stream end>'"
     ),
+    case("inject-control-character", "inject", stdin='kind: Pod\nmetadata:\n  name: "x\x01"\n'): (
+        "<stdin>:3: unacceptable character #x0001: special characters are not allowed"
+    ),
+    case("inject-binary", "inject", "binary.yaml"): (
+        "binary.yaml: cannot read: not UTF-8 text (invalid start byte)"
+    ),
 }
 
 

@@ -27,6 +27,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import wire
+from support.h2peers import H2Client
 from support.inproc import no_connections, resolver_yaml, route_address, running_server
 from support.metrics import Scrape
 from support.pods import HANG_UPS, AppPods, StreamPods, pod_of
@@ -300,6 +301,77 @@ async def test_garbage_instead_of_http_is_502_protocol() -> None:
         # The garbled connections are not pooled.
         assert server.routes["app1"].stats.pool_idle == 0
         await until(lambda: server.routes["app1"].stats.active_upstream == 0, ANSWER_DEADLINE)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"JUNK\r\n\r\n", b"HTTP/1.1 200 OK\r\n", OK],
+    ids=["garbage", "half-a-head", "an-unasked-response"],
+)
+async def test_bytes_after_a_whole_response_close_that_connection_and_nothing_else(
+    after: bytes,
+) -> None:
+    async def answer_then_more(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        while await up.next_request(reader) is not None:
+            w.write(OK + after)  # one write: the extra bytes come in the same read
+            await w.drain()
+
+    async with (
+        RawUpstream(answer_then_more) as up,
+        running_server(config(port=up.port)) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        before = Scrape.of(server)
+        for path in ("/first", "/second"):
+            writer.write(get(path))
+            response = await read_response(reader)
+            # The answer that came whole stands; what followed it is never taken as the
+            # answer to the client's next request (nor does it make one up).
+            assert (response.status, response.body) == (200, b"ok")
+        writer.write(get("/third"))
+        assert (await read_response(reader)).status == 200
+        assert not await more_arrives(reader)
+        assert requests_by_code(before, server) == {"200": 3}
+        assert upstream_errors(before, server) == {}
+        # Each connection that said too much was dropped, not pooled.
+        assert up.connections == 3
+        await until(lambda: server.routes["app1"].stats.active_upstream == 0, ANSWER_DEADLINE)
+
+
+async def test_bytes_after_a_whole_response_close_the_bridged_connection_only() -> None:
+    """The same through an HTTP/2 client, bridged to the HTTP/1.1 pod."""
+
+    async def answer_then_more(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        while await up.next_request(reader) is not None:
+            w.write(OK + b"HTTP/1.1 200 OK\r\n")
+            await w.drain()
+
+    async with (
+        RawUpstream(answer_then_more) as up,
+        running_server(config(port=up.port, upstream_protocol="http1")) as server,
+        H2Client.open(route_address(server)) as client,
+    ):
+        before = Scrape.of(server)
+        for path in ("/first", "/second", "/third"):
+            answer = await client.request("GET", path)
+            assert (answer.status, answer.body) == (200, b"ok")
+        assert requests_by_code(before, server) == {"200": 3}
+        assert upstream_errors(before, server) == {}
+        assert up.connections == 3
+        await until(lambda: server.routes["app1"].stats.active_upstream == 0, ANSWER_DEADLINE)
+
+
+async def more_arrives(reader: asyncio.StreamReader) -> bool:
+    """Whether anything (a byte or the close) comes within a short wait."""
+    try:
+        await asyncio.wait_for(reader.read(1), 0.2)
+    except TimeoutError:
+        return False
+    return True
 
 
 # --- 503: nothing to send the request to ------------------------------------------------

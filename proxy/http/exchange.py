@@ -285,6 +285,8 @@ class Exchange:
         try:
             ep, _, conn = await route.connect(down.new_upstream, exclude=tried, first=first)
         except UpstreamError as e:
+            # Every attempt failed: all but the first were retries (as route.connect counts).
+            self.retries += max(0, len(tried) - before - 1)
             if self.phase == CONNECTING and not down.closed:
                 self.fail(e)
             else:

@@ -522,6 +522,10 @@ class H1Upstream(Upstream):
         self.keep_alive_down = True
         self.head_keep_alive = True  # the server keeps the connection (a HEAD's answer)
         self.tunnel = False
+        # The response ended within the read being parsed: the exchange is finished once
+        # the rest of the read is parsed (bytes after a response break the connection).
+        self.complete = False
+        self.reusable = False
 
     def __repr__(self) -> str:
         pool = self.pool
@@ -597,6 +601,10 @@ class H1Upstream(Upstream):
             return
         except httptools.HttpParserError as e:
             self._protocol_error(ex, f"invalid response: {e}")
+            return
+        if self.complete:
+            self.complete = False
+            ex.response_complete(reusable=self.reusable, keep_alive=self.keep_alive_down)
             return
         if self.out:
             self._flush(ex)
@@ -699,9 +707,13 @@ class H1Upstream(Upstream):
         if self.rechunk:
             self.out.append(heads.trailer_block(self.headers))
         self._flush(ex)
-        reusable = self.parser.should_keep_alive() and not self.until_close
+        self.reusable = self.parser.should_keep_alive() and not self.until_close
         self.headers.clear()
-        ex.response_complete(reusable=reusable, keep_alive=self.keep_alive_down)
+        self.complete = True
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise ProtocolError("bytes after the response")
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -714,4 +726,15 @@ class H1Upstream(Upstream):
     def _protocol_error(self, ex: Exchange, detail: str) -> None:
         self.out.clear()
         self.close()
+        if self.complete:
+            # The bad bytes came after a whole response: that answer stands, and the
+            # connection, which can no longer be trusted, goes.
+            self.complete = False
+            log.info(
+                "route %s: %s after a complete response; connection closed",
+                ex.down.route.config.name,
+                detail,
+            )
+            ex.response_complete(reusable=False, keep_alive=self.keep_alive_down)
+            return
         ex.upstream_failed(ProtocolError(detail))

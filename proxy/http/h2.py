@@ -1103,6 +1103,7 @@ class H2Downstream(H2Connection):
             fields, body = heads.h2_error(error)
             h2.send_response(stream.sid, fields)
             h2.send_data(stream.sid, body, end_stream=True)
+            stream.bytes_out += len(body)
         self.schedule()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -1403,6 +1404,10 @@ class H1Leg(Carrier):
         self.head_only = False
         self.interim = False
         self.until_close = False  # the response body ends when the server closes
+        # The response ended within the read being parsed: the stream is done once the
+        # rest of the read is parsed (bytes after a response break the connection).
+        self.complete = False
+        self.reusable = False
         self.head_bytes = 0
         self.unread = 0  # response bytes handed down and not yet sent on
         self.reading = True
@@ -1533,6 +1538,10 @@ class H1Leg(Carrier):
         except httptools.HttpParserError as e:
             self._broken(f"invalid response: {e}")
             return
+        if self.complete:
+            self.complete = False
+            self._done(self.reusable)
+            return
         if self.head_bytes > 2 * MAX_HEAD_BYTES:
             self._broken("response head over 64 KiB")
 
@@ -1596,7 +1605,12 @@ class H1Leg(Carrier):
             self.headers.clear()
         elif stream.phase != DONE:
             stream.response_data(b"", True)
-        self._done(reusable=self.parser.should_keep_alive())
+        self.reusable = self.parser.should_keep_alive()
+        self.complete = True
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise ProtocolError("bytes after the response")
 
     def _done(self, reusable: bool) -> None:
         stream = self.stream
@@ -1611,6 +1625,17 @@ class H1Leg(Carrier):
             self.stream_ended()
 
     def _broken(self, detail: str) -> None:
+        if self.complete:
+            # The bad bytes came after a whole response: that answer stands, and the
+            # connection, which can no longer be trusted, goes.
+            self.complete = False
+            log.info(
+                "route %s: %s after a complete response; connection closed",
+                self.route.config.name,
+                detail,
+            )
+            self._done(reusable=False)
+            return
         stream = self.stream
         self.stream = None
         self.streams = {}
