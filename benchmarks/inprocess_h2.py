@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import time
 
 import ngh2
@@ -22,7 +21,7 @@ import uvloop
 from ngh2 import Configuration, RequestReceived, ResponseReceived, Role, Setting
 
 from proxy import build
-from proxy.cli import YOUNG_COLLECTION
+from proxy.cli import settle_collector
 from proxy.config import Overrides, parse
 from proxy.http.h1 import downstream_factory
 from proxy.http.h2 import H2Upstream
@@ -111,9 +110,7 @@ async def measure(requests: int, streams: int, batches: int) -> None:
     lab = Lab(route)
     await lab.start()
     # As `sidelink run` does once it serves: what lives on is out of the collector's sight.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(YOUNG_COLLECTION, 10, 10)
+    settle_collector()
     for _ in range(1000 // streams + 1):
         await lab.round(streams)
     rounds = max(1, requests // streams)

@@ -9,11 +9,10 @@ they are answered (at the clients); each test prints its figures (`pytest -s`).
 
 from __future__ import annotations
 
-import gc
 import time
 
 import pytest
-from support.inproc import route_address, running_server
+from support.inproc import collector_as_served, route_address, running_server
 from support.metrics import Scrape
 from support.replicas import (
     ANSWER_500,
@@ -226,20 +225,14 @@ async def run(
     them that landed on `slow`, and the p99 latency the clients saw."""
     hits = replicas.hits()
     # A collection of what earlier tests left is a pause every request in flight sees:
-    # a peak that peak-EWMA keeps for seconds. Collected now, and frozen (as `sidelink
-    # run` freezes what it holds once serving), an oldest-generation collection during
-    # the run walks only what the run made.
-    gc.collect()
-    gc.freeze()
+    # a peak that peak-EWMA keeps for seconds.
     config = route_yaml(dns.port, replicas.port, balance=balance)
-    try:
+    with collector_as_served():
         async with (
             running_server(config) as server,
             Load(route_address(server), clients=BALANCE_CLIENTS, total=BALANCE_REQUESTS) as load,
         ):
             await load.done()
-    finally:
-        gc.unfreeze()
     assert not load.failed, load.errors()
     window = landed(replicas, hits)
     return window[slow.host] / sum(window.values()), load.quantile(0.99)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import gc
+from collections.abc import AsyncIterator, Iterator, Sequence
 
+from proxy.cli import settle_collector
 from proxy.config import Overrides, parse
 from proxy.server import Server
 
@@ -22,6 +24,20 @@ def resolver_yaml(dns_port: int, **extra: object) -> str:
     ]
     lines += [f"  {k}: {v}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def collector_as_served() -> Iterator[None]:
+    """The garbage collector as `sidelink run` sets it once serving, for a test that times
+    requests: what the test process already holds (pytest, every module it loaded) frozen,
+    so an oldest-generation collection walks only what the test made. Unfrozen on exit."""
+    thresholds = gc.get_threshold()
+    settle_collector()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 @contextlib.asynccontextmanager
