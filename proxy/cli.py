@@ -304,7 +304,7 @@ def _parser() -> argparse.ArgumentParser:
         """,
     )
     demo.add_argument(
-        "--duration", type=float, default=20.0, metavar="S", help="seconds (default: 20)"
+        "--duration", type=_seconds, default=20.0, metavar="S", help="seconds (default: 20)"
     )
     demo.set_defaults(handler=cmd_demo)
     return parser

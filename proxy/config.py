@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 import yaml
 
@@ -362,6 +362,9 @@ class PoolConfig:
 class OutlierConfig:
     """Passive health: when an endpoint is ejected, and for how long."""
 
+    # (low, high): durations the first of which must not exceed the second.
+    ORDERED: ClassVar[tuple[str, str]] = ("base_ejection", "max_ejection")
+
     consecutive_failures: int = setting(5, _int_range(1, 1000))
     base_ejection: float = duration(1.0)
     max_ejection: float = duration(30.0)
@@ -435,6 +438,8 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class ResolverConfig:
+    ORDERED: ClassVar[tuple[str, str]] = ("min_ttl", "max_ttl")  # (as OutlierConfig's)
+
     nameservers: tuple[tuple[str, int], ...] = setting(
         (), _nameservers, lambda ns: [join_host_port(h, p) for h, p in ns]
     )
@@ -791,7 +796,24 @@ class _Reader:
 
     def section(self, node: yaml.Node | None, path: str, base: D) -> D:
         """The mapping at ``node`` read over ``base``: each key written replaces its value."""
-        return self.fill(self.mapping(node, path, _names(type(base))), path, base)
+        nodes = self.mapping(node, path, _names(type(base)))
+        out = self.fill(nodes, path, base)
+        self.check_order(out, nodes, path)
+        return out
+
+    def check_order(self, section: object, nodes: Mapping[str, yaml.Node], path: str) -> None:
+        """A section's ORDERED pair of durations, low <= high, where either is written."""
+        pair: tuple[str, str] | None = getattr(type(section), "ORDERED", None)
+        if pair is None:
+            return
+        low, high = pair
+        if getattr(section, low) <= getattr(section, high):
+            return
+        if low in nodes:
+            self.problem(nodes[low], _join(path, low), f"must not exceed {high}")
+        elif high in nodes:  # only high is written, below low's value: blame the line there is
+            shown = format_duration(getattr(section, low))
+            self.problem(nodes[high], _join(path, high), f"must not be less than {low} ({shown})")
 
     def fill(self, nodes: Mapping[str, yaml.Node], path: str, base: D) -> D:
         """``base`` with the keys of its class that ``nodes`` holds, each converted."""
@@ -817,23 +839,9 @@ class _Reader:
     def config(self, root: yaml.Node | None) -> Config:
         top = self.mapping(root, "", _names(Config))
         config = self.fill(top, "", Config())
-        self.check_ttls(config.resolver)
         return dataclasses.replace(
             config, routes=tuple(self.routes(top.get("routes"), config.defaults))
         )
-
-    def check_ttls(self, resolver: ResolverConfig) -> None:
-        if resolver.min_ttl <= resolver.max_ttl:
-            return
-        nodes = self.written["resolver"]
-        if "min_ttl" in nodes:
-            self.problem(nodes["min_ttl"], "resolver.min_ttl", "must not exceed max_ttl")
-        else:  # only max_ttl is written, below the default min_ttl: blame the line there is
-            self.problem(
-                nodes.get("max_ttl"),
-                "resolver.max_ttl",
-                f"must not be less than min_ttl ({format_duration(resolver.min_ttl)})",
-            )
 
     def routes(self, node: yaml.Node | None, defaults: RouteSettings) -> Iterator[RouteConfig]:
         if node is None or _is_null(node):

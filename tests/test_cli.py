@@ -597,6 +597,21 @@ def test_resolve_reads_the_hosts_file_first(results: Results) -> None:
     assert any(re.fullmatch(r"address: +(127\.0\.0\.1|\[::1\]):8080", line) for line in out)
 
 
+DEMO_DURATIONS = {
+    value: case(f"demo-duration-{value}", "demo", "--duration", value)
+    for value in ("-1", "nan", "inf", "0")
+}
+
+
+@pytest.mark.parametrize("value", DEMO_DURATIONS)
+def test_demo_refuses_a_duration_it_cannot_run_for(results: Results, value: str) -> None:
+    result = results[DEMO_DURATIONS[value]]
+    assert (result.returncode, result.stdout) == (2, "")
+    assert lines(result.stderr)[-1] == (
+        f"sidelink demo: error: argument --duration: must be 0.05..3600 seconds, got {value}"
+    )
+
+
 # --- help -----------------------------------------------------------------------------------
 
 HELP = {

@@ -630,6 +630,25 @@ def test_min_ttl_must_not_exceed_max_ttl() -> None:
     assert config.resolver.min_ttl == config.resolver.max_ttl == 30.0
 
 
+def test_base_ejection_must_not_exceed_max_ejection_in_defaults_or_a_route() -> None:
+    assert problems("defaults:\n  outlier:\n    base_ejection: 1m\n") == [
+        "sidelink.yaml:3: defaults.outlier.base_ejection: must not exceed max_ejection"
+    ]
+    # A route that lowers only max_ejection, under the base it inherits: its own line.
+    text = "defaults:\n  outlier:\n    base_ejection: 5s\n" + route_yaml(
+        outlier="{max_ejection: 2s}"
+    )
+    assert problems(text) == [
+        "sidelink.yaml:7: routes[0].outlier.max_ejection: must not be less than base_ejection (5s)"
+    ]
+    # A route that writes no outlier section is not blamed for its defaults.
+    assert problems("defaults:\n  outlier:\n    base_ejection: 1m\n" + route_yaml()) == [
+        "sidelink.yaml:3: defaults.outlier.base_ejection: must not exceed max_ejection"
+    ]
+    (route,) = parse(route_yaml(outlier="{base_ejection: 30s, max_ejection: 30s}"), FILE).routes
+    assert route.settings.outlier.base_ejection == route.settings.outlier.max_ejection == 30.0
+
+
 # --- exposure and listener clashes -------------------------------------------------------
 
 
