@@ -209,6 +209,21 @@ class RawUpstream(StreamPods):
         return req
 
 
+Through = tuple[RawUpstream, Server, asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def through(handler: RawHandler, **route: Any) -> AsyncIterator[Through]:
+    """A client connection through sidelink (the route's keys as given) to a RawUpstream
+    running `handler`: the upstream, the server, and the client's reader and writer."""
+    async with (
+        RawUpstream(handler) as up,
+        running_server(config(port=up.port, **route)) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        yield up, server, reader, writer
+
+
 async def answer_ok(up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     """A well-behaved keep-alive server: 200 "ok" to every request."""
     while await up.next_request(reader) is not None:
@@ -241,11 +256,7 @@ async def test_upstream_closing_mid_response_closes_the_client() -> None:
         w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
         await w.drain()  # then the handler returns and the socket closes
 
-    async with (
-        RawUpstream(half_a_body) as up,
-        running_server(config(port=up.port)) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(half_a_body) as (up, server, reader, writer):
         before = Scrape.of(server)
         writer.write(get("/half"))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_DEADLINE)
@@ -318,11 +329,7 @@ async def test_bytes_after_a_whole_response_close_that_connection_and_nothing_el
             w.write(OK + after)  # one write: the extra bytes come in the same read
             await w.drain()
 
-    async with (
-        RawUpstream(answer_then_more) as up,
-        running_server(config(port=up.port)) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(answer_then_more) as (up, server, reader, writer):
         before = Scrape.of(server)
         for path in ("/first", "/second"):
             writer.write(get(path))
@@ -470,11 +477,7 @@ async def test_an_upstream_that_never_answers_is_504_and_the_client_connection_l
             w.write(OK)
             await w.drain()
 
-    async with (
-        RawUpstream(silent_on_slow) as up,
-        running_server(config(port=up.port)) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(silent_on_slow) as (up, server, reader, writer):
         before = Scrape.of(server)
         started = time.monotonic()
         writer.write(get("/slow"))
@@ -544,11 +547,7 @@ def stale_after_one(counts: list[int]) -> RawHandler:
 
 async def test_get_on_a_pooled_connection_the_server_closed_is_retried() -> None:
     counts: list[int] = []
-    async with (
-        RawUpstream(stale_after_one(counts)) as up,
-        running_server(config(port=up.port)) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(stale_after_one(counts)) as (up, server, reader, writer):
         stats = server.routes["app1"].stats
         writer.write(get("/first"))
         assert (await read_response(reader)).status == 200
@@ -566,11 +565,7 @@ async def test_get_on_a_pooled_connection_the_server_closed_is_retried() -> None
 
 async def test_post_on_a_pooled_connection_the_server_closed_is_not_replayed() -> None:
     counts: list[int] = []
-    async with (
-        RawUpstream(stale_after_one(counts)) as up,
-        running_server(config(port=up.port)) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(stale_after_one(counts)) as (up, server, reader, writer):
         stats = server.routes["app1"].stats
         writer.write(get("/first"))
         assert (await read_response(reader)).status == 200
@@ -1049,11 +1044,7 @@ async def test_a_body_broken_mid_request_is_400_at_once_and_not_blamed_on_upstre
 
 
 async def test_a_body_that_stalls_is_cut_by_idle_timeout_not_request_timeout() -> None:
-    async with (
-        RawUpstream(read_head_then_wait) as up,
-        running_server(config(port=up.port, idle_timeout="1s")) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(read_head_then_wait, idle_timeout="1s") as (_, server, reader, writer):
         before = Scrape.of(server)
         started = time.monotonic()
         writer.write(post("/upload", b"0123456789")[:-5])  # half the body, then nothing
@@ -1093,11 +1084,7 @@ async def test_a_broken_body_behind_a_pipelined_request_never_goes_upstream() ->
             w.write(OK)
             await w.drain()
 
-    async with (
-        RawUpstream(slow_first) as up,
-        running_server(config(port=up.port, **PATIENT)) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(slow_first, **PATIENT) as (up, server, reader, writer):
         before = Scrape.of(server)
         writer.write(get("/first"))
         await until(lambda: up.requests, ANSWER_DEADLINE, "the first request upstream")
@@ -1179,11 +1166,7 @@ async def test_a_slow_upload_is_not_cut_by_request_timeout() -> None:
             w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(req.body), req.body))
             await w.drain()
 
-    async with (
-        RawUpstream(answer) as up,
-        running_server(config(port=up.port)) as server,
-        raw_client(server) as (reader, writer),
-    ):
+    async with through(answer) as (up, _, reader, writer):
         parts = [b"a" * 100, b"b" * 100, b"c" * 100, b"d" * 100]
         writer.write(b"POST /up HTTP/1.1\r\nHost: app1\r\nContent-Length: 400\r\n\r\n")
         for part in parts:  # 4 x 300ms: well past request_timeout before the body ends
