@@ -208,12 +208,14 @@ def _listen_address(value: object) -> tuple[str, int]:
 def _nameservers(value: object) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, list):
         raise ValueError('must be a list of "IP" or "IP:PORT"')
-    out = []
+    out, bad = [], []
     for item in value:
         try:
             out.append(split_host_port(str(item), 53))
         except ValueError as e:
-            raise ValueError(f'must be a list of "IP" or "IP:PORT" ({item!r}: {e})') from None
+            bad.append(f"{item!r}: {e}")
+    if bad:  # every one named, so that one run of check shows them all
+        raise ValueError(f'must be a list of "IP" or "IP:PORT" ({"; ".join(bad)})')
     return tuple(out)
 
 

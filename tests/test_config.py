@@ -630,6 +630,17 @@ def test_min_ttl_must_not_exceed_max_ttl() -> None:
     assert config.resolver.min_ttl == config.resolver.max_ttl == 30.0
 
 
+def test_every_bad_nameserver_is_named() -> None:
+    (problem,) = problems(
+        'resolver:\n  nameservers: ["10.0.0.10", "dns.local", "10.0.0.1:99999"]\n'
+    )
+    assert problem.startswith(
+        'sidelink.yaml:2: resolver.nameservers: must be a list of "IP" or "IP:PORT" '
+        "('dns.local': 'dns.local' does not appear to be an IPv4 or IPv6 address; "
+        "'10.0.0.1:99999': port must be 0..65535, got 99999), got "
+    ), problem
+
+
 def test_base_ejection_must_not_exceed_max_ejection_in_defaults_or_a_route() -> None:
     assert problems("defaults:\n  outlier:\n    base_ejection: 1m\n") == [
         "sidelink.yaml:3: defaults.outlier.base_ejection: must not exceed max_ejection"
