@@ -30,6 +30,7 @@ from proxy.config import (
     format_duration,
     upstream_port,
     valid_service,
+    valid_subdomain,
 )
 from proxy.inject import CONFIG_MOUNT_PATH, DEFAULT_IMAGE
 from proxy.logs import configure_logging
@@ -209,8 +210,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     inject.add_argument("file", nargs="?", default="-", metavar="FILE|-", help="default: stdin")
     _route_arg(inject)
-    inject.add_argument("--config-map", metavar="NAME", help="a ConfigMap holding sidelink.yaml")
-    inject.add_argument("--image", metavar="IMAGE", help=f"default: {DEFAULT_IMAGE}")
+    inject.add_argument(
+        "--config-map", type=_config_map, metavar="NAME", help="a ConfigMap holding sidelink.yaml"
+    )
+    inject.add_argument("--image", type=_image, metavar="IMAGE", help=f"default: {DEFAULT_IMAGE}")
     inject.add_argument(
         "--classic", action="store_true", help="a regular container (Kubernetes before 1.29)"
     )
@@ -244,9 +247,10 @@ def _parser() -> argparse.ArgumentParser:
     webhook.add_argument(
         "--listen", metavar="ADDR", default="0.0.0.0:8443", help="IP:PORT (default: 0.0.0.0:8443)"
     )
-    webhook.add_argument("--image", metavar="IMAGE", help=f"default: {DEFAULT_IMAGE}")
+    webhook.add_argument("--image", type=_image, metavar="IMAGE", help=f"default: {DEFAULT_IMAGE}")
     webhook.add_argument(
         "--config-map",
+        type=_config_map,
         metavar="NAME",
         help="mount this ConfigMap (key sidelink.yaml, in the pod's namespace) in every sidecar",
     )
@@ -308,6 +312,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _config_map(text: str) -> str:
+    if not valid_subdomain(text):
+        raise argparse.ArgumentTypeError(
+            f"must be a ConfigMap name (lowercase letters, digits, '-' and '.'), got {text!r}"
+        )
+    return text
+
+
+def _image(text: str) -> str:
+    if not text or not text.isprintable() or " " in text:
+        raise argparse.ArgumentTypeError(f"must be an image reference, got {text!r}")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -513,8 +531,6 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         host, port = split_host_port(args.listen)
     except ValueError as e:
         raise ConfigError([f"--listen: must be IP:PORT ({e}), got {args.listen!r}"]) from None
-    if args.config_map is not None and not args.config_map:
-        raise ConfigError(["--config-map: must be a ConfigMap name, got ''"])
     options = SidecarOptions(
         config_map=args.config_map, image=args.image or DEFAULT_IMAGE, classic=args.classic
     )

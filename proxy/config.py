@@ -120,10 +120,12 @@ def _plain(number: float) -> str:
 
 def valid_service(name: str) -> bool:
     """A DNS name (``svc``, ``svc.ns``, ``svc.ns.svc.cluster.local.``) or an IP literal."""
-    if is_ip(name):
-        return True
-    labels = name.lower().removesuffix(".").split(".")
-    return len(name) <= 253 and all(_DNS_LABEL.match(label) for label in labels)
+    return is_ip(name) or valid_subdomain(name.lower().removesuffix("."))
+
+
+def valid_subdomain(name: str) -> bool:
+    """A DNS subdomain name (RFC 1123), as Kubernetes names most objects: lowercase."""
+    return len(name) <= 253 and all(_DNS_LABEL.match(label) for label in name.split("."))
 
 
 # --- converters: each takes the YAML value and returns the typed one or raises ValueError ---

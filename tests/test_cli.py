@@ -484,6 +484,39 @@ def test_inject_bad_input_exits_2(results: Results, name: str) -> None:
     assert lines(result.stderr) == [INJECT_BAD[name]]
 
 
+# Names a pod spec could not hold: refused before any YAML is read (also by `webhook`).
+INJECT_BAD_ARGUMENT = {
+    case("inject-config-map-upper", "inject", "-", "--config-map", "Sidelink_Config"): (
+        "argument --config-map: must be a ConfigMap name (lowercase letters, digits, '-' and "
+        "'.'), got 'Sidelink_Config'"
+    ),
+    case("inject-config-map-empty", "inject", "-", "--config-map="): (
+        "argument --config-map: must be a ConfigMap name (lowercase letters, digits, '-' and "
+        "'.'), got ''"
+    ),
+    case("inject-image-space", "inject", "-", "--image", "sidelink: latest"): (
+        "argument --image: must be an image reference, got 'sidelink: latest'"
+    ),
+    case("webhook-image-empty", "webhook", "--cert", "c", "--key", "k", "--image="): (
+        "argument --image: must be an image reference, got ''"
+    ),
+    case("webhook-config-map-empty", "webhook", "--cert", "c", "--key", "k", "--config-map="): (
+        "argument --config-map: must be a ConfigMap name (lowercase letters, digits, '-' and "
+        "'.'), got ''"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", INJECT_BAD_ARGUMENT)
+def test_inject_and_webhook_refuse_names_a_pod_spec_cannot_hold(
+    results: Results, name: str
+) -> None:
+    result = results[name]
+    assert (result.returncode, result.stdout) == (2, "")
+    command = name.split("-", maxsplit=1)[0]
+    assert lines(result.stderr)[-1] == f"sidelink {command}: error: {INJECT_BAD_ARGUMENT[name]}"
+
+
 INJECT_MISSING = case("inject-missing", "inject", "{dir}/nope.yaml")
 
 
