@@ -484,8 +484,9 @@ def test_inject_bad_input_exits_2(results: Results, name: str) -> None:
     assert lines(result.stderr) == [INJECT_BAD[name]]
 
 
-# Names a pod spec could not hold: refused before any YAML is read (also by `webhook`).
-INJECT_BAD_ARGUMENT = {
+# Arguments refused by the parser, with the usage, before any work: names a pod spec could
+# not hold (before any YAML is read), durations a demo cannot run for.
+BAD_ARGUMENT = {
     case("inject-config-map-upper", "inject", "-", "--config-map", "Sidelink_Config"): (
         "argument --config-map: must be a ConfigMap name (lowercase letters, digits, '-' and "
         "'.'), got 'Sidelink_Config'"
@@ -504,17 +505,22 @@ INJECT_BAD_ARGUMENT = {
         "argument --config-map: must be a ConfigMap name (lowercase letters, digits, '-' and "
         "'.'), got ''"
     ),
+    **{
+        case(f"demo-duration-{value}", "demo", "--duration", value): (
+            f"argument --duration: must be 0.05..3600 seconds, got {value}"
+        )
+        for value in ("-1", "nan", "inf", "0")
+    },
 }
 
 
-@pytest.mark.parametrize("name", INJECT_BAD_ARGUMENT)
-def test_inject_and_webhook_refuse_names_a_pod_spec_cannot_hold(
-    results: Results, name: str
-) -> None:
+@pytest.mark.parametrize("name", BAD_ARGUMENT)
+def test_bad_arguments_are_refused_with_the_usage(results: Results, name: str) -> None:
     result = results[name]
     assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("usage: sidelink ")
     command = name.split("-", maxsplit=1)[0]
-    assert lines(result.stderr)[-1] == f"sidelink {command}: error: {INJECT_BAD_ARGUMENT[name]}"
+    assert lines(result.stderr)[-1] == f"sidelink {command}: error: {BAD_ARGUMENT[name]}"
 
 
 INJECT_MISSING = case("inject-missing", "inject", "{dir}/nope.yaml")
@@ -628,21 +634,6 @@ def test_resolve_reads_the_hosts_file_first(results: Results) -> None:
     out = lines(result.stdout)
     assert "answered:    localhost (source: hosts)" in out
     assert any(re.fullmatch(r"address: +(127\.0\.0\.1|\[::1\]):8080", line) for line in out)
-
-
-DEMO_DURATIONS = {
-    value: case(f"demo-duration-{value}", "demo", "--duration", value)
-    for value in ("-1", "nan", "inf", "0")
-}
-
-
-@pytest.mark.parametrize("value", DEMO_DURATIONS)
-def test_demo_refuses_a_duration_it_cannot_run_for(results: Results, value: str) -> None:
-    result = results[DEMO_DURATIONS[value]]
-    assert (result.returncode, result.stdout) == (2, "")
-    assert lines(result.stderr)[-1] == (
-        f"sidelink demo: error: argument --duration: must be 0.05..3600 seconds, got {value}"
-    )
 
 
 # --- help -----------------------------------------------------------------------------------
