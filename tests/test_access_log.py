@@ -290,9 +290,10 @@ async def test_sidelinks_own_answers_are_logged_with_their_retries_and_bytes(
     }
     assert h1["bytes_sent"] == len(h1_answer)
     assert h2_answer.status == 503 and h2_answer.body
-    assert {k: h2[k] for k in ("path", "status", "error")} == {
+    assert {k: h2[k] for k in ("path", "status", "retries", "error")} == {
         "path": "/h2",
         "status": 503,
+        "retries": 1,
         "error": "no_endpoints",
     }
     assert h2["bytes_sent"] == len(h2_answer.body)  # as for every stream: what DATA carried

@@ -356,6 +356,11 @@ class Rider:
     def dial_failed(self, error: UpstreamError) -> None:
         raise NotImplementedError
 
+    def redialed(self, attempts: int) -> None:
+        """The connection it waited for took ``attempts`` more connects than one (each a
+        retry, as route.connect counts them)."""
+        raise NotImplementedError
+
     def passed_on(self, via: Carrier) -> None:
         """``via`` has written: credit for what left goes back to its sender."""
         raise NotImplementedError
@@ -602,6 +607,9 @@ class Stream(Rider):
             self.fail(error)
         else:
             self.down.stats.errors[error.reason] += 1  # (nobody is told, but it happened)
+
+    def redialed(self, attempts: int) -> None:
+        self.retries += attempts
 
     def _unpick(self) -> None:
         picked = self.picked
@@ -933,16 +941,21 @@ async def _dial(
 ) -> None:
     """Make a connection for the streams waiting on it (to ``ep``, or where the connect
     policy goes after a failure)."""
+    before = len(exclude)  # (route.connect adds each endpoint that fails)
     try:
         got, _, conn = await route.connect(carrier(route), exclude=exclude, first=ep)
     except UpstreamError as e:
         if pool is not None and pool.waiting is waiting:
             pool.waiting = None
+        retried = len(exclude) - before - 1  # (all but the first attempt)
         for stream in waiting:
+            if retried > 0:
+                stream.redialed(retried)
             stream.dial_failed(e)
         return
     if pool is not None and pool.waiting is waiting:
         pool.waiting = None
+    retried = len(exclude) - before
     route.endpoints.release(got)  # (the connect's hold: each stream holds its own)
     conn.pool = route.streams(got)
     conn.pool.add(conn)
@@ -951,6 +964,8 @@ async def _dial(
         # however many streams waited for the connection.
         route.endpoints.went_wrong(got, UpstreamReset.reason)
     for stream in waiting:
+        if retried:
+            stream.redialed(retried)
         stream.dialed(got, conn)
     conn.stream_ended()  # (none came after all: it idles in the pool)
     if got.state == DRAINING:
@@ -1747,6 +1762,10 @@ class H2Bridge(Rider):
         self.endpoint = ep
         ep.in_flight += 1  # (released by the exchange when it lets go)
         exchange.attach_to(ep, self.face, exchange.down.clock())
+
+    def redialed(self, attempts: int) -> None:
+        if self.exchange is not None:
+            self.exchange.retries += attempts
 
     def dial_failed(self, error: UpstreamError) -> None:
         exchange = self.exchange
