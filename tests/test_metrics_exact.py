@@ -378,6 +378,15 @@ async def h2_traffic(server: Server, h2_pods: H2Pods, mix: Mix) -> None:
         # three attempts on the only endpoint), then 502.
         assert await call("GET", "/reset/now/8") == 502
         mix.h2_reset_attempts = len(h2_pods.seen("/reset/now/8"))
+        # A request the engine refuses as malformed (an uppercase field name, RFC 9113
+        # 8.2.1): its stream is reset (PROTOCOL_ERROR), counted as HTTP/1.1 counts its 400.
+        assert client.h2 is not None
+        client.h2.config.validate_outbound_headers = False
+        client.h2.config.normalize_outbound_headers = False
+        malformed = client.start("GET", "/", [("Bad-Name", "x")])
+        with pytest.raises(StreamReset):
+            await client.response(malformed)
+        mix.answered(route, "OTHER", 400)
         stats = server.routes[route].stats
         # Everything sidelink wrote to the client has arrived (before our close, after
         # which a write of sidelink's may never be read).

@@ -49,7 +49,14 @@ from proxy.http.exchange import (
     Upstream,
     perf_counter,
 )
-from proxy.http.heads import CRLF, FRAMING_CLOSE, FRAMING_LENGTH, LAST_CHUNK, MAX_HEAD_BYTES
+from proxy.http.heads import (
+    CRLF,
+    FRAMING_CLOSE,
+    FRAMING_LENGTH,
+    LAST_CHUNK,
+    MAX_HEAD_BYTES,
+    OTHER,
+)
 from proxy.pool import Pool
 from proxy.route import Route, peer_name
 
@@ -64,8 +71,6 @@ RAW_HEAD_LIMIT: Final = 2 * MAX_HEAD_BYTES
 MEASURE_ABOVE: Final = MAX_HEAD_BYTES // 2
 # After refusing a request, how long to read and drop what the client still sends.
 LINGER_TIMEOUT: Final = 2.0
-# The method counted for a request refused before its method was read.
-OTHER: Final = b"OTHER"
 # What a lost connection holds instead of its parsers: they call back the protocol, so
 # keeping them would leave every connection a cycle for the garbage collector to find.
 CLOSED_REQUESTS: Final = httptools.HttpRequestParser(object())

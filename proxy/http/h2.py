@@ -46,6 +46,7 @@ from ngh2.types import Header
 
 from proxy.endpoints import DRAINING, Endpoint
 from proxy.errors import (
+    BadRequest,
     BodyStalled,
     MethodNotAllowed,
     NoEndpoints,
@@ -79,6 +80,7 @@ from proxy.http.heads import (
     IDEMPOTENT,
     LAST_CHUNK,
     MAX_HEAD_BYTES,
+    OTHER,
 )
 from proxy.metrics import RESET_CODE
 from proxy.pool import Multiplexed, StreamPool
@@ -1058,6 +1060,8 @@ class H2Downstream(H2Connection):
                     stream.down_closed()
                     if not streams and self.draining:
                         self.schedule()
+                elif closed.error_code == PROTOCOL_ERROR and closed.stream_id & 1:
+                    self._malformed(closed.stream_id)
             elif kind is TRAILERS:
                 trailers = cast(TrailersReceived, event)
                 stream = streams.get(trailers.stream_id)
@@ -1094,6 +1098,14 @@ class H2Downstream(H2Connection):
             stream.fail(MethodNotAllowed("CONNECT is not allowed"))
             return None
         return stream
+
+    def _malformed(self, sid: int) -> None:
+        """A client's stream the engine reset with PROTOCOL_ERROR before any request came
+        of it: a malformed request (RFC 9113 8.1.1), which HTTP/2 refuses with a reset where
+        HTTP/1.1 answers 400. Counted, timed and logged as that 400, method unknown."""
+        stream = Stream(self, sid, heads.H2Request(OTHER, b"", b"", []))
+        stream.down_open = False  # (reset already: nothing more goes to the client)
+        stream.fail(BadRequest("malformed HTTP/2 request"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
