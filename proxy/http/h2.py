@@ -30,6 +30,7 @@ import httptools
 import ngh2
 from ngh2 import (
     Configuration,
+    ConnectionClosed,
     DataReceived,
     GoAwayReceived,
     InformationalResponseReceived,
@@ -141,6 +142,7 @@ CLOSED: Final = StreamClosed
 RESET: Final = StreamReset
 GOAWAY: Final = GoAwayReceived
 SETTINGS: Final = SettingsReceived
+ENDED: Final = ConnectionClosed
 
 
 class Carrier(Multiplexed):
@@ -157,6 +159,8 @@ class Carrier(Multiplexed):
     # when idle.)
     owing: dict[Rider, None]
     parting: bool  # the peer said GOAWAY: a stream it refuses here is routine, not an error
+    # What the peer sent that ended the connection (garbage, or not HTTP/2 at all), if so.
+    broken: UpstreamError | None
     pool: StreamPool | None
 
     def open(self, stream: Rider, end: bool) -> int:
@@ -208,6 +212,7 @@ class H2Connection(Carrier):
         self.regrown = 0  # ...grown since the engine was last told
         self.closed = False
         self.parting = False
+        self.broken = None
         self.lingering = False  # cut: its GOAWAY sent, closed after LINGER_TIMEOUT
         self.last_active = self.clock()
 
@@ -961,14 +966,18 @@ async def _dial(
     route.endpoints.release(got)  # (the connect's hold: each stream holds its own)
     conn.pool = route.streams(got)
     conn.pool.add(conn)
+    broken = conn.broken
     if conn.room() <= 0:
         # Closed at once, or GOAWAY before any stream: one failure of the endpoint,
         # however many streams waited for the connection.
-        route.endpoints.went_wrong(got, UpstreamReset.reason)
+        route.endpoints.went_wrong(got, (broken or UpstreamReset).reason)
     for stream in waiting:
         if retried:
             stream.redialed(retried)
-        stream.dialed(got, conn)
+        if broken is not None:
+            stream.dial_failed(broken)  # (what it answered was no HTTP/2: not refused, failed)
+        else:
+            stream.dialed(got, conn)
     conn.stream_ended()  # (none came after all: it idles in the pool)
     if got.state == DRAINING:
         conn.pool.retire(conn)  # (it left DNS meanwhile: it takes only those that waited)
@@ -1362,6 +1371,15 @@ class H2Upstream(H2Connection):
                 # No new streams here; those above its last stream id close as refused.
                 self.parting = True
                 self.retire()
+            elif kind is ENDED:
+                ended = cast(ConnectionClosed, event)
+                if ended.error_code != NO_ERROR:
+                    # The engine gave up on what the server sent and said so in a GOAWAY:
+                    # garbage, or no HTTP/2 at all (a pod that speaks only HTTP/1.1
+                    # answers the preface with a 400).
+                    why = ended.debug_data.decode("ascii", errors="replace")
+                    self.broken = ProtocolError(f"HTTP/2 error from upstream: {why}")
+                    self._fail_all(self.broken)
 
     def eof_received(self) -> bool:
         self.retire()
@@ -1422,6 +1440,7 @@ class H1Leg(Carrier):
         self.pool = None
         self.closed = False
         self.parting = False  # (an HTTP/1.1 server has no GOAWAY)
+        self.broken = None
         self.retired = False
         self.created = self.idle_since = self.clock()
         self.parser = httptools.HttpResponseParser(self)
