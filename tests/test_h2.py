@@ -656,6 +656,28 @@ async def test_http11_client_to_an_http2_upstream() -> None:
     assert server.routes["app1"].stats.opened_downstream == 1
 
 
+@pytest.mark.both_loops
+async def test_http11_request_head_goes_to_an_http2_upstream_before_its_body() -> None:
+    """Expect: 100-continue: the client sends its body only once answered, so the stream
+    opens upstream with the head (the server may answer 100, or refuse the body)."""
+    payload = os.urandom(100_000)
+    async with (
+        H2Pods(POD1) as pods,
+        proxied(pods.port, upstream_protocol="http2") as server,
+        wire.raw_client(server) as (reader, writer),
+    ):
+        head = f"Content-Length: {len(payload)}"
+        writer.write(wire.get("/upload", head, "Expect: 100-continue", method="POST"))
+        await until(lambda: len(pods.requests) == 1, 5, "the request head at the pod")
+        seen = pods.requests[0]
+        assert (seen.method, seen.path, seen.complete) == ("POST", "/upload", False)
+        assert ["expect", "100-continue"] in [list(h) for h in seen.headers]
+        writer.write(payload)
+        r = await wire.read_response(reader)
+        assert r.status == 200
+        assert json.loads(r.body)["body_sha256"] == sha(payload)
+
+
 # --- sidelink's own answers ------------------------------------------------------------------
 
 

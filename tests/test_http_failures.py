@@ -1197,6 +1197,38 @@ async def test_an_endless_response_head_is_502_protocol() -> None:
         assert upstream_errors(before, server) == {"protocol": 1}
 
 
+@pytest.mark.parametrize("client", ["http1", "http2"])
+async def test_a_whole_response_head_over_64_kib_is_502_protocol(client: str) -> None:
+    """A head that ends, but past the limit (one 70 KB field): refused as the endless one
+    is, also to an HTTP/2 client bridged to the HTTP/1.1 pod (which the client's engine
+    could not have taken: it was counted 200 and the stream reset)."""
+
+    async def big_head(
+        up: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        while await up.next_request(reader) is not None:
+            w.write(
+                b"HTTP/1.1 200 OK\r\nX-Big: %s\r\nContent-Length: 2\r\n\r\nok" % (b"b" * 70_000)
+            )
+            await w.drain()
+
+    async with (
+        RawUpstream(big_head) as up,
+        running_server(config(port=up.port, upstream_protocol="http1")) as server,
+    ):
+        before = Scrape.of(server)
+        if client == "http1":
+            response = await request(server, get("/"))
+            assert_error(response, 502, "protocol")
+        else:
+            async with H2Client.open(route_address(server)) as h2:
+                answer = await h2.request("GET", "/")
+            assert (answer.status, answer.header("sidelink-error")) == (502, "protocol")
+            assert b"64 KiB" in answer.body
+        assert upstream_errors(before, server) == {"protocol": 1}
+        assert requests_by_code(before, server) == {"502": 1}
+
+
 # --- every answer counted and timed once ------------------------------------------------
 
 

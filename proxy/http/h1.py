@@ -55,6 +55,7 @@ from proxy.http.heads import (
     FRAMING_LENGTH,
     LAST_CHUNK,
     MAX_HEAD_BYTES,
+    MEASURE_ABOVE,
     OTHER,
 )
 from proxy.pool import Pool
@@ -66,9 +67,6 @@ MAX_PIPELINED: Final = 32
 # The raw bytes an unfinished head may take before it is cut, whitespace and all: the
 # limit itself is on the head's plain size (heads.head_size), measured once it is whole.
 RAW_HEAD_LIMIT: Final = 2 * MAX_HEAD_BYTES
-# Reads of a head under this many bytes surely hold a head within the limit (at most
-# one byte a header short of the plain size: "Name:value"), so it is not measured.
-MEASURE_ABOVE: Final = MAX_HEAD_BYTES // 2
 # After refusing a request, how long to read and drop what the client still sends.
 LINGER_TIMEOUT: Final = 2.0
 # What a lost connection holds instead of its parsers: they call back the protocol, so
@@ -660,11 +658,7 @@ class H1Upstream(Upstream):
         parser = self.parser
         status = parser.get_status_code()
         headers = self.headers
-        if (
-            self.head_bytes > MEASURE_ABOVE
-            and heads.head_size(b"HTTP/1.1", b"%d" % status, headers) > MAX_HEAD_BYTES
-        ):
-            raise ProtocolError("response head over 64 KiB")
+        heads.check_response_head(self.head_bytes, status, headers)
         lines, framing = heads.response_lines(status, headers)
         self.headers.clear()  # what on_header collects from now on are trailers
         if 100 <= status < 200 and status != 101:

@@ -1617,6 +1617,7 @@ class H1Leg(Carrier):
         stream = self.stream
         assert stream is not None
         status = self.parser.get_status_code()
+        heads.check_response_head(self.head_bytes, status, self.headers)
         fields, framing = heads.h2_response(status, self.headers)
         self.headers.clear()
         if 100 <= status < 200:
@@ -1954,6 +1955,12 @@ class H2Bridge(Rider):
             exchange = self.exchange
             if exchange is not None:
                 exchange.upstream_failed(ProtocolError(f"cannot carry the request: {e}"))
+            return
+        if self.request.method and not self.opened:
+            # The head is here and its body is not (a client that sent Expect: 100-continue
+            # waits for an answer first): the stream opens now, for the server to answer.
+            # (A request without a body was complete in the same bytes, and opened ended.)
+            self._open(end=False)
 
     def detach(self) -> None:
         self._cancel()

@@ -20,10 +20,19 @@ from typing import Final, cast
 import httptools
 from ngh2.types import Header
 
-from proxy.errors import BadRequest, ForbiddenHost, NotImplementedCoding, ProxyError
+from proxy.errors import (
+    BadRequest,
+    ForbiddenHost,
+    NotImplementedCoding,
+    ProtocolError,
+    ProxyError,
+)
 
 # The largest request or response head accepted, however its bytes arrive.
 MAX_HEAD_BYTES: Final = 64 * 1024
+# Reads of a head under this many bytes surely hold a head within the limit (at most
+# one byte a header short of the plain size: "Name:value"), so it is not measured.
+MEASURE_ABOVE: Final = MAX_HEAD_BYTES // 2
 
 # What the proxy does with a header, by its lowercase name: most pass as they came.
 # The kinds up to LENGTH are end-to-end; the others hop-by-hop (RFC 9110 7.6.1).
@@ -327,6 +336,16 @@ def head_size(method: bytes, target: bytes, headers: list[bytes]) -> int:
     for field in headers:
         size += len(field) + 2  # ": " after a name, CRLF after a value
     return size
+
+
+def check_response_head(raw_size: int, status: int, headers: list[bytes]) -> None:
+    """An HTTP/1 upstream's response head (``raw_size``: its bytes as they came) over the
+    64 KiB limit is garbage: ProtocolError."""
+    if (
+        raw_size > MEASURE_ABOVE
+        and head_size(b"HTTP/1.1", b"%d" % status, headers) > MAX_HEAD_BYTES
+    ):
+        raise ProtocolError("response head over 64 KiB")
 
 
 # --- HTTP/2 -----------------------------------------------------------------------
