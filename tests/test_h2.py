@@ -678,6 +678,31 @@ async def test_http11_request_head_goes_to_an_http2_upstream_before_its_body() -
         assert json.loads(r.body)["body_sha256"] == sha(payload)
 
 
+@pytest.mark.parametrize("sized", [False, True])
+async def test_a_grpc_answer_cut_mid_body_ends_unavailable_unless_its_length_was_said(
+    sized: bool,
+) -> None:
+    """The pod resets a gRPC call's stream after some of its answer: the call ends with
+    sidelink's grpc-status 14 in trailers, except when the answer declared a content-length
+    (trailers after fewer bytes would make it malformed, and the client drop them): reset."""
+    async with (
+        H2Pods(POD1) as pods,
+        proxied(pods.port) as server,
+        H2Client.open(route_address(server)) as client,
+    ):
+        path = "/reset/body/2" + ("?sized" if sized else "")
+        grpc = [("content-type", "application/grpc"), ("te", "trailers")]
+        if sized:
+            with pytest.raises(StreamReset):
+                await client.request("POST", path, headers=grpc, body=b"")
+        else:
+            r = await client.request("POST", path, headers=grpc, body=b"")
+            assert (r.status, r.trailer("grpc-status")) == (200, "14")
+            assert r.trailer("sidelink-error") == "reset"
+        assert client.errors == []
+        assert server.routes["app1"].stats.grpc == ({} if sized else {14: 1})
+
+
 # --- sidelink's own answers ------------------------------------------------------------------
 
 

@@ -466,6 +466,7 @@ class Stream(Rider):
         "retries",
         "sent_at",
         "sid",
+        "sized",
         "started",
         "status",
         "trailers",
@@ -505,6 +506,7 @@ class Stream(Rider):
         self.last_active = down.last_active
         self.sent_at = 0.0
         self.status = 0  # the status sent downstream (0: none yet)
+        self.sized = False  # ...with a content-length (a gRPC answer: then cut by a reset)
         self.error: ProxyError | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -712,9 +714,12 @@ class Stream(Rider):
         self.phase = STREAMING
         down.h2.send_response(self.sid, fields, end_stream=end)
         down.schedule()
-        if end:
-            if self.request.grpc:
+        if self.request.grpc:
+            if end:
                 _count_grpc(down, fields)
+            else:
+                self.sized = _sized(fields)
+        if end:
             self._response_done()
 
     def informational(self, fields: Fields) -> None:
@@ -840,11 +845,13 @@ class Stream(Rider):
 
     def _cut(self, error: ProxyError, code: int) -> None:
         """The answer began and cannot be finished: a gRPC call ends with the error in
-        its trailers, any other stream is reset."""
+        its trailers (unless its answer declared a length), any other stream is reset."""
         down = self.down
         self.status = RESET_CODE
         if self.down_open and not down.closed:
-            if self.request.grpc:
+            # (Trailers after fewer bytes than a content-length said would make the answer
+            # malformed, RFC 9113 8.1.1: the client would drop them. A reset, then.)
+            if self.request.grpc and not self.sized:
                 with contextlib.suppress(ngh2.NGH2Error):  # (its end may be sent already)
                     down.h2.send_trailers(self.sid, heads.grpc_trailers(error))
                     down.stats.count_grpc(error.grpc_status)
@@ -898,6 +905,11 @@ def _status(fields: Fields) -> int:
                 return value[0] * 100 + value[1] * 10 + value[2] - THREE_ZEROS
             return int(value)
     return 0
+
+
+def _sized(fields: Fields) -> bool:
+    """Whether an answer's fields declare its length."""
+    return any(field[0] == b"content-length" for field in fields)
 
 
 def _count_grpc(down: H2Downstream, fields: Fields) -> None:

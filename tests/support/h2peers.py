@@ -716,7 +716,8 @@ class H2Pods(Pods):
       /big/BYTES        a body of BYTES (a multiple of data.CHUNK) of data.chunks(BYTES)
       /trailers...      the answer ends with trailers (as does any request that had some)
       /reset/STAGE/CODE RST_STREAM CODE: at once (now), after the response head (head), or
-                        after the head and some body (body)
+                        after the head and some body (body); ?sized: a head that says a
+                        content-length (never reached)
       /stall-upload     never acknowledge the request body (the stream's window closes)
                         and never answer
     anything else: 200 with the JSON account of the request (Seen.account), `x-pod: POD`.
@@ -863,7 +864,10 @@ class H2Pods(Pods):
             await conn.send_body(sid, chunks(size))
             return
         if kind == "reset":
-            await conn.send_headers(sid, [*head, ("content-type", "text/plain")])
+            head.append(("content-type", "text/plain"))
+            if seen.path.endswith("?sized"):
+                head.append(("content-length", "100000"))
+            await conn.send_headers(sid, head)
             if parts[1] == "body":
                 await conn.send_body(sid, b"partial " * 128, end=False)
             conn.reset_stream(sid, int(parts[2]))
