@@ -165,3 +165,20 @@ class InternalError(ClientError):
 
     reason = "internal"
     status = 500
+
+
+# --- the client goes before its answer is all sent ------------------------------------
+
+
+class ClientGone(ProxyError):
+    """The client closed its connection before it had its answer whole: nothing more goes
+    to it. The request counts as ``code="reset"`` (it never got the answer), and the
+    access log says which of these ended it; nothing is held against the upstream."""
+
+    reason = "downstream_closed"
+
+
+class ClientReset(ClientGone):
+    """The client reset its HTTP/2 stream (a cancelled call, a gRPC deadline)."""
+
+    reason = "downstream_reset"

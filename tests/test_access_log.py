@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from support.h2peers import H2Client
+from support.h2peers import H2Client, H2Pods
 from support.inproc import route_address, running_server, serving
+from support.replicas import LINGER_ZERO
 from support.wait import until
 
 from proxy.config import ConfigSource, Overrides
 from proxy.demo_h2 import H2Replica
 from proxy.logs import JsonFormatter
+from proxy.metrics import RESET_CODE
 from proxy.server import Server
 
 POD = "127.0.0.2"
@@ -298,3 +301,49 @@ async def test_sidelinks_own_answers_are_logged_with_their_retries_and_bytes(
     }
     assert h2["bytes_sent"] == len(h2_answer.body)  # as for every stream: what DATA carried
     assert retried == 2  # one per request
+
+
+async def test_a_request_its_client_gave_up_on_is_counted_as_a_reset_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pod holds both answers; one client resets its HTTP/2 stream (a cancelled call),
+    the other closes its HTTP/1.1 connection: neither got its answer, each is one line and
+    one request with code reset, and the log says which of them the client ended."""
+    caplog.set_level(logging.INFO, logger="sidelink.access")
+    async with H2Pods(POD) as pods:
+        text = (
+            "logging: {access_log: true}\n"
+            "routes:\n"
+            f"  - {{name: web, listen: 0, service: {POD}, port: {pods.port}, protocol: http,"
+            " upstream_protocol: http2}\n"
+        )
+        async with (
+            running_server(text) as server,
+            H2Client.open(route_address(server, "web")) as client,
+        ):
+            requests = await give_up_on_both(server, pods, client, caplog)
+    by_path = {line["path"]: line for line in json_lines(caplog)}
+    assert {p: (v["status"], v["error"]) for p, v in by_path.items()} == {
+        "/hold/h2": ("reset", "downstream_reset"),
+        "/hold/h1": ("reset", "downstream_closed"),
+    }
+    assert requests == {(b"GET", RESET_CODE): 2}
+
+
+async def give_up_on_both(
+    server: Server, pods: H2Pods, client: H2Client, caplog: pytest.LogCaptureFixture
+) -> dict[tuple[bytes, int], int]:
+    """Two held requests, each left by its client: their counts once logged."""
+    sid = client.start("GET", "/hold/h2")
+    await until(lambda: pods.held("h2") == 1, what="the HTTP/2 request at the pod")
+    client.reset(sid)
+    _, writer = await asyncio.open_connection(*route_address(server, "web"))
+    writer.write(b"GET /hold/h1 HTTP/1.1\r\nHost: web\r\n\r\n")
+    await until(lambda: pods.held("h1") == 1, what="the HTTP/1.1 request at the pod")
+    # Gone (a reset; a FIN alone is a half-close, and the answer would still go to it).
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+    writer.close()
+    await until(lambda: len(json_lines(caplog)) == 2, what="a line for each")
+    pods.release("h1")
+    pods.release("h2")
+    return server.routes["web"].stats.requests

@@ -30,7 +30,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from proxy.endpoints import DRAINING, Endpoint, EndpointSet
-from proxy.errors import NoEndpoints, ProxyError, UpstreamError, UpstreamReset, UpstreamTimeout
+from proxy.errors import (
+    ClientGone,
+    NoEndpoints,
+    ProxyError,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
 from proxy.flow import BUFFER, Forwarding
 from proxy.http.heads import IDEMPOTENT
 from proxy.logs import log_access
@@ -274,6 +281,14 @@ class Exchange:
         """The client is gone or its request broke off: the upstream's state is unknown."""
         self._detach(reusable=False)
         self.end()
+
+    def client_gone(self) -> None:
+        """The client closed its connection before it had the answer whole (a tunnel's
+        end is no such thing): counted as a reset."""
+        if self.phase < TUNNEL:  # (not yet answered whole, nor a tunnel)
+            self.status = RESET_CODE
+            self.error = ClientGone()
+        self.abandon()
 
     # --- connecting ---------------------------------------------------------------
 

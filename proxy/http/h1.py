@@ -249,7 +249,9 @@ class H1Downstream(Downstream):
         ex = self.active
         if ex is not None:
             self.active = None
-            ex.abandon()
+            ex.client_gone()
+        for queued in self.queue:  # (pipelined behind it, never answered)
+            queued.client_gone()
         self.queue.clear()
         self.parser = CLOSED_REQUESTS
         self.feed = CLOSED_REQUESTS.feed_data

@@ -49,6 +49,8 @@ from proxy.endpoints import DRAINING, Endpoint
 from proxy.errors import (
     BadRequest,
     BodyStalled,
+    ClientGone,
+    ClientReset,
     MethodNotAllowed,
     NoEndpoints,
     ProtocolError,
@@ -879,6 +881,8 @@ class Stream(Rider):
         self._cancel_upstream()
         self._unpick()
         self._release()
+        self.status = RESET_CODE  # (the client never got its answer whole)
+        self.error = ClientGone() if down.closed else ClientReset()
         self.end()
 
     def end(self) -> None:
