@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from proxy.config import (
     Overrides,
     format_duration,
     upstream_port,
+    utf8_text,
     valid_service,
     valid_subdomain,
 )
@@ -259,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     webhook.add_argument(
         "--drain-delay",
-        type=_drain_seconds,
+        type=_seconds_in(0, 300),
         default=3.0,
         metavar="S",
         help="seconds served after SIGTERM, while endpoints follow /healthz (default: 3)",
@@ -288,7 +290,11 @@ def _parser() -> argparse.ArgumentParser:
         "--admin", metavar="ADDR", default=DEFAULT_ADMIN, help=f"IP:PORT (default: {DEFAULT_ADMIN})"
     )
     top.add_argument(
-        "--interval", type=_seconds, default=1.0, metavar="S", help="seconds per frame (default: 1)"
+        "--interval",
+        type=_seconds_in(0.05, 3600),
+        default=1.0,
+        metavar="S",
+        help="seconds per frame (default: 1)",
     )
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.set_defaults(handler=cmd_top)
@@ -308,7 +314,11 @@ def _parser() -> argparse.ArgumentParser:
         """,
     )
     demo.add_argument(
-        "--duration", type=_seconds, default=20.0, metavar="S", help="seconds (default: 20)"
+        "--duration",
+        type=_seconds_in(0.05, 3600),
+        default=20.0,
+        metavar="S",
+        help="seconds (default: 20)",
     )
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -328,21 +338,19 @@ def _image(text: str) -> str:
     return text
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0.05 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be 0.05..3600 seconds, got {text}")
-    return value
+def _seconds_in(low: float, high: float) -> Callable[[str], float]:
+    """An argument type: a number of seconds, ``low`` to ``high``."""
 
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan  # (refused below, as nan and inf are)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low:g}..{high:g} seconds, got {text}")
+        return value
 
-def _drain_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 0..300 seconds, got {text}") from None
-    if not 0 <= value <= 300:
-        raise argparse.ArgumentTypeError(f"must be 0..300 seconds, got {text}")
-    return value
+    return seconds
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -498,12 +506,12 @@ def cmd_inject(args: argparse.Namespace) -> int:
         else:
             with open(args.file, "rb") as f:
                 data = f.read()
-        text = data.decode("utf-8")
+        text = utf8_text(data, source)
     except OSError as e:
         print(f"{source}: cannot read: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    except UnicodeDecodeError as e:
-        print(f"{source}: cannot read: not UTF-8 text ({e.reason})", file=sys.stderr)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
         return EXIT_USAGE
     try:
         done = inject_objects(

@@ -565,10 +565,24 @@ def _read_config_file(path: str) -> str:
         raise ConfigError(
             [f"{path}: too large: a config file may hold at most {MAX_CONFIG_BYTES} bytes (1 MiB)"]
         )
+    return utf8_text(data, str(path))
+
+
+def utf8_text(data: bytes, source: str) -> str:
+    """``data`` as text; else a ConfigError naming the line of the first byte not UTF-8."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: cannot read: not UTF-8 text ({e.reason})"]) from e
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{source}:{line}: cannot read: not UTF-8 text ({e.reason})"]) from e
+
+
+def unacceptable(text: str, e: yaml.reader.ReaderError) -> tuple[int, str]:
+    """The line of a character YAML refuses in ``text`` (a control character, say), and
+    what it is: one line, where PyYAML says it in two and by offset."""
+    line = text.count("\n", 0, e.position) + 1
+    character = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+    return line, f"unacceptable character {character}: {e.reason}"
 
 
 def parse(
@@ -637,6 +651,9 @@ def _parse(
 def _compose(reader: _Reader, text: str) -> yaml.Node | None:
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as e:
+        line, what = unacceptable(text, e)
+        raise ConfigError([f"{reader.filename}:{line + reader.line_offset}: {what}"]) from e
     except yaml.composer.ComposerError as e:
         if e.context and e.context.startswith("expected a single document"):
             # Several documents: _config_map looks for a ConfigMap among them, else this is it.

@@ -284,13 +284,13 @@ CHECK_BINARY = case("check-binary", "check", "-c", "{dir}/binary.yaml")
 
 
 def test_check_unreadable_files(results: Results) -> None:
-    for name, path, reason in [
+    for name, where, reason in [
         (CHECK_MISSING, "missing.yaml", "No such file or directory"),
-        (CHECK_BINARY, "binary.yaml", "not UTF-8 text (invalid start byte)"),
+        (CHECK_BINARY, "binary.yaml:2", "not UTF-8 text (invalid start byte)"),  # (its line)
     ]:
         result = results[name]
         assert (result.returncode, result.stdout) == (2, ""), name
-        assert lines(result.stderr) == [f"{results.dir}/{path}: cannot read: {reason}"]
+        assert lines(result.stderr) == [f"{results.dir}/{where}: cannot read: {reason}"]
 
 
 CHECK_QUICK = case(
@@ -472,7 +472,7 @@ INJECT_BAD = {
         "<stdin>:3: unacceptable character #x0001: special characters are not allowed"
     ),
     case("inject-binary", "inject", "binary.yaml"): (
-        "binary.yaml: cannot read: not UTF-8 text (invalid start byte)"
+        "binary.yaml:2: cannot read: not UTF-8 text (invalid start byte)"
     ),
 }
 
@@ -509,8 +509,11 @@ BAD_ARGUMENT = {
         case(f"demo-duration-{value}", "demo", "--duration", value): (
             f"argument --duration: must be 0.05..3600 seconds, got {value}"
         )
-        for value in ("-1", "nan", "inf", "0")
+        for value in ("-1", "nan", "inf", "0", "abc")
     },
+    case("top-interval-word", "top", "--interval", "abc"): (
+        "argument --interval: must be 0.05..3600 seconds, got abc"
+    ),
 }
 
 

@@ -1148,7 +1148,24 @@ def test_load_reports_unreadable_files(tmp_path: Path) -> None:
     binary.write_bytes(b"admin:\n  listen: \xff\xfe\n")
     with pytest.raises(ConfigError) as info:
         ConfigSource(str(binary)).load()
-    assert info.value.problems == [f"{binary}: cannot read: not UTF-8 text (invalid start byte)"]
+    assert info.value.problems == [f"{binary}:2: cannot read: not UTF-8 text (invalid start byte)"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            'routes:\n  - listen: 8081\n    service: a\n    name: "\x07"\n',
+            "4: unacceptable character #x0007",
+        ),
+        ("routes:\n  - listen: 8081\x00\n", "2: unacceptable character #x0000"),
+    ],
+)
+def test_a_character_yaml_refuses_is_one_line_with_its_line(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text, "ctl.yaml")
+    [line] = info.value.problems
+    assert line.startswith(f"ctl.yaml:{problem}: "), line
 
 
 def test_load_names_problems_by_file_name(tmp_path: Path) -> None:
