@@ -168,9 +168,16 @@ def _boolean(value: object) -> bool:
     return value
 
 
+# A route's name is a metric label and a log field: printable, no space (the text log is
+# key=value), and no longer than a DNS name (a service, the default name, always fits).
+MAX_NAME: Final = 253
+
+
 def _name(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
+    if len(value) > MAX_NAME or not value.isprintable() or any(c.isspace() for c in value):
+        raise ValueError(f"must be 1..{MAX_NAME} printable characters, no space")
     return value
 
 

@@ -372,6 +372,18 @@ def test_a_duplicate_key_keeps_the_first_value_and_reports_once() -> None:
             route_yaml(name='""'),
             "sidelink.yaml:4: routes[0].name: must be a non-empty string, got ''",
         ),
+        *(
+            (
+                route_yaml(name=name),
+                f"sidelink.yaml:4: routes[0].name: must be 1..253 printable characters, no"
+                f" space, got {shown}",
+            )
+            for name, shown in (
+                ('"a\\nb"', "'a\\nb'"),
+                ('"my route"', "'my route'"),
+                ("x" * 254, repr("x" * 254)),
+            )
+        ),
     ],
 )
 def test_wrong_types(text: str, expected: str) -> None:
