@@ -578,7 +578,14 @@ def cmd_top(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_async(run_demo(args.duration))
+    async def main() -> int:
+        ended = asyncio.Event()  # Ctrl-C or SIGTERM: the demo stops early, with its summary
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, ended.set)
+        loop.add_signal_handler(signal.SIGINT, ended.set)
+        return await run_demo(args.duration, ended)
+
+    return run_async(main())
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -123,8 +123,10 @@ class Demo:
     rollouts: int = 0
 
 
-async def run_demo(duration: float) -> int:
-    """Run the demo for ``duration`` seconds; exit code 0 when no request failed."""
+async def run_demo(duration: float, ended: asyncio.Event | None = None) -> int:
+    """Run the demo for ``duration`` seconds, or until ``ended`` is set (Ctrl-C); exit
+    code 0 when no request failed. The summary is printed either way."""
+    ended = ended or asyncio.Event()
     configure_logging("warning", "text")
     port = _free_port("127.0.0.10")
     h2_port = _free_port("127.0.0.10", avoid=port)
@@ -167,7 +169,8 @@ async def run_demo(duration: float) -> int:
         background: set[asyncio.Task[None]] = set()
         try:
             while time.monotonic() + ROLLOUT_EVERY < deadline:
-                await asyncio.sleep(ROLLOUT_EVERY)
+                if await _ended(ended, ROLLOUT_EVERY):
+                    break
                 old = replicas.pop(0)
                 new = Replica(next(counter), next(addresses), port, h2_port)
                 await new.start()
@@ -178,7 +181,8 @@ async def run_demo(duration: float) -> int:
                 task = asyncio.ensure_future(_terminate(old))
                 background.add(task)
                 task.add_done_callback(background.discard)
-            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            else:
+                await _ended(ended, max(0.0, deadline - time.monotonic()))
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -229,6 +233,13 @@ def _config(dns_port: int, service_port: int, h2_port: int) -> Config:
         shutdown=ShutdownConfig(drain_delay=0.0, drain_timeout=1.0),
         routes=routes,
     )
+
+
+async def _ended(ended: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds``; True at once if the demo is ended meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ended.wait(), seconds)
+    return ended.is_set()
 
 
 async def _client(url: str, figures: Figures, stop: asyncio.Event) -> None:

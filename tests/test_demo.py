@@ -7,8 +7,10 @@ left DNS: the HTTP/1 clients and the one HTTP/2 connection ride through all of i
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from support.procs import clean_environ
@@ -81,3 +83,25 @@ def test_each_replica_stops_after_sidelink_has_let_its_connection_go(
     # as the demo ends (its stop is awaited before the summary).
     assert [name for name, _ in stopped] == [f"replica-{i}" for i in range(ROLLOUTS)], demo.stdout
     assert all(told == "no HTTP/2 connection left open to it" for _, told in stopped), demo.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_the_demo_early_with_its_summary(sig: signal.Signals) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--duration", "60"],
+        env=clean_environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # traffic runs once the admin line is out
+            if line.startswith("  admin: "):
+                break
+        time.sleep(1.0)
+        started = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out + err
+    assert time.monotonic() - started < 15  # early: not at the end of its 60 s
+    assert re.fullmatch(r"summary: \d+ requests, 0 failed, 0 rollouts", out.splitlines()[-1]), out
