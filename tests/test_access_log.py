@@ -227,12 +227,26 @@ async def test_json_lines_have_every_field_as_its_own_key(
             "error": "bad_request",
         }
 
+        # Too malformed to have a method or a target: those are null, not made up.
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"\x01\x02\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+        writer.close()
+        await until(lambda: len(json_lines(caplog)) == 3, what="the garbage's line")
+        garbage = json_lines(caplog)[2]
+        assert {k: garbage[k] for k in ("method", "path", "status", "error")} == {
+            "method": None,
+            "path": None,
+            "status": 400,
+            "error": "bad_request",
+        }
+
         reader, writer = await asyncio.open_connection(*route_address(server, "raw"))
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = await reader.read()
         writer.close()
-        await until(lambda: len(json_lines(caplog)) == 3, what="the tcp line")
-        tcp = json_lines(caplog)[2]
+        await until(lambda: len(json_lines(caplog)) == 4, what="the tcp line")
+        tcp = json_lines(caplog)[3]
         assert list(tcp) == TCP_KEYS
         assert (tcp["route"], tcp["protocol"], tcp["bytes_sent"]) == ("raw", "tcp", len(answer))
         assert tcp["endpoint"] == f"{POD}:{pod}"

@@ -508,8 +508,9 @@ def log_answer(route: str, peer: str, answer: Answered) -> None:
     fields = {
         "route": route,
         "protocol": "http",
-        "method": answer.method.decode(errors="replace"),
-        "path": answer.path.decode(errors="replace"),
+        # (null when it was never read: a request refused before its method or target)
+        "method": answer.method.decode(errors="replace") or None,
+        "path": answer.path.decode(errors="replace") or None,
         "status": "reset" if status == RESET_CODE else status,
         "duration_seconds": round(perf_counter() - answer.started, 6),
         "bytes_received": answer.bytes_in,

@@ -56,7 +56,7 @@ from proxy.http.heads import (
     LAST_CHUNK,
     MAX_HEAD_BYTES,
     MEASURE_ABOVE,
-    OTHER,
+    NO_METHOD,
 )
 from proxy.pool import Pool
 from proxy.route import Route, peer_name
@@ -121,7 +121,7 @@ class H1Downstream(Downstream):
         self.held: list[bytes] = []
         self.held_size = 0
         self.rejected: ClientError | None = None
-        self.rejected_method = OTHER
+        self.rejected_method = NO_METHOD
         self.valid_host = b""  # the last Host value found valid: spared the check next time
         self.bridged = route.settings.upstream_protocol == "http2"
         self.linger_until = float("inf")

@@ -83,7 +83,7 @@ from proxy.http.heads import (
     IDEMPOTENT,
     LAST_CHUNK,
     MAX_HEAD_BYTES,
-    OTHER,
+    NO_METHOD,
 )
 from proxy.metrics import RESET_CODE
 from proxy.pool import Multiplexed, StreamPool
@@ -1128,7 +1128,7 @@ class H2Downstream(H2Connection):
         """A client's stream the engine reset with PROTOCOL_ERROR before any request came
         of it: a malformed request (RFC 9113 8.1.1), which HTTP/2 refuses with a reset where
         HTTP/1.1 answers 400. Counted, timed and logged as that 400, method unknown."""
-        stream = Stream(self, sid, heads.H2Request(OTHER, b"", b"", []))
+        stream = Stream(self, sid, heads.H2Request(NO_METHOD, b"", b"", []))
         stream.down_open = False  # (reset already: nothing more goes to the client)
         stream.fail(BadRequest("malformed HTTP/2 request"))
 

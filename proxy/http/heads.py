@@ -76,8 +76,9 @@ CONNECTION_OPTIONS: Final = frozenset((b"keep-alive", b"close", b"upgrade", b"co
 # What a Host value may hold (RFC 9112 3.2, RFC 3986 3.2.2: reg-name or IP literal, a port).
 HOST_VALUE: Final = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:%\[\]-]*")
 
-# The method counted for a request refused before its method was read.
-OTHER: Final = b"OTHER"
+# The method of a request refused before its method was read: none (its metric label
+# is OTHER, its access-log method null).
+NO_METHOD: Final = b""
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 CRLF: Final = b"\r\n"
