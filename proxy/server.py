@@ -259,8 +259,9 @@ class Server:
             try:
                 # Off the loop: a big file must not stall traffic and /healthz while it parses.
                 config = await asyncio.to_thread(self.source.load)
-            except ConfigError as e:
-                return self._reload_failed("rejected, keeping the running config:\n%s", e)
+            except ConfigError as e:  # (one line: a log collector keeps lines apart)
+                problems = "; ".join(e.problems)
+                return self._reload_failed("rejected, keeping the running config: %s", problems)
             except Exception as e:  # RecursionError, MemoryError, a bug: the same rule
                 return self._reload_failed("failed, keeping the running config: %s", _one_line(e))
             try:
