@@ -17,7 +17,9 @@ code, through :func:`inject_pod`.
 
 The routes are checked as ``sidelink run`` checks them, so a sidecar that could not start is
 refused rather than written: quick routes must parse, and either some route or a ConfigMap
-must be given (a ConfigMap in the same input is validated too, with the quick routes).
+must be given (a ConfigMap in the same input is validated too, with the quick routes); no
+container of the pod may declare a TCP port the sidecar listens on. A pod that runs to
+completion (a Job's) is refused a classic sidecar, which would never let it complete.
 
 The output is re-serialised YAML: key order and values are kept, but comments, quoting style
 and anchors of the input are not (a string of several lines is written as a ``|`` block).
@@ -28,7 +30,7 @@ from __future__ import annotations
 import enum
 import posixpath
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ from proxy.config import (
     DEFAULT_CONFIG_PATH,
     ROUTES_ENV,
     AdminConfig,
+    Config,
     ConfigError,
     parse,
 )
@@ -65,6 +68,9 @@ ROUTES_ANNOTATION = "sidelink.io/routes"
 STARTUP_PROBE_FAILURES = 120
 # The classic sidecar's postStart hook waits this many seconds for /readyz.
 CLASSIC_READY_TIMEOUT = 120
+# The restart policies of a pod that runs to completion (a Job's): a classic sidecar, which
+# never exits, would keep it running for ever.
+RUNS_TO_COMPLETION = ("Never", "OnFailure")
 
 # Where the pod template (its metadata and spec) sits in each kind; a Pod is its own.
 _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -228,7 +234,7 @@ def inject_objects(
     options = SidecarOptions(tuple(routes), config_map, image, classic)
 
     loaded = _load(text, source)
-    checker = _RouteCheck(options, _config_map_text(options, [d for _, d in loaded], source))
+    checker = _RouteCheck(options, _embedded_config(options, loaded, source))
     if options.routes:
         # Checked once up front, so a bad --route is refused whatever the input holds.
         checker.check(options.routes, None)
@@ -263,36 +269,77 @@ def inject_pod(pod: dict[str, Any], options: SidecarOptions) -> Outcome:
     return _inject_template(pod, _RouteCheck(options, None), error)
 
 
-def _config_map_text(options: SidecarOptions, documents: list[Any], source: str) -> str | None:
+@dataclass(frozen=True, slots=True)
+class _EmbeddedConfig:
+    """The ``sidelink.yaml`` of the ConfigMap named by ``--config-map``, found in the input."""
+
+    name: str
+    text: str
+    source: str
+    first_line: int  # 0-based, in the input: where the text starts
+
+    @property
+    def label(self) -> str:
+        return f"ConfigMap {self.name} data.{CONFIG_MAP_KEY}"
+
+    def parse(self, routes: tuple[str, ...] = (), origin: str = "--route") -> Config:
+        """The config with ``routes`` added; its problems name lines of the input, as check's do."""
+        # parse counts lines from the start of its text: a blank line for each above the key
+        # makes its line numbers the input's.
+        try:
+            return parse("\n" * self.first_line + self.text, self.label, routes, origin)
+        except ConfigError as e:
+            raise ConfigError([self._placed(p) for p in e.problems]) from None
+
+    def _placed(self, problem: str) -> str:
+        """``LABEL:LINE: ...`` as ``SOURCE:LINE: LABEL: ...``, the shape of inject's errors."""
+        m = re.match(rf"{re.escape(self.label)}(:\d+)?: ", problem)
+        if m is None:
+            return problem  # a quick route's, which names itself
+        return f"{self.source}{m[1] or ''}: {self.label}: {problem[m.end() :]}"
+
+
+def _embedded_config(
+    options: SidecarOptions, loaded: list[tuple[_Document, Any]], source: str
+) -> _EmbeddedConfig | None:
     """The ConfigMap's ``sidelink.yaml`` when the input holds that ConfigMap, else None."""
     if options.config_map is None:
         return None
-    config_text = None
+    found = None
     # A ConfigMap in the same input is checked with the routes; one elsewhere cannot be.
-    for data in _objects(documents):
-        metadata = data.get("metadata")
-        if (
-            data.get("kind") == "ConfigMap"
-            and isinstance(metadata, dict)
-            and metadata.get("name") == options.config_map
-        ):
-            held = data.get("data")
+    for doc, data in loaded:
+        for base, obj in _objects(data, ()):
+            metadata = obj.get("metadata")
+            if (
+                obj.get("kind") != "ConfigMap"
+                or not isinstance(metadata, dict)
+                or metadata.get("name") != options.config_map
+            ):
+                continue
+            held = obj.get("data")
             value = held.get(CONFIG_MAP_KEY) if isinstance(held, dict) else None
             if not isinstance(value, str):
                 raise InjectError(
                     f"{source}: ConfigMap {options.config_map} has no data.{CONFIG_MAP_KEY}, "
                     f"which the sidecar reads as {DEFAULT_CONFIG_PATH}"
                 )
-            config_text = value
-    if config_text is not None:
+            node = _node_at(doc.node, (*base, "data", CONFIG_MAP_KEY))
+            # A block scalar (|) starts on the line after its indicator; others where they stand.
+            block = isinstance(node, yaml.ScalarNode) and node.style in ("|", ">")
+            first_line = int(node.start_mark.line) + block
+            found = _EmbeddedConfig(options.config_map, value, source, first_line)
+    if found is not None:
         # Checked once here, so its problems are reported even when no pod is injected.
-        label = f"{source}: ConfigMap {options.config_map} data.{CONFIG_MAP_KEY}"
         try:
-            parse(config_text, label)
+            found.parse()
         except ConfigError as e:
             raise InjectError("\n".join(e.problems)) from None
-        return config_text
-    return None
+    return found
+
+
+# The ports the sidecar listens on, each with the key that claims it and its address:
+# ``--route[0].listen (127.0.0.1:8081)``.
+_Listeners = dict[int, str]
 
 
 class _RouteCheck:
@@ -301,18 +348,22 @@ class _RouteCheck:
     Each set of routes is checked once (with the ConfigMap of the input, when it holds it).
     """
 
-    def __init__(self, options: SidecarOptions, config_text: str | None) -> None:
+    def __init__(self, options: SidecarOptions, embedded: _EmbeddedConfig | None) -> None:
         self.options = options
-        self.config_text = config_text
-        self.label = "<none>"
-        if config_text is not None:
-            self.label = f"ConfigMap {options.config_map} data.{CONFIG_MAP_KEY}"
-        self._checked: set[tuple[str, ...]] = set()
+        self.embedded = embedded
+        self.label = "<none>" if embedded is None else embedded.label
+        self._checked: dict[tuple[str, ...], _Listeners] = {}
 
-    def check(self, routes: tuple[str, ...], error: Callable[[str], InjectError] | None) -> None:
-        """Raise the problems with ``routes``; ``error`` places an annotation's (None: --route)."""
-        if routes in self._checked:
-            return
+    def check(
+        self, routes: tuple[str, ...], error: Callable[[str], InjectError] | None
+    ) -> _Listeners:
+        """Raise the problems with ``routes``; ``error`` places an annotation's (None: --route).
+
+        Returns the ports the sidecar listens on with them.
+        """
+        listeners = self._checked.get(routes)
+        if listeners is not None:
+            return listeners
         if self.options.config_map is None and not routes:
             raise NoRoutesError(
                 "no routes: give --route SPEC (repeatable) or --config-map NAME; "
@@ -320,28 +371,40 @@ class _RouteCheck:
             )
         origin = "--route" if error is None else ROUTES_ANNOTATION
         try:
-            config = parse(self.config_text, self.label, routes, origin)
+            if self.embedded is None:
+                config = parse(None, "<none>", routes, origin)
+            else:
+                config = self.embedded.parse(routes, origin)
         except ConfigError as e:
             if error is None:
                 raise InjectError("\n".join(e.problems)) from None
             raise error("; ".join(e.problems)) from None
-        if self.config_text is not None and not config.routes:
+        if self.embedded is not None and not config.routes:
             raise NoRoutesError(
                 f"{self.label}: no routes, and no --route SPEC or {ROUTES_ANNOTATION} "
                 "annotation adds one; a sidecar without routes cannot start"
             )
-        self._checked.add(routes)
+        # parse puts the file's routes first, then the quick ones in their order.
+        in_file = len(config.routes) - len(routes)
+        claims = [f"{self.label} routes[{i}]" for i in range(in_file)]
+        claims += [f"{origin}[{i}]" for i in range(len(routes))]
+        listeners = {
+            r.listen_port: f"{who}.listen ({r.listen})"
+            for who, r in zip(claims, config.routes, strict=True)
+        }
+        listeners[config.admin.port] = f"admin.listen ({config.admin.listen})"
+        self._checked[routes] = listeners
+        return listeners
 
 
-def _objects(documents: list[Any]) -> list[dict[str, Any]]:
-    """Every object, the items of ``kind: List`` included."""
-    out: list[dict[str, Any]] = []
-    for data in documents:
-        if isinstance(data, dict):
-            out.append(data)
-            if data.get("kind") == "List" and isinstance(data.get("items"), list):
-                out += _objects(data["items"])
-    return out
+def _objects(data: Any, base: _Path) -> Iterator[tuple[_Path, dict[str, Any]]]:
+    """Every object of a document, the items of ``kind: List`` included, with its path."""
+    if isinstance(data, dict):
+        yield base, data
+        items = data.get("items")
+        if data.get("kind") == "List" and isinstance(items, list):
+            for i, item in enumerate(items):
+                yield from _objects(item, (*base, "items", i))
 
 
 def _load(text: str, source: str) -> list[tuple[_Document, Any]]:
@@ -448,6 +511,13 @@ def _inject_template(template: dict[str, Any], checker: _RouteCheck, error: _Err
     init_containers = _container_list(spec, "initContainers", error, required=False)
     if any(c.get("name") == CONTAINER_NAME for c in containers + init_containers):
         return Outcome.UNCHANGED
+    policy = spec.get("restartPolicy")
+    if options.classic and policy in RUNS_TO_COMPLETION:
+        raise error(
+            ("spec", "restartPolicy"),
+            f"is {policy}: the pod must run to completion, and a classic sidecar never exits; "
+            "use the native sidecar (the default, without --classic), which works for Jobs",
+        )
 
     routes = options.routes
     annotated = annotations.get(ROUTES_ANNOTATION)
@@ -457,7 +527,11 @@ def _inject_template(template: dict[str, Any], checker: _RouteCheck, error: _Err
             raise error(annotation_path, f"must be a string, got {_type_name(annotated)}")
         # The pod's own routes win over the command's: they are the more specific.
         routes = split_routes(annotated) or routes
-    checker.check(routes, lambda problems: error(annotation_path, f"is refused: {problems}"))
+    listeners = checker.check(
+        routes, lambda problems: error(annotation_path, f"is refused: {problems}")
+    )
+    for key, listed in (("initContainers", init_containers), ("containers", containers)):
+        _refuse_shared_ports(listed, ("spec", key), listeners, error)
 
     sidecar = _sidecar(options, routes)
     if options.classic:
@@ -510,6 +584,32 @@ def _container_list(
                 ("spec", key, i), f"must be a mapping (a container), got {_type_name(item)}"
             )
     return value
+
+
+def _refuse_shared_ports(
+    containers: list[dict[str, Any]], path: _Path, listeners: _Listeners, error: _ErrorAt
+) -> None:
+    """Refuse a TCP port a container declares that the sidecar listens on.
+
+    The containers of a pod share one network namespace, so one of the two could not bind it.
+    """
+    for i, container in enumerate(containers):
+        ports = container.get("ports")
+        if not isinstance(ports, list):
+            continue  # (the API server refuses a malformed list: only a clash is ours to find)
+        for j, port in enumerate(ports):
+            if not isinstance(port, dict) or port.get("protocol") not in (None, "TCP"):
+                continue
+            number = port.get("containerPort")
+            claim = listeners.get(number) if isinstance(number, int) else None
+            if claim is not None:
+                name = container.get("name")
+                of = f" of container {name}" if isinstance(name, str) else ""
+                raise error(
+                    (*path, i, "ports", j, "containerPort"),
+                    f"{number}{of} clashes with the sidecar's {claim}: the containers of a pod "
+                    "share one network, so one of them could not bind it",
+                )
 
 
 def _add_config_volume(spec: dict[str, Any], options: SidecarOptions, error: _ErrorAt) -> None:
@@ -610,6 +710,11 @@ def _sidecar(options: SidecarOptions, routes: tuple[str, ...]) -> dict[str, Any]
 
 def _line_of(node: yaml.Node, path: _Path) -> int:
     """The 1-based line of ``path`` in the document, or of its deepest ancestor that exists."""
+    return int(_node_at(node, path).start_mark.line) + 1
+
+
+def _node_at(node: yaml.Node, path: _Path) -> yaml.Node:
+    """The node of ``path`` in the document, or of its deepest ancestor that exists."""
     for step in path:
         child: yaml.Node | None = None
         if isinstance(step, str) and isinstance(node, yaml.MappingNode):
@@ -624,7 +729,7 @@ def _line_of(node: yaml.Node, path: _Path) -> int:
         if child is None:
             break
         node = child
-    return int(node.start_mark.line) + 1
+    return node
 
 
 def _dotted(path: _Path) -> str:

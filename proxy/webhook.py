@@ -88,17 +88,20 @@ def review(body: bytes, options: SidecarOptions, *, annotated_only: bool = False
         data = json.loads(body)
     except (ValueError, RecursionError):
         return _answer("", warning="the request is not JSON")
+    request = data.get("request") if isinstance(data, dict) else None
+    uid = request.get("uid") if isinstance(request, dict) else None
+    # The API server discards an answer whose uid is not its request's: echo it wherever it
+    # can be read, refusals included.
+    uid = uid if isinstance(uid, str) else ""
     if (
         not isinstance(data, dict)
         or data.get("apiVersion") != REVIEW_VERSION
         or data.get("kind") != "AdmissionReview"
     ):
-        return _answer("", warning=f"the request is not an AdmissionReview {REVIEW_VERSION}")
-    request = data.get("request")
+        return _answer(uid, warning=f"the request is not an AdmissionReview {REVIEW_VERSION}")
     if not isinstance(request, dict):
         return _answer("", warning="the AdmissionReview has no request")
-    uid = request.get("uid")
-    if not isinstance(uid, str) or not uid:
+    if not uid:
         return _answer("", warning="the AdmissionReview's request has no uid")
     try:
         return _review_request(uid, request, options, annotated_only)

@@ -17,6 +17,7 @@ from support.manifests import DEPLOYMENT
 from support.procs import free_port, sidelink
 
 from proxy import __version__
+from proxy.config import ConfigError, parse
 from proxy.inject import (
     DEFAULT_IMAGE,
     InjectError,
@@ -53,6 +54,23 @@ SERVICE = textwrap.dedent(
       ports:
       - port: 80
         targetPort: 8080
+    """
+)
+
+
+CRONJOB = textwrap.dedent(
+    """\
+    apiVersion: batch/v1
+    kind: CronJob
+    metadata: {name: nightly}
+    spec:
+      schedule: "0 3 * * *"
+      jobTemplate:
+        spec:
+          template:
+            spec:
+              restartPolicy: OnFailure
+              containers: [{name: task, image: t}]
     """
 )
 
@@ -182,22 +200,7 @@ def test_pod_spec_is_the_pod_itself() -> None:
 
 
 def test_cronjob_template_is_under_job_template() -> None:
-    cronjob = textwrap.dedent(
-        """\
-        apiVersion: batch/v1
-        kind: CronJob
-        metadata: {name: nightly}
-        spec:
-          schedule: "0 3 * * *"
-          jobTemplate:
-            spec:
-              template:
-                spec:
-                  restartPolicy: OnFailure
-                  containers: [{name: task, image: t}]
-        """
-    )
-    [doc] = load(inject(cronjob))
+    [doc] = load(inject(CRONJOB))
     spec = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert names(spec["initContainers"]) == ["sidelink"]
     assert spec["restartPolicy"] == "OnFailure"
@@ -244,7 +247,7 @@ def test_documents_keep_their_order_and_null_documents_are_dropped() -> None:
 @pytest.mark.parametrize("classic", [False, True])
 def test_injecting_twice_changes_nothing(classic: bool) -> None:
     text = f"{SERVICE}---\n{DEPLOYMENT}"
-    options: dict[str, Any] = {"routes": ["8080=api:80"], "config_map": "web-sidelink"}
+    options: dict[str, Any] = {"routes": ["8082=api:80"], "config_map": "web-sidelink"}
     once = inject(text, classic=classic, **options)
     assert inject(once, classic=classic, **options) == once
     assert len(sidelinks(pod_spec(load(once)[1]))) == 1
@@ -274,10 +277,10 @@ def test_an_existing_sidelink_container_is_left_as_it_is(where: str) -> None:
 
 
 def test_routes_go_into_sidelink_routes() -> None:
-    routes = ["8080=api:80", "127.0.0.1:5432=db:5432/tcp"]
+    routes = ["8082=api:80", "127.0.0.1:5432=db:5432/tcp"]
     sidecar = pod_spec(load(inject(DEPLOYMENT, routes=routes))[0])["initContainers"][0]
     assert sidecar["env"] == [
-        {"name": "SIDELINK_ROUTES", "value": "8080=api:80,127.0.0.1:5432=db:5432/tcp"}
+        {"name": "SIDELINK_ROUTES", "value": "8082=api:80,127.0.0.1:5432=db:5432/tcp"}
     ]
 
 
@@ -484,16 +487,160 @@ CONFIG_MAP = textwrap.dedent(
 def test_a_config_map_in_the_input_is_checked_too() -> None:
     good = CONFIG_MAP % 80 + DEPLOYMENT
     assert "sidelink" in inject_into(good, config_map="web-sidelink")
+    bad = CONFIG_MAP % 70000 + DEPLOYMENT
     with pytest.raises(InjectError) as info:
-        inject_into(CONFIG_MAP % 70000 + DEPLOYMENT, config_map="web-sidelink", source="app.yaml")
+        inject_into(bad, config_map="web-sidelink", source="app.yaml")
     assert str(info.value) == (
-        "app.yaml: ConfigMap web-sidelink data.sidelink.yaml:2: routes[0].port: "
+        "app.yaml:7: ConfigMap web-sidelink data.sidelink.yaml: routes[0].port: "
         "must be 1..65535 or a port name, got 70000"
     )
+    # The line is the one `sidelink check -c app.yaml` names.
+    with pytest.raises(ConfigError) as checked:
+        parse(bad, "app.yaml")
+    assert checked.value.problems == [
+        "app.yaml:7: routes[0].port: must be 1..65535 or a port name, got 70000"
+    ]
     with pytest.raises(InjectError, match="already used by routes"):
         inject_into(good, config_map="web-sidelink", routes=["8081=other"])
+    with pytest.raises(InjectError) as info:
+        inject_into(
+            good.replace("containerPort: 8080", "containerPort: 8081"), config_map="web-sidelink"
+        )
+    assert "8081 of container app clashes with the sidecar's ConfigMap web-sidelink " in str(
+        info.value
+    )
     # A ConfigMap the input does not hold cannot be checked: it is trusted.
     assert "sidelink" in inject_into(DEPLOYMENT, config_map="elsewhere")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A | block after another document: its lines are counted from the file's start.
+        SERVICE + "---\n" + CONFIG_MAP % 70000,
+        # A quoted value stands on its key's line.
+        "kind: ConfigMap\nmetadata: {name: web-sidelink}\ndata:\n"
+        "  sidelink.yaml: 'routes: [{listen: 8081, service: app1, port: 70000}]'\n",
+        # An item of a List.
+        "kind: List\nitems:\n- kind: ConfigMap\n  metadata: {name: web-sidelink}\n  data:\n"
+        "    sidelink.yaml: |\n      routes:\n      - {listen: 8081, service: app1, port: 70000}\n",
+    ],
+    ids=["block", "quoted", "list item"],
+)
+def test_a_config_map_problem_names_its_line_in_the_input(text: str) -> None:
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "70000" in s)
+    with pytest.raises(InjectError) as info:
+        inject_into(text, config_map="web-sidelink", source="app.yaml")
+    assert str(info.value) == (
+        f"app.yaml:{line}: ConfigMap web-sidelink data.sidelink.yaml: routes[0].port: "
+        "must be 1..65535 or a port name, got 70000"
+    )
+
+
+POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p%s}\nspec:\n%s"
+SHARED_NETWORK = "the containers of a pod share one network, so one of them could not bind it"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "spec", "routes", "refusal"),
+    [
+        (
+            "",
+            "  containers:\n  - {name: app, image: a, ports: [{containerPort: 8081}]}\n",
+            [ROUTE],
+            "spec.containers[0].ports[0].containerPort 8081 of container app clashes with the "
+            "sidecar's --route[0].listen (127.0.0.1:8081)",
+        ),
+        (
+            "",
+            "  containers:\n  - {name: app, image: a, ports: [{containerPort: 9901}]}\n",
+            [ROUTE],
+            "spec.containers[0].ports[0].containerPort 9901 of container app clashes with the "
+            "sidecar's admin.listen (0.0.0.0:9901)",
+        ),
+        (
+            "",
+            "  containers:\n  - {name: app, image: a}\n  - name: cache\n    image: c\n"
+            "    ports: [{containerPort: 80}, {containerPort: 6379, protocol: TCP}]\n",
+            [ROUTE, "6379=redis.cache:6379"],
+            "spec.containers[1].ports[1].containerPort 6379 of container cache clashes with "
+            "the sidecar's --route[1].listen (127.0.0.1:6379)",
+        ),
+        (
+            "",
+            "  initContainers:\n  - {name: seed, image: s, ports: [{containerPort: 8081}]}\n"
+            "  containers: [{name: app, image: a}]\n",
+            [ROUTE],
+            "spec.initContainers[0].ports[0].containerPort 8081 of container seed clashes with "
+            "the sidecar's --route[0].listen (127.0.0.1:8081)",
+        ),
+        (
+            ", annotations: {sidelink.io/routes: '7000=api'}",
+            "  containers:\n  - {name: app, image: a, ports: [{containerPort: 7000}]}\n",
+            [],
+            "spec.containers[0].ports[0].containerPort 7000 of container app clashes with the "
+            "sidecar's sidelink.io/routes[0].listen (127.0.0.1:7000)",
+        ),
+    ],
+    ids=["route", "admin", "second container", "init container", "annotation"],
+)
+def test_a_port_another_container_declares_is_refused(
+    annotations: str, spec: str, routes: list[str], refusal: str
+) -> None:
+    text = POD % (annotations, spec)
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "containerPort: " in s)
+    with pytest.raises(InjectError) as info:
+        inject_into(text, routes=routes, source="pod.yaml")
+    assert str(info.value) == f"pod.yaml:{line}: document 1 (Pod p): {refusal}: {SHARED_NETWORK}"
+
+
+@pytest.mark.parametrize(
+    "ports",
+    [
+        "[{containerPort: 8080}]",
+        "[{containerPort: 8081, protocol: UDP}]",
+        "[{containerPort: 9901, protocol: SCTP}]",
+    ],
+)
+def test_other_ports_and_protocols_leave_the_sidecar_room(ports: str) -> None:
+    text = POD % ("", f"  containers:\n  - {{name: app, image: a, ports: {ports}}}\n")
+    assert inject_objects(text, routes=[ROUTE]).report == ("pod/p: injected",)
+
+
+JOB = DEPLOYMENT.replace("kind: Deployment", "kind: Job").replace(
+    "      containers:\n", "      restartPolicy: Never\n      containers:\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (JOB, "document 1 (Job web): spec.template.spec.restartPolicy is Never"),
+        (
+            CRONJOB,
+            "document 1 (CronJob nightly): spec.jobTemplate.spec.template.spec.restartPolicy "
+            "is OnFailure",
+        ),
+        (
+            POD % ("", "  restartPolicy: Never\n  containers: [{name: app, image: a}]\n"),
+            "document 1 (Pod p): spec.restartPolicy is Never",
+        ),
+    ],
+    ids=["Job", "CronJob", "Pod"],
+)
+def test_a_classic_sidecar_is_refused_to_a_pod_that_runs_to_completion(
+    text: str, where: str
+) -> None:
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "restartPolicy" in s)
+    with pytest.raises(InjectError) as info:
+        inject(text, classic=True, source="job.yaml")
+    assert str(info.value) == (
+        f"job.yaml:{line}: {where}: the pod must run to completion, and a classic sidecar "
+        "never exits; use the native sidecar (the default, without --classic), which works "
+        "for Jobs"
+    )
+    # The native sidecar, which the kubelet stops once the other containers have exited.
+    assert inject_objects(text, routes=[ROUTE]).report[0].endswith(": injected")
 
 
 def test_the_report_names_each_object_and_what_was_done() -> None:
@@ -543,12 +690,12 @@ def annotated(annotations: dict[str, str], text: str = DEPLOYMENT) -> str:
 
 
 def test_the_routes_annotation_gives_the_pods_routes() -> None:
-    text = annotated({"sidelink.io/routes": " 8080=api.ns:80/http , 5432=db:5432,"})
+    text = annotated({"sidelink.io/routes": " 8082=api.ns:80/http , 5432=db:5432,"})
     # No --route needed: the pod has its own; and they win over the command's.
     for routes in ([], [ROUTE]):
         [sidecar] = pod_spec(load(inject_into(text, routes=routes))[0])["initContainers"]
         assert sidecar["env"] == [
-            {"name": "SIDELINK_ROUTES", "value": "8080=api.ns:80/http,5432=db:5432"}
+            {"name": "SIDELINK_ROUTES", "value": "8082=api.ns:80/http,5432=db:5432"}
         ]
     # An empty annotation adds nothing: the command's routes are used.
     [sidecar] = pod_spec(load(inject(annotated({"sidelink.io/routes": ""})))[0])["initContainers"]
@@ -634,18 +781,6 @@ VALIDATED = textwrap.dedent(
       initContainers: [{name: migrate, image: m}]
       containers: [{name: app, image: a}]
       volumes: [{name: data, emptyDir: {}}]
-    ---
-    apiVersion: batch/v1
-    kind: CronJob
-    metadata: {name: nightly}
-    spec:
-      schedule: "0 3 * * *"
-      jobTemplate:
-        spec:
-          template:
-            spec:
-              restartPolicy: OnFailure
-              containers: [{name: task, image: t}]
     """
 )
 
@@ -656,8 +791,10 @@ VALIDATED = textwrap.dedent(
 def test_inject_output_is_valid_kubernetes(
     version: str, classic: bool, config_map: str | None
 ) -> None:
-    out = inject(f"{DEPLOYMENT}---\n{VALIDATED}", classic=classic, config_map=config_map)
-    docs = load(out)
-    assert [d["kind"] for d in docs] == ["Deployment", "Pod", "CronJob"]
+    # A classic sidecar is refused to a CronJob's pods, which must run to completion.
+    text = f"{DEPLOYMENT}---\n{VALIDATED}" + ("" if classic else f"---\n{CRONJOB}")
+    docs = load(inject(text, classic=classic, config_map=config_map))
+    kinds = ["Deployment", "Pod"] if classic else ["Deployment", "Pod", "CronJob"]
+    assert [d["kind"] for d in docs] == kinds
     for doc in docs:
         assert kube_errors(doc, version) is None

@@ -246,6 +246,43 @@ async def test_a_pod_with_bad_routes_is_admitted_with_a_warning(client: Client) 
     )
 
 
+@pytest.mark.parametrize(
+    ("options", "obj", "refusal"),
+    [
+        (
+            SidecarOptions(),
+            pod(
+                {"sidelink.io/routes": ROUTES},
+                containers=[{"name": "app", "image": "a", "ports": [{"containerPort": 6379}]}],
+            ),
+            "spec.containers[0].ports[0].containerPort 6379 of container app clashes with the "
+            "sidecar's sidelink.io/routes[1].listen (127.0.0.1:6379): the containers of a pod "
+            "share one network, so one of them could not bind it",
+        ),
+        (
+            # A Job's pod, as the Job controller creates it.
+            SidecarOptions(classic=True),
+            pod({"sidelink.io/routes": ROUTES}, restartPolicy="OnFailure"),
+            "spec.restartPolicy is OnFailure: the pod must run to completion, and a classic "
+            "sidecar never exits; use the native sidecar (the default, without --classic), "
+            "which works for Jobs",
+        ),
+    ],
+    ids=["shared port", "classic for a Job"],
+)
+def test_a_pod_the_sidecar_could_not_run_in_is_admitted_with_a_warning(
+    options: SidecarOptions, obj: dict[str, Any], refusal: str
+) -> None:
+    response = review(json.dumps(admission(obj)).encode(), options)["response"]
+    assert response == {
+        "uid": "u-1",
+        "allowed": True,
+        "warnings": [
+            f"sidelink: pod shop/web-7d9c-*: not injected: {refusal}; the pod is admitted as it is"
+        ],
+    }
+
+
 async def test_a_pod_without_routes_is_admitted_with_a_warning(client: Client) -> None:
     response = await client.post(admission(pod()))
     assert "patch" not in response
@@ -253,20 +290,39 @@ async def test_a_pod_without_routes_is_admitted_with_a_warning(client: Client) -
     assert warning.startswith("sidelink: pod shop/web-7d9c-*: not injected: no routes; annotate")
 
 
+def garbled(**fields: Any) -> bytes:
+    """An AdmissionReview of a pod (uid u-1) with these top-level fields changed."""
+    return json.dumps({**admission(pod()), **fields}).encode()
+
+
+# Each answer carries the request's uid wherever one can be read: the API server discards an
+# answer whose uid is not its request's.
 GARBAGE = {
-    "not json": (b"{not json", "the request is not JSON"),
-    "a list": (b"[1, 2]", "the request is not an AdmissionReview admission.k8s.io/v1"),
+    "not json": (b"{not json", "the request is not JSON", ""),
+    "a list": (b"[1, 2]", "the request is not an AdmissionReview admission.k8s.io/v1", ""),
     "v1beta1": (
-        json.dumps({**admission(pod()), "apiVersion": "admission.k8s.io/v1beta1"}).encode(),
+        garbled(apiVersion="admission.k8s.io/v1beta1"),
         "the request is not an AdmissionReview admission.k8s.io/v1",
+        "u-1",
+    ),
+    "another kind": (
+        garbled(kind="AdmissionRequest"),
+        "the request is not an AdmissionReview admission.k8s.io/v1",
+        "u-1",
+    ),
+    "a uid not a string": (
+        garbled(request={"uid": 7}),
+        "the AdmissionReview's request has no uid",
+        "",
     ),
     "no request": (
         b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}',
         "the AdmissionReview has no request",
+        "",
     ),
-    "nested deep": (b"[" * 100_000 + b"]" * 100_000, "the request is not JSON"),
-    "empty": (b"", "the request is not JSON"),
-    "binary": (bytes(range(256)), "the request is not JSON"),
+    "nested deep": (b"[" * 100_000 + b"]" * 100_000, "the request is not JSON", ""),
+    "empty": (b"", "the request is not JSON", ""),
+    "binary": (bytes(range(256)), "the request is not JSON", ""),
 }
 
 
@@ -274,10 +330,10 @@ GARBAGE = {
 async def test_a_request_it_cannot_read_is_allowed_with_a_warning(
     client: Client, name: str
 ) -> None:
-    body, why = GARBAGE[name]
+    body, why, uid = GARBAGE[name]
     response = await client.post(body)
     assert response == {
-        "uid": "",
+        "uid": uid,
         "allowed": True,
         "warnings": [f"sidelink: {why}; the pod is admitted as it is"],
     }
