@@ -182,12 +182,13 @@ class Lab:
             what = f"the gRPC server {host}:{grpc_port}"
             wait_until(accepts(host, grpc_port), START_TIMEOUT, what, process)
 
-    def _h2_front_ports(self) -> tuple[int | None, int | None]:
-        """Ports for a proxy's h2c and gRPC front ends (None where the lab has no such upstream)."""
-        if self.h2_ports is None:
-            return None, None
-        h2_port, grpc_port = free_ports(2)
-        return h2_port, grpc_port if self.h2_ports.grpc is not None else None
+    def _front_ports(self, count: int, h2: bool = True) -> tuple[list[int], int | None, int | None]:
+        """``count`` ports for a proxy, and its h2c and gRPC front ends' (None where the lab,
+        or the proxy (``h2``), has no such upstream): all taken at once, so all distinct."""
+        if self.h2_ports is None or not h2:
+            return free_ports(count), None, None
+        *ports, h2_port, grpc_port = free_ports(count + 2)
+        return ports, h2_port, grpc_port if self.h2_ports.grpc is not None else None
 
     def _start_sidelink(self, upstream_port: int) -> Target:
         self.dns = ThreadedDnsServer()
@@ -198,8 +199,7 @@ class Lab:
             (configs.DNS_GRPC_SERVICE, configs.GRPC_UPSTREAM_HOSTS),
         ):
             self.dns.set_a(f"{service}.{configs.DNS_DOMAIN}", list(hosts), ttl=DNS_TTL)
-        http_port, tcp_port, admin_port = free_ports(3)
-        h2_port, grpc_port = self._h2_front_ports()
+        (http_port, tcp_port, admin_port), h2_port, grpc_port = self._front_ports(3)
         path = self.tmp / "sidelink.yaml"
         path.write_text(
             configs.sidelink(
@@ -228,8 +228,7 @@ class Lab:
     def _start_haproxy(self, upstream_port: int) -> Target:
         if self.tools.haproxy is None:
             raise BenchError("haproxy is not installed")
-        http_port, tcp_port = free_ports(2)
-        h2_port, grpc_port = self._h2_front_ports()
+        (http_port, tcp_port), h2_port, grpc_port = self._front_ports(2)
         # HAProxy wants about two descriptors per connection and refuses more than it has.
         maxconn = max(1000, min(configs.MAX_CONNECTIONS, (self.nofile - 100) // 2))
         path = self.tmp / "haproxy.cfg"
@@ -253,8 +252,7 @@ class Lab:
     def _start_nginx(self, upstream_port: int) -> Target:
         modules = nginx_modules(self.tools.nginx)
         self.nginx_stream = modules.stream
-        http_port, tcp_port = free_ports(2)
-        h2_port, grpc_port = self._h2_front_ports() if modules.http2 else (None, None)
+        (http_port, tcp_port), h2_port, grpc_port = self._front_ports(2, h2=modules.http2)
         if not modules.grpc:
             grpc_port = None  # gRPC needs HTTP/2 to the upstream: grpc_pass
         config = configs.nginx_proxy(
