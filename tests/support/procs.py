@@ -38,11 +38,22 @@ def require_tool(name: str) -> str:
     return path
 
 
+# Every port free_port has handed out in this run: the kernel may give a port just closed
+# to the next bind, and two ports asked for one after the other (a route's, then the
+# admin's) came back the same.
+_HANDED_OUT: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on at host now: for a process to bind, or to be refused on."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on at host now: for a process to bind, or to be refused on.
+    Never one it gave before in this run."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
 
 
 def clean_environ() -> dict[str, str]:
