@@ -182,3 +182,10 @@ class ClientReset(ClientGone):
     """The client reset its HTTP/2 stream (a cancelled call, a gRPC deadline)."""
 
     reason = "downstream_reset"
+
+
+class ConnectionCut(ClientGone):
+    """sidelink closed the client's connection first: a drain past its timeout, a flood cut
+    with GOAWAY, a timeout."""
+
+    reason = "connection_cut"

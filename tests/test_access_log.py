@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from support.h2peers import H2Client, H2Pods
+from support.h2peers import H2Client, H2Pods, StreamReset
 from support.inproc import route_address, running_server, serving
 from support.replicas import LINGER_ZERO
 from support.wait import until
@@ -361,3 +361,26 @@ async def give_up_on_both(
     pods.release("h1")
     pods.release("h2")
     return server.routes["web"].stats.requests
+
+
+async def test_an_http2_body_short_of_its_content_length_is_a_400(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The engine resets a stream whose body ends short of its content-length (malformed,
+    RFC 9113 8.1.1), which the client did not reset: counted as HTTP/1.1's 400 would be."""
+    caplog.set_level(logging.INFO, logger="sidelink.access")
+    async with (
+        H2Pods(POD) as pods,
+        running_server(config(pods.port, access_log=True)) as server,
+        H2Client.open(route_address(server, "web")) as client,
+    ):
+        sid = client.start("POST", "/hold/body", [("content-length", "10")], end=False)
+        await client.send(sid, b"12345", end=True)
+        with pytest.raises(StreamReset):
+            await client.response(sid)
+        await until(lambda: len(json_lines(caplog)) == 1, what="its line")
+        pods.release("body")
+        requests = server.routes["web"].stats.requests
+    [line] = json_lines(caplog)
+    assert (line["method"], line["status"], line["error"]) == ("POST", 400, "bad_request")
+    assert requests == {(b"POST", 400): 1}

@@ -282,12 +282,12 @@ class Exchange:
         self._detach(reusable=False)
         self.end()
 
-    def client_gone(self) -> None:
-        """The client closed its connection before it had the answer whole (a tunnel's
-        end is no such thing): counted as a reset."""
+    def client_gone(self, how: ClientGone) -> None:
+        """The client's connection ended before it had the answer whole (``how``: its
+        doing, or sidelink's; a tunnel's end is no such thing): counted as a reset."""
         if self.phase < TUNNEL:  # (not yet answered whole, nor a tunnel)
             self.status = RESET_CODE
-            self.error = ClientGone()
+            self.error = how
         self.abandon()
 
     # --- connecting ---------------------------------------------------------------

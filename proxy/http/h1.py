@@ -28,6 +28,8 @@ from proxy.errors import (
     BadRequest,
     BodyStalled,
     ClientError,
+    ClientGone,
+    ConnectionCut,
     HeadTimeout,
     HeadTooLarge,
     InternalError,
@@ -129,6 +131,7 @@ class H1Downstream(Downstream):
         self.fresh = True  # no byte yet: head_timeout runs from the accept
         self.preface = b""  # the first bytes, while too few to tell HTTP/2's preface
         self.closed = False
+        self.cut = False  # sidelink ends the connection: what is unanswered is connection_cut
         self.shed = False  # closed at once: the process was at its fd limit
 
     def __repr__(self) -> str:
@@ -230,6 +233,7 @@ class H1Downstream(Downstream):
             # Half-closed in the middle of a request body: it can never be whole.
             if ex is self.active:
                 # Free both sides now (the upstream's copy of it is cut), not at idle_timeout.
+                ex.client_gone(ClientGone())  # (the client's doing, though sidelink closes)
                 self.close()
                 return False
             self.parsing = None  # pipelined behind others: those are still answered
@@ -247,11 +251,12 @@ class H1Downstream(Downstream):
         self.stats.active_downstream -= 1
         self.route.connections.discard(self)
         ex = self.active
+        gone = ConnectionCut() if self.cut else ClientGone()
         if ex is not None:
             self.active = None
-            ex.client_gone()
+            ex.client_gone(gone)
         for queued in self.queue:  # (pipelined behind it, never answered)
-            queued.client_gone()
+            queued.client_gone(gone)
         self.queue.clear()
         self.parser = CLOSED_REQUESTS
         self.feed = CLOSED_REQUESTS.feed_data
@@ -489,11 +494,13 @@ class H1Downstream(Downstream):
             self.close_after_response = True
 
     def abort(self) -> None:
+        self.cut = True
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.cut = True
             if self.transport.is_closing():
                 # Closed before and still not gone: the client has not taken what was
                 # left to flush for a whole timeout. Drop it rather than hold it for ever.

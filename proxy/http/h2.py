@@ -51,6 +51,7 @@ from proxy.errors import (
     BodyStalled,
     ClientGone,
     ClientReset,
+    ConnectionCut,
     MethodNotAllowed,
     NoEndpoints,
     ProtocolError,
@@ -459,6 +460,7 @@ class Stream(Rider):
         "last_active",
         "lender",
         "lender_sid",
+        "peer_reset",
         "pending",
         "phase",
         "picked",
@@ -482,6 +484,7 @@ class Stream(Rider):
         self.down = down
         self.sid = sid
         self.down_open = True  # the client's stream is open (in down.streams)
+        self.peer_reset = False  # ...and the client reset it
         self.request = request
         self.started = perf_counter()
         self.phase = HEAD
@@ -881,8 +884,24 @@ class Stream(Rider):
         self._cancel_upstream()
         self._unpick()
         self._release()
-        self.status = RESET_CODE  # (the client never got its answer whole)
-        self.error = ClientGone() if down.closed else ClientReset()
+        error: ClientGone | BadRequest
+        if down.cut:
+            error = ConnectionCut()
+        elif down.closed:
+            error = ClientGone()
+        elif self.peer_reset:
+            error = ClientReset()
+        else:
+            # The engine reset it: what the client sent broke the rules (a body longer or
+            # shorter than its content-length said).
+            error = BadRequest("malformed HTTP/2 stream")
+        self.error = error
+        if not self.status and isinstance(error, BadRequest):
+            # Unanswered: counted and timed as HTTP/1.1's 400 for a malformed request is.
+            self.status = error.status
+            down.stats.request_duration.observe(perf_counter() - self.started)
+        else:
+            self.status = RESET_CODE  # (the client never got its answer whole)
         self.end()
 
     def end(self) -> None:
@@ -1012,6 +1031,7 @@ class H2Downstream(H2Connection):
         self.opened = 0  # streams the client opened
         self.premature = 0  # ...and reset before their answer
         self.draining = False
+        self.cut = False  # sidelink ends the connection (its streams end as connection_cut)
         self.fresh = True  # no request yet: head_timeout runs from the accept
         # Streams one upstream connection takes (HTTP/1.1 upstream: one at a time).
         http1 = route.settings.upstream_protocol == "http1"
@@ -1094,6 +1114,8 @@ class H2Downstream(H2Connection):
                     stream.request_trailers(trailers.headers)
             elif kind is RESET:
                 stream = streams.get(cast(StreamReset, event).stream_id)
+                if stream is not None:
+                    stream.peer_reset = True
                 if stream is not None and stream.phase != DONE:
                     self.premature += 1
                     if self.premature > PREMATURE_RESETS and self.premature * 2 > self.opened:
@@ -1207,6 +1229,7 @@ class H2Downstream(H2Connection):
         unread bytes makes, while a flood still gets nothing more in."""
         if self.closed:
             return
+        self.cut = True
         transport = self.transport
         self.lingering = code != NO_ERROR  # (so that the flush does not close at once)
         try:
@@ -1228,12 +1251,14 @@ class H2Downstream(H2Connection):
         self.shutdown()
 
     def abort(self) -> None:
+        self.cut = True
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
         transport = self.transport
         if transport is not None and not self.closed:
+            self.cut = True
             self.closed = True
             if transport.is_closing():
                 transport.abort()
@@ -1389,10 +1414,11 @@ class H2Upstream(H2Connection):
                 self.retire()
             elif kind is ENDED:
                 ended = cast(ConnectionClosed, event)
-                if ended.error_code != NO_ERROR:
+                if ended.error_code != NO_ERROR and not self.parting:
                     # The engine gave up on what the server sent and said so in a GOAWAY:
                     # garbage, or no HTTP/2 at all (a pod that speaks only HTTP/1.1
-                    # answers the preface with a 400).
+                    # answers the preface with a 400). (The code of a GOAWAY the server
+                    # sent is here too: its streams go as refused, not failed.)
                     why = ended.debug_data.decode("ascii", errors="replace")
                     self.broken = ProtocolError(f"HTTP/2 error from upstream: {why}")
                     self._fail_all(self.broken)

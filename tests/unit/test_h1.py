@@ -26,7 +26,7 @@ import pytest
 from support.transport import FakeTransport
 
 from proxy.config import Overrides, parse
-from proxy.errors import ClientGone
+from proxy.errors import ClientGone, ConnectionCut
 from proxy.flow import BUFFER, PEER, PIPELINE
 from proxy.http import heads
 from proxy.http.exchange import (
@@ -1008,6 +1008,17 @@ async def test_client_leaving_mid_exchange_closes_the_upstream(rig: Rig, when: s
     assert isinstance(ex.error, ClientGone)
     await settle()
     assert rig.stats.active_upstream == 0
+
+
+async def test_a_request_cut_by_sidelink_is_a_reset_of_its_doing(rig: Rig) -> None:
+    """A drain past its timeout aborts what is still open: the request counts as a reset,
+    put down to sidelink (connection_cut), not to the client."""
+    rig.request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    ex = rig.active
+    rig.down.abort()
+    await settle()  # (the transport tells the protocol a loop iteration later, as asyncio's)
+    assert ex.phase == DONE and isinstance(ex.error, ConnectionCut)
+    assert rig.stats.requests == {(b"GET", RESET_CODE): 1}
 
 
 async def test_client_half_close_after_its_request_still_gets_the_answer_then_close(
