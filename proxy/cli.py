@@ -510,9 +510,6 @@ def cmd_inject(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"{source}: cannot read: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return EXIT_USAGE
     try:
         done = inject_objects(
             text,

@@ -169,7 +169,8 @@ def _boolean(value: object) -> bool:
 
 
 # A route's name is a metric label and a log field: printable, no space (the text log is
-# key=value), and no longer than a DNS name (a service, the default name, always fits).
+# key=value), and no longer than a DNS name. (Only a name written out is checked: the
+# default, the service or service:port, is always printable.)
 MAX_NAME: Final = 253
 
 
@@ -584,6 +585,12 @@ def utf8_text(data: bytes, source: str) -> str:
         raise ConfigError([f"{source}:{line}: cannot read: not UTF-8 text ({e.reason})"]) from e
 
 
+def text_start(node: yaml.ScalarNode) -> int:
+    """The 0-based line where a string value's text begins: a block scalar (``|``) on the
+    line after its indicator, any other where it stands."""
+    return int(node.start_mark.line) + (1 if node.style in ("|", ">") else 0)
+
+
 def unacceptable(text: str, e: yaml.reader.ReaderError) -> tuple[int, str]:
     """The line of a character YAML refuses in ``text`` (a control character, say), and
     what it is: one line, where PyYAML says it in two and by offset."""
@@ -697,8 +704,7 @@ def _config_map(reader: _Reader, text: str, root: yaml.Node | None) -> tuple[str
         data = _child(node, "data")
         value = _child(data, CONFIG_MAP_KEY)
         if isinstance(value, yaml.ScalarNode):
-            # A block scalar (|) starts on the line after its indicator; others where they stand.
-            offset = value.start_mark.line + (1 if value.style in ("|", ">") else 0)
+            offset = text_start(value)
             return f"ConfigMap {name}, data.{CONFIG_MAP_KEY}", str(value.value), offset
         keys = [str(k.value) for k, _ in data.value] if isinstance(data, yaml.MappingNode) else []
         seen.append(f"ConfigMap {name} has data keys: {', '.join(keys) or '(none)'}")

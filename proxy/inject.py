@@ -45,6 +45,8 @@ from proxy.config import (
     Config,
     ConfigError,
     parse,
+    text_start,
+    unacceptable,
 )
 
 DEFAULT_IMAGE = "ghcr.io/sidelink/sidelink:" + __version__
@@ -324,9 +326,7 @@ def _embedded_config(
                     f"which the sidecar reads as {DEFAULT_CONFIG_PATH}"
                 )
             node = _node_at(doc.node, (*base, "data", CONFIG_MAP_KEY))
-            # A block scalar (|) starts on the line after its indicator; others where they stand.
-            block = isinstance(node, yaml.ScalarNode) and node.style in ("|", ">")
-            first_line = int(node.start_mark.line) + block
+            first_line = text_start(node) if isinstance(node, yaml.ScalarNode) else 0
             found = _EmbeddedConfig(options.config_map, value, source, first_line)
     if found is not None:
         # Checked once here, so its problems are reported even when no pod is injected.
@@ -412,9 +412,8 @@ def _load(text: str, source: str) -> list[tuple[_Document, Any]]:
     try:
         loader = _Loader(text)  # (which checks every character is one YAML allows)
     except yaml.reader.ReaderError as e:
-        at = text.count("\n", 0, e.position) + 1
-        character = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
-        raise InjectError(f"{source}:{at}: unacceptable character {character}: {e.reason}") from e
+        at, what = unacceptable(text, e)
+        raise InjectError(f"{source}:{at}: {what}") from e
     loaded: list[tuple[_Document, Any]] = []
     try:
         while loader.check_node():
@@ -530,8 +529,11 @@ def _inject_template(template: dict[str, Any], checker: _RouteCheck, error: _Err
     listeners = checker.check(
         routes, lambda problems: error(annotation_path, f"is refused: {problems}")
     )
-    for key, listed in (("initContainers", init_containers), ("containers", containers)):
-        _refuse_shared_ports(listed, ("spec", key), listeners, error)
+    # (A classic sidecar starts once the init containers have run, all but native sidecars.)
+    _refuse_shared_ports(
+        init_containers, ("spec", "initContainers"), listeners, error, options.classic
+    )
+    _refuse_shared_ports(containers, ("spec", "containers"), listeners, error)
 
     sidecar = _sidecar(options, routes)
     if options.classic:
@@ -587,13 +589,20 @@ def _container_list(
 
 
 def _refuse_shared_ports(
-    containers: list[dict[str, Any]], path: _Path, listeners: _Listeners, error: _ErrorAt
+    containers: list[dict[str, Any]],
+    path: _Path,
+    listeners: _Listeners,
+    error: _ErrorAt,
+    sidecars_only: bool = False,
 ) -> None:
-    """Refuse a TCP port a container declares that the sidecar listens on.
+    """Refuse a TCP port a container declares that the sidecar listens on (with
+    ``sidecars_only``, of the native sidecars among them only: the others have exited).
 
     The containers of a pod share one network namespace, so one of the two could not bind it.
     """
     for i, container in enumerate(containers):
+        if sidecars_only and container.get("restartPolicy") != "Always":
+            continue
         ports = container.get("ports")
         if not isinstance(ports, list):
             continue  # (the API server refuses a malformed list: only a clash is ours to find)

@@ -607,6 +607,25 @@ def test_other_ports_and_protocols_leave_the_sidecar_room(ports: str) -> None:
     assert inject_objects(text, routes=[ROUTE]).report == ("pod/p: injected",)
 
 
+@pytest.mark.parametrize(("policy", "refused"), [("", False), (", restartPolicy: Always", True)])
+def test_a_classic_sidecar_shares_ports_only_with_native_sidecars_among_init_containers(
+    policy: str, refused: bool
+) -> None:
+    """A classic sidecar starts once the init containers have run: only those that keep
+    running (native sidecars) can hold its ports."""
+    text = POD % (
+        "",
+        "  initContainers:\n"
+        f"  - {{name: seed, image: s, ports: [{{containerPort: 8081}}]{policy}}}\n"
+        "  containers: [{name: app, image: a}]\n",
+    )
+    if refused:
+        with pytest.raises(InjectError, match="of container seed clashes"):
+            inject(text, routes=[ROUTE], classic=True)
+    else:
+        assert inject_objects(text, routes=[ROUTE], classic=True).report == ("pod/p: injected",)
+
+
 JOB = DEPLOYMENT.replace("kind: Deployment", "kind: Job").replace(
     "      containers:\n", "      restartPolicy: Never\n      containers:\n"
 )
