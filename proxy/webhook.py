@@ -228,11 +228,26 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 def _load_pair(context: ssl.SSLContext, cert: str, key: str) -> None:
     try:
         context.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        # OpenSSL says "PEM lib" for either file: which one it is, is found out here.
+        why = _bad_pair(cert, e)
+        raise CertificateError(f"--cert {cert} --key {key}: cannot load: {why}") from None
     except OSError as e:
-        # ssl.SSLError is an OSError too: a file that is no PEM, a key not of the certificate.
-        why = e.strerror or getattr(e, "reason", None) or str(e)
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        raise CertificateError(f"--cert {cert} --key {key}: cannot load{where}: {why}") from None
+        where = f" ({e.filename})" if e.filename else ""
+        raise CertificateError(
+            f"--cert {cert} --key {key}: cannot load{where}: {e.strerror or e}"
+        ) from None
+
+
+def _bad_pair(cert: str, e: ssl.SSLError) -> str:
+    """What is wrong with a pair OpenSSL refused: the certificate file, or the key."""
+    if e.reason == "KEY_VALUES_MISMATCH":
+        return "the key is not the certificate's"
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except ssl.SSLError:
+        return f"{cert} holds no PEM certificate"
+    return "the key file holds no PEM private key (without a passphrase)"
 
 
 class Webhook:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import copy
 import json
+import re
 import shutil
 import signal
 import socket
@@ -432,16 +433,24 @@ async def served_cert(port: int, ca: trustme.CA) -> bytes:
 
 
 def test_a_missing_or_broken_certificate_is_a_certificate_error(
-    cert_files: tuple[str, str], tmp_path: Path
+    ca: trustme.CA, cert_files: tuple[str, str], tmp_path: Path
 ) -> None:
     crt, key = cert_files
+    other_key = tmp_path / "other.key"
+    ca.issue_cert("localhost").private_key_pem.write_to_path(str(other_key))
     with pytest.raises(CertificateError, match=r"^--cert nope --key .*: cannot load.*No such file"):
         Webhook(SidecarOptions(), "nope", key)
-    (tmp_path / "bad.pem").write_text("junk")
-    with pytest.raises(CertificateError, match="cannot load"):
-        Webhook(SidecarOptions(), str(tmp_path / "bad.pem"), key)
-    with pytest.raises(CertificateError, match="cannot load"):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("junk")
+    # Which of the two files is wrong (OpenSSL says "PEM lib" for either).
+    with pytest.raises(
+        CertificateError, match=f"cannot load: {re.escape(str(bad))} holds no PEM certificate$"
+    ):
+        Webhook(SidecarOptions(), str(bad), key)
+    with pytest.raises(CertificateError, match="cannot load: the key file holds no PEM private"):
         Webhook(SidecarOptions(), crt, crt)
+    with pytest.raises(CertificateError, match=r"cannot load: the key is not the certificate's$"):
+        Webhook(SidecarOptions(), crt, str(other_key))
 
 
 # --- the patch ------------------------------------------------------------------------------
