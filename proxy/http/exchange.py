@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 from proxy.endpoints import DRAINING, Endpoint, EndpointSet
 from proxy.errors import (
     ClientGone,
+    ConnectionCut,
     NoEndpoints,
     ProxyError,
     UpstreamError,
@@ -282,12 +283,12 @@ class Exchange:
         self._detach(reusable=False)
         self.end()
 
-    def client_gone(self, how: ClientGone) -> None:
-        """The client's connection ended before it had the answer whole (``how``: its
-        doing, or sidelink's; a tunnel's end is no such thing): counted as a reset."""
+    def client_gone(self, cut: bool) -> None:
+        """The client's connection ended before it had the answer whole (``cut``: sidelink
+        ended it; a tunnel's end is no such thing): counted as a reset."""
         if self.phase < TUNNEL:  # (not yet answered whole, nor a tunnel)
             self.status = RESET_CODE
-            self.error = how
+            self.error = ConnectionCut() if cut else ClientGone()
         self.abandon()
 
     # --- connecting ---------------------------------------------------------------

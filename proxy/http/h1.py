@@ -28,8 +28,6 @@ from proxy.errors import (
     BadRequest,
     BodyStalled,
     ClientError,
-    ClientGone,
-    ConnectionCut,
     HeadTimeout,
     HeadTooLarge,
     InternalError,
@@ -233,7 +231,7 @@ class H1Downstream(Downstream):
             # Half-closed in the middle of a request body: it can never be whole.
             if ex is self.active:
                 # Free both sides now (the upstream's copy of it is cut), not at idle_timeout.
-                ex.client_gone(ClientGone())  # (the client's doing, though sidelink closes)
+                ex.client_gone(cut=False)  # (the client's doing, though sidelink closes)
                 self.close()
                 return False
             self.parsing = None  # pipelined behind others: those are still answered
@@ -251,12 +249,11 @@ class H1Downstream(Downstream):
         self.stats.active_downstream -= 1
         self.route.connections.discard(self)
         ex = self.active
-        gone = ConnectionCut() if self.cut else ClientGone()
         if ex is not None:
             self.active = None
-            ex.client_gone(gone)
+            ex.client_gone(self.cut)
         for queued in self.queue:  # (pipelined behind it, never answered)
-            queued.client_gone(gone)
+            queued.client_gone(self.cut)
         self.queue.clear()
         self.parser = CLOSED_REQUESTS
         self.feed = CLOSED_REQUESTS.feed_data

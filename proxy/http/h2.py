@@ -1116,11 +1116,11 @@ class H2Downstream(H2Connection):
                 stream = streams.get(cast(StreamReset, event).stream_id)
                 if stream is not None:
                     stream.peer_reset = True
-                if stream is not None and stream.phase != DONE:
-                    self.premature += 1
-                    if self.premature > PREMATURE_RESETS and self.premature * 2 > self.opened:
-                        self.calm("too many streams reset before their answer")
-                        return
+                    if stream.phase != DONE:
+                        self.premature += 1
+                        if self.premature > PREMATURE_RESETS and self.premature * 2 > self.opened:
+                            self.calm("too many streams reset before their answer")
+                            return
             elif kind is GOAWAY:
                 self.draining = True
         if new is not None:
