@@ -168,7 +168,8 @@ class EndpointSet:
         self.draining: list[Endpoint] = []
         self.warming = 0  # endpoints slow-starting now
         self.answered = False  # the route has had a good answer: joiners slow-start
-        self._next = 0
+        self._next = 0  # round_robin's cursors: first attempts, and retries
+        self._again = 0
         self.picks = 0  # picks made by p2c or ewma, for their tie-break
 
     def __repr__(self) -> str:
@@ -231,6 +232,8 @@ class EndpointSet:
                 if a.state == ACTIVE and b.state == ACTIVE:
                     return self._better(a, b)
         now = monotonic()
+        if balance == "round_robin" and not self.warming:
+            return self._turn(candidates, exclude, now)
         usable = [ep for ep in candidates if ep not in exclude and self._usable(ep, now)]
         if not usable:
             # Everything is ejected: a failing endpoint beats a certain failure (panic mode).
@@ -239,11 +242,32 @@ class EndpointSet:
                 return None
         if self.warming:
             return self._weighted(usable, now)
-        if balance != "round_robin" and len(usable) > 1:
-            a, b = random.sample(usable, 2)
-            return self._better(a, b)
-        self._next = (self._next + 1) % len(usable)
-        return usable[self._next]
+        if len(usable) == 1:
+            return usable[0]
+        a, b = random.sample(usable, 2)
+        return self._better(a, b)
+
+    def _turn(
+        self, candidates: list[Endpoint], exclude: Sequence[Endpoint], now: float
+    ) -> Endpoint | None:
+        """round_robin: the first usable endpoint from the cursor on, in DNS order (else,
+        when every one is ejected, the first not excluded). The cursor walks the whole
+        list, so one passed over (ejected, or tried already) does not shift the others'
+        turns; retries take turns of their own, so a sick endpoint's retries spread over
+        the others instead of all landing on the next in line."""
+        n = len(candidates)
+        start = self._again if exclude else self._next
+        for panic in (False, True):
+            for k in range(n):
+                i = (start + k) % n
+                ep = candidates[i]
+                if ep not in exclude and (panic or self._usable(ep, now)):
+                    if exclude:
+                        self._again = i + 1
+                    else:
+                        self._next = i + 1
+                    return ep
+        return None
 
     def _better(self, a: Endpoint, b: Endpoint) -> Endpoint:
         if self.balance == "ewma":
@@ -333,6 +357,14 @@ class EndpointSet:
         ep.state = EJECTED
         self.stats.ejections += 1
         log.info("route %s: endpoint %s ejected for %gs (%s)", self.name, ep.label, seconds, why)
+
+    def revive(self) -> None:
+        """Ejections that have run out end now (logged, and /routes says so), not when the
+        endpoint is next picked: a route with no traffic would show them for ever."""
+        now = monotonic()
+        for ep in self.endpoints:
+            if ep.state == EJECTED:
+                self._usable(ep, now)
 
     def _usable(self, ep: Endpoint, now: float) -> bool:
         if ep.state == EJECTED and now >= ep.ejected_until:

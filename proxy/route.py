@@ -181,6 +181,7 @@ class Route:
                     conn.tick(now)
                 if i % TICK_BATCH == 0:
                     await asyncio.sleep(0)
+            self.endpoints.revive()
             for ep in self.endpoints.all():
                 if ep.pool is not None:
                     ep.pool.sweep(now)

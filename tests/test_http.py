@@ -674,6 +674,54 @@ async def test_websocket_echo_through_sidelink() -> None:
         assert re.fullmatch(r"<Pool app1 \S+ idle=0 active=0>", repr(endpoint.pool))
 
 
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n"
+UPGRADE = get("/raw", "Connection: upgrade", "Upgrade: raw")
+
+
+@pytest.mark.parametrize("first", ["client", "server"])
+async def test_a_tunnel_passes_each_half_close_on(first: str) -> None:
+    # After a 101 the pair is one byte pipe, as a tcp route is: an EOF from either side
+    # reaches the other as a half-close, the other direction still flows, and both
+    # connections close once both sides are done. (Before, the client's EOF stopped at
+    # sidelink: the server waited for it, and both connections stayed up until
+    # idle_timeout.)
+    seen: list[bytes] = []
+
+    async def pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(SWITCHED)
+        if first == "server":
+            writer.write(b"hello")
+            writer.write_eof()
+        seen.append(await reader.read())  # to the client's EOF
+        if first == "client":
+            writer.write(b"got " + seen[0])
+            writer.write_eof()
+        seen.append(await reader.read())  # (nothing after an EOF)
+        writer.close()
+
+    async with (
+        raw_pod(pod) as up,
+        running_server(config(route(up.port))) as server,
+        raw_client(server) as (reader, writer),
+    ):
+        writer.write(UPGRADE)
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert (await read_head(reader)).status == 101
+            if first == "server":
+                assert await reader.read() == b"hello"  # its EOF came through
+            writer.write(b"ping")
+            writer.write_eof()
+            if first == "client":
+                assert await reader.read() == b"got ping"
+        stats = server.routes["app1"].stats
+        await until(
+            lambda: stats.active_upstream == 0 and stats.active_downstream == 0,
+            what="both ends of the tunnel to close",
+        )
+    assert seen == [b"ping", b""]
+
+
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.05)  # the first answer is the slowest; order must hold

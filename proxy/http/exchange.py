@@ -65,6 +65,10 @@ TUNNEL: Final = 5
 DONE: Final = 6
 PHASES: Final = ("HEAD", "CONNECTING", "SENDING", "AWAITING", "STREAMING", "TUNNEL", "DONE")
 
+# Whose EOF a tunnel has had (Exchange.tunnel_eof): bits.
+CLIENT_EOF: Final = 1
+SERVER_EOF: Final = 2
+
 NO_ENDPOINTS: Final[tuple[Endpoint, ...]] = ()
 
 
@@ -87,6 +91,10 @@ class Upstream(Pooled):
 
     def detach(self, reusable: bool, now: float) -> None:
         """The exchange is over: back to the pool if ``reusable``, else closed."""
+        raise NotImplementedError
+
+    def write_eof(self) -> None:
+        """A tunnel's client has sent all it will: half-close the connection."""
         raise NotImplementedError
 
 
@@ -139,6 +147,10 @@ class Downstream(Forwarding):
         """A 101 came: from now on the connections are one byte pipe."""
         raise NotImplementedError
 
+    def write_eof(self) -> None:
+        """A tunnel's server has sent all it will: half-close the connection."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -156,6 +168,7 @@ class Exchange:
         "complete",
         "down",
         "endpoint",
+        "eofs",
         "error",
         "head",
         "http10",
@@ -201,6 +214,7 @@ class Exchange:
         self.retries = 0
         self.bytes_in = 0  # request bytes forwarded
         self.bytes_out = 0  # response bytes sent downstream
+        self.eofs = 0  # a tunnel's sides that have sent their EOF (CLIENT_EOF, SERVER_EOF)
 
     def __repr__(self) -> str:
         path = self.path.decode(errors="replace")
@@ -256,9 +270,13 @@ class Exchange:
             # it): a slow upload is the client's time, guarded by idle_timeout.
             self.phase = AWAITING
             self.sent_at = self.down.last_active
-        elif self.phase == DONE:
-            # Answered (an error) while the body still came: the connection is reusable.
-            self.down.finished(self, self.keep_alive and not self.upgrade)
+
+    def keeps_alive(self) -> bool:
+        """Whether the client's connection goes on after the answer (its head says so). Not
+        when the answer comes before the request was read whole (an upstream's early 413,
+        a 417 to Expect: 100-continue, sidelink's own error): whether the rest of its body
+        would come is the client's to say, so the connection closes after the answer."""
+        return self.keep_alive and self.complete and not self.down.last_response
 
     def timed_out(self, now: float, request_timeout: float) -> bool:
         return self.phase == AWAITING and now - self.sent_at > request_timeout
@@ -273,6 +291,22 @@ class Exchange:
         """Tunnel bytes (after a 101), as they came."""
         if self.upstream is not None:
             self.upstream.send(data)
+
+    def tunnel_eof(self, side: int) -> bool:
+        """One side of a tunnel sent its EOF (``side``: CLIENT_EOF or SERVER_EOF): passed
+        on to the other as a half-close, as a tcp route does. Returned: whether the side it
+        came from stays open, to be written to; not once both sides have sent theirs (the
+        pair is done and closes)."""
+        self.eofs |= side
+        if self.eofs == CLIENT_EOF | SERVER_EOF:
+            return False
+        if side == SERVER_EOF:
+            self.down.write_eof()
+        elif self.upstream is not None:
+            self.upstream.write_eof()
+        else:
+            return False
+        return True
 
     def refuse(self, error: ProxyError) -> None:
         """Answer a request refused before it could become an exchange of its own."""
@@ -442,11 +476,9 @@ class Exchange:
             self.end()
             down.close()
             return
-        keep_alive = self.keep_alive and not self.upgrade
+        keep_alive = self.keeps_alive() and not self.upgrade
         self._answer_with(error, keep_alive)
-        if self.complete:
-            down.finished(self, keep_alive)
-        # else: the rest of the request body is read and dropped, then finished()
+        down.finished(self, keep_alive)
 
     def end(self) -> None:
         """The answer is complete, or cut short: counted once, and logged if asked."""

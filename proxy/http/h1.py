@@ -41,7 +41,9 @@ from proxy.flow import BUFFER, PIPELINE, REFUSED, FlowControl
 from proxy.http import h2, heads
 from proxy.http.exchange import (
     BUFFER_LIMIT,
+    CLIENT_EOF,
     DONE,
+    SERVER_EOF,
     STREAMING,
     TUNNEL,
     Downstream,
@@ -124,6 +126,7 @@ class H1Downstream(Downstream):
         self.rejected_method = NO_METHOD
         self.valid_host = b""  # the last Host value found valid: spared the check next time
         self.bridged = route.settings.upstream_protocol == "http2"
+        self.lingering = False  # answered, and closing: see _linger
         self.linger_until = float("inf")
         self.close_after_response = False
         self.fresh = True  # no byte yet: head_timeout runs from the accept
@@ -178,8 +181,8 @@ class H1Downstream(Downstream):
         if self.upgrading is not None:
             self._tunnel_data(data)
             return
-        if self.rejected is not None:
-            return  # a request was refused: the rest of the stream is meaningless
+        if self.rejected is not None or self.lingering:
+            return  # refused, or answered early: the rest of the stream is meaningless
         self.read_size = len(data)
         if self.in_head:
             self.head_rest += len(data)
@@ -224,6 +227,9 @@ class H1Downstream(Downstream):
         down.adopt(transport, data)
 
     def eof_received(self) -> bool:
+        tunnel = self.upgrading
+        if tunnel is not None and tunnel.phase == TUNNEL:
+            return tunnel.tunnel_eof(CLIENT_EOF)
         if self.active is None and not self.queue:
             return False
         ex = self.parsing
@@ -275,10 +281,11 @@ class H1Downstream(Downstream):
     def on_header(self, name: bytes, value: bytes) -> None:
         parsing = self.parsing
         if parsing is not None:  # after the head: a trailer of a chunked body
-            trailers = parsing.trailers
-            if trailers is None:
-                trailers = parsing.trailers = []
-            trailers.append(b"%s: %s\r\n" % (name, value))
+            if heads.trailer_field(name):
+                trailers = parsing.trailers
+                if trailers is None:
+                    trailers = parsing.trailers = []
+                trailers.append(b"%s: %s\r\n" % (name, value))
             return
         headers = self.headers
         headers.append(name)
@@ -301,9 +308,11 @@ class H1Downstream(Downstream):
         ex = Exchange(self, method, url, perf_counter())
         ex.keep_alive = parser.should_keep_alive()
         target = url
+        authority: bytes | None = None
         if not target.startswith(b"/") and target != b"*":
             answered = self.route.watch.answered_name
-            target = heads.origin_form(target, heads.own_hosts(self.route.config.service, answered))
+            own = heads.own_hosts(self.route.config.service, answered)
+            target, authority = heads.origin_form(target, own)
         head = heads.scan_request(method, target, headers, self.valid_host)
         if head.host is None and parser.get_http_version() == "1.1":
             raise BadRequest("HTTP/1.1 request without Host")  # RFC 9112 3.2
@@ -324,8 +333,11 @@ class H1Downstream(Downstream):
         hosts = self.hosts
         if head.host is not None:
             self.valid_host = head.host
-        host = heads.host_line(hosts.fixed, head.host, hosts.default)
+        # (An absolute-form target's authority replaces the client's Host: RFC 9112 3.2.2.)
+        host = heads.host_line(hosts.fixed, authority or head.host, hosts.default)
         ex.head = heads.request_bytes(head, host, ex.upgrade)
+        if not ex.chunked and not ex.upgrade and int(head.content_length or 0) == 0:
+            ex.complete = True  # (no body: whole already, for an answer made at once)
         self.parsing = ex
         if self.active is None:
             self.active = ex
@@ -373,6 +385,9 @@ class H1Downstream(Downstream):
         if ex is not self.active:
             return
         self.active = None
+        if not ex.complete:
+            self._linger()  # answered before the request was read whole
+            return
         if not keep_alive or self.last_response:
             self.close()
             return
@@ -393,6 +408,11 @@ class H1Downstream(Downstream):
             self.held.clear()
             self.held_size = 0
         self.flow.resume(BUFFER)
+
+    def write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
 
     def _tunnel_data(self, data: bytes) -> None:
         ex = self.upgrading
@@ -445,16 +465,21 @@ class H1Downstream(Downstream):
         waited = self.clock() - self.head_started if self.head_started else 0.0
         ex = Exchange(self, self.rejected_method, self.url, perf_counter() - waited)
         ex.refuse(error)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Lingering close: sidelink's FIN goes after the answer, then whatever the client
+        still sends is read and dropped until it hangs up (or LINGER_TIMEOUT), so that a
+        close with unread bytes (a reset) does not destroy the answer before the client
+        has read it."""
         transport = self.transport
         if transport is None or not transport.can_write_eof():
             self.close()
             return
-        # Lingering close: send our FIN after the answer, then read and drop whatever the
-        # client still sends, so a close with unread bytes (a reset) does not destroy
-        # the answer before the client has read it.
         transport.write_eof()
+        self.lingering = True
         self.linger_until = self.clock() + LINGER_TIMEOUT
-        self.flow.resume(REFUSED)
+        self.flow.resume(REFUSED | BUFFER | PIPELINE)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -463,9 +488,9 @@ class H1Downstream(Downstream):
         ex = self.active
         settings = self.settings
         if ex is None:
-            if self.rejected is not None:
-                # Refused and lingering (never refused twice): closed when the client
-                # hangs up, or at the end of the linger time.
+            if self.lingering:
+                # Refused or answered early (never twice): closed when the client hangs
+                # up, or at the end of the linger time.
                 if now > self.linger_until:
                     self.close()
             elif self.in_head and now - self.head_started > settings.head_timeout:
@@ -564,6 +589,11 @@ class H1Upstream(Upstream):
         if self.transport is not None:
             self.transport.close()
 
+    def write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed and transport.can_write_eof():
+            transport.write_eof()
+
     # --- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -622,6 +652,9 @@ class H1Upstream(Upstream):
             self._protocol_error(ex, "response head over 64 KiB")
 
     def eof_received(self) -> bool:
+        ex = self.exchange
+        if self.tunnel and ex is not None and ex.tunnel_eof(SERVER_EOF):
+            return True  # (the client may still send: its bytes go on)
         self.closed = True
         return False
 
@@ -673,7 +706,7 @@ class H1Upstream(Upstream):
                 lines.append(CRLF)
                 self.out.append(b"".join(lines))
             return
-        keep_alive = ex.keep_alive and not ex.down.last_response
+        keep_alive = ex.keeps_alive()
         self.rechunk = self.until_close = False
         if framing != FRAMING_LENGTH and heads.has_body(ex.method, status):
             # Chunked or delimited by the close: re-frame as chunked for HTTP/1.1 clients;

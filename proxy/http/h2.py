@@ -1866,7 +1866,7 @@ class H2Bridge(Rider):
         self.status = status
         flat = [part for name, value in fields if name[:1] != b":" for part in (name, value)]
         lines, framing = heads.response_lines(status, flat)
-        keep_alive = exchange.keep_alive and not exchange.down.last_response
+        keep_alive = exchange.keeps_alive()
         self.rechunk = False
         if framing != FRAMING_LENGTH and not end and heads.has_body(exchange.method, status):
             if exchange.http10:

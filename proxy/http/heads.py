@@ -232,21 +232,26 @@ def version_unsure(keep_alive: bool, tokens: set[bytes] | None) -> bool:
     return not keep_alive or (tokens is not None and b"keep-alive" in tokens)
 
 
-def origin_form(target: bytes, own_hosts: set[str]) -> bytes:
-    """An absolute-form target as origin-form, only for the route's own service (never an
-    open proxy); ForbiddenHost otherwise."""
+def origin_form(target: bytes, own_hosts: set[str]) -> tuple[bytes, bytes]:
+    """An absolute-form target as origin-form, and its authority (host and port), only for
+    the route's own service (never an open proxy); ForbiddenHost otherwise."""
     try:
         url = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
         raise BadRequest("invalid request target") from None
-    host = (url.host or b"").decode(errors="replace").lower().rstrip(".")
+    raw: bytes = url.host or b""  # (typed: compiled code checks what it is given)
+    host = raw.decode(errors="replace").lower().rstrip(".")
     if host not in own_hosts:
         raise ForbiddenHost(f"{host} is not this route's service")
-    path: bytes | None = url.path  # (typed: compiled code checks what it is given)
+    path: bytes | None = url.path
     query: bytes | None = url.query
     if not path:
         path = b"/"
-    return path + b"?" + query if query else path
+    authority = b"[%s]" % raw if b":" in raw else raw
+    port: int | None = url.port
+    if port is not None:
+        authority += b":%d" % port
+    return (path + b"?" + query if query else path), authority
 
 
 # --- responses --------------------------------------------------------------------
@@ -270,7 +275,8 @@ def response_lines(status: int, headers: list[bytes]) -> tuple[list[bytes], int]
                 framing = FRAMING_LENGTH
             lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == TRANSFER_ENCODING:
-            if b"chunked" in value.lower() and framing == FRAMING_CLOSE:
+            check_response_codings(value)
+            if framing == FRAMING_CLOSE:
                 framing = FRAMING_CHUNKED
         elif status == 101 and kind in (UPGRADE, CONNECTION):
             lines.append(b"%s: %s\r\n" % (name, value))
@@ -279,6 +285,15 @@ def response_lines(status: int, headers: list[bytes]) -> tuple[list[bytes], int]
     if tokens:
         lines = drop_named(lines, tokens)
     return lines, framing
+
+
+def check_response_codings(value: bytes) -> None:
+    """A response's Transfer-Encoding other than chunked (``gzip, chunked``, or ``gzip``
+    read to the close) is ProtocolError: llhttp decodes chunked only, and sidelink frames
+    the body anew for the client, so the coded bytes would reach it as if plain."""
+    if value != b"chunked" and any(c.strip().lower() != b"chunked" for c in value.split(b",")):
+        coding = value.decode(errors="replace")
+        raise ProtocolError(f"transfer coding {coding} in a response (only chunked is forwarded)")
 
 
 def has_body(method: bytes, status: int) -> bool:
@@ -292,12 +307,18 @@ def last_line(keep_alive: bool, http10: bool) -> bytes:
     return b"connection: keep-alive\r\n\r\n" if http10 else CRLF
 
 
+def trailer_field(name: bytes) -> bool:
+    """Whether a trailer goes on: not one about framing, routing or the connection (RFC
+    9110 6.5.1: Content-Length, Host, Connection and the hop-by-hop fields)."""
+    return field_kind(name) == PASS
+
+
 def trailer_block(headers: list[bytes]) -> bytes:
     """The last chunk with the end-to-end trailers of ``headers`` (name, value, ...)."""
     trailers = b"".join(
         b"%s: %s\r\n" % (headers[i], headers[i + 1])
         for i in range(0, len(headers), 2)
-        if field_kind(headers[i]) <= LENGTH
+        if trailer_field(headers[i])
     )
     return LAST_CHUNK + trailers + CRLF
 
@@ -498,7 +519,8 @@ def h2_response(status: int, headers: list[bytes]) -> tuple[list[tuple[bytes, by
             framing = FRAMING_LENGTH
             fields.append((name, value))
         elif kind == TRANSFER_ENCODING:
-            if b"chunked" in value.lower() and framing == FRAMING_CLOSE:
+            check_response_codings(value)
+            if framing == FRAMING_CLOSE:
                 framing = FRAMING_CHUNKED
         elif kind == CONNECTION:
             tokens |= connection_tokens(value)
@@ -512,7 +534,7 @@ def h2_trailers(headers: list[bytes]) -> list[tuple[bytes, bytes]]:
     return [
         (headers[i].lower(), headers[i + 1])
         for i in range(0, len(headers), 2)
-        if field_kind(headers[i]) == PASS
+        if trailer_field(headers[i])
     ]
 
 

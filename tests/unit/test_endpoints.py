@@ -379,6 +379,46 @@ def test_round_robin_with_an_exclude_list() -> None:
     assert counts == {A: 5, C: 5}
 
 
+def test_round_robin_retries_shift_no_turns() -> None:
+    # C fails every request, which is retried elsewhere: first attempts still go round
+    # evenly (before, the rotation indexed a list one shorter on every retry and locked
+    # onto C, which took 29 first attempts in 30), and the retries spread over A and B.
+    eps = make_set(A, B, C, balance="round_robin")
+    c = by_address(eps)[C]
+    first: Counter[tuple[str, int]] = Counter()
+    served: Counter[tuple[str, int]] = Counter()
+    for _ in range(30):
+        ep = eps.pick()
+        assert ep is not None
+        first[ep.address] += 1
+        if ep is c:
+            ep = eps.pick(exclude=[c])
+            assert ep is not None
+        served[ep.address] += 1
+    assert first == {A: 10, B: 10, C: 10}
+    assert served == {A: 15, B: 15}
+
+
+def test_round_robin_passes_over_an_ejected_endpoint_in_turn() -> None:
+    eps = make_set(A, B, C, balance="round_robin")
+    b = by_address(eps)[B]
+    b.state = EJECTED
+    b.ejected_until = math.inf
+    assert picks(eps, 10) == {A: 5, C: 5}
+    b.state = ACTIVE
+    assert picks(eps, 9) == {A: 3, B: 3, C: 3}
+
+
+def test_round_robin_when_every_endpoint_is_ejected_tries_them_all() -> None:
+    eps = make_set(A, B, balance="round_robin")
+    for ep in eps.endpoints:
+        ep.state = EJECTED
+        ep.ejected_until = math.inf
+    assert picks(eps, 4) == {A: 2, B: 2}
+    a = by_address(eps)[A]
+    assert all(eps.pick(exclude=[a]) is by_address(eps)[B] for _ in range(3))
+
+
 # pick: exclusions, one endpoint, none
 
 
@@ -437,6 +477,21 @@ def test_a_failure_while_ejected_neither_extends_nor_counts(clock: Clock) -> Non
     clock.advance(0.5)
     eps.failed(a)  # tried in panic mode, say: it is out already
     assert (a.ejected_until, a.ejections, eps.stats.ejections) == (until, 1, 1)
+
+
+def test_revive_ends_ejections_that_ran_out_without_a_pick(clock: Clock) -> None:
+    # /routes showed "ejected" for minutes on a route with no traffic: the ejection's end
+    # was noticed only at the next pick. The route's ticker calls revive.
+    eps = make_set(A, B, C)
+    a = by_address(eps)[A]
+    eps.failed(a)
+    clock.advance(0.5)
+    eps.revive()
+    assert a.state == EJECTED
+    clock.advance(0.5)
+    eps.revive()
+    assert a.state == ACTIVE
+    assert a.ejections == 1  # (forgiven only by a good answer: the next one lasts 2 s)
 
 
 def test_an_ejected_endpoint_is_skipped_until_its_time_is_up(clock: Clock) -> None:

@@ -444,10 +444,55 @@ async def test_an_answer_before_the_request_body_is_all_sent_ends_both_connectio
 ) -> None:
     rig.request(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
     rig.respond(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-    assert rig.client.take() == b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
-    # The upstream holds part of a request, the client is mid-body: neither can go on.
-    assert rig.server.closed and rig.pool.idle == [] and rig.client.closed
+    # The upstream holds part of a request, the client is mid-body: neither can go on, and
+    # the head says so (RFC 9110 10.1.1; before, it said nothing and the connection was
+    # closed under a client that could send its next request on it).
+    assert rig.client.take() == (
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nconnection: close\r\n\r\n"
+    )
+    assert rig.server.closed and rig.pool.idle == []
+    assert rig.server.take().endswith(b"\r\n\r\nabc")
+    # A lingering close: the answer, then sidelink's EOF; the rest of the body is dropped.
+    assert rig.client.eof_written and not rig.client.closed
+    rig.request(b"x" * 97, b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert rig.client.take() == b"" and rig.server.take() == b""
+    rig.down.tick(rig.later(LINGER_TIMEOUT + 1))
+    assert rig.client.closed
     assert rig.stats.requests == {(b"POST", 403): 1}
+
+
+async def test_an_answer_to_expect_100_continue_without_the_100_closes_after_it(
+    rig: Rig,
+) -> None:
+    # A 417 (or any final answer) instead of the 100: whether the body comes now is the
+    # client's to choose, so the connection goes no further. (Before, the answer said
+    # nothing and the connection was closed; sidelink's own answer said keep-alive, and
+    # it then read the client's next request as the body.)
+    rig.request(b"PUT /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    rig.respond(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 2\r\n\r\nno")
+    assert rig.client.take() == (
+        b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 2\r\nconnection: close\r\n\r\nno"
+    )
+    assert rig.client.eof_written
+    down, client = rig.new_client()
+    rig.route.endpoints.endpoints = []  # (nothing to send it to: sidelink's own 503)
+    rig.request(
+        b"PUT /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+        down=down,
+    )
+    got = client.take()
+    assert got.startswith(b"HTTP/1.1 503 ") and got.count(b"HTTP/1.1") == 1, got
+    assert b"connection: close\r\n" in got and client.eof_written
+    assert rig.stats.requests == {(b"PUT", 417): 1, (b"PUT", 503): 1}
+
+
+async def test_sidelink_s_own_answer_to_a_bodiless_request_keeps_the_connection(rig: Rig) -> None:
+    rig.route.endpoints.endpoints = []
+    rig.request(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = rig.client.take()
+    assert got.count(b"HTTP/1.1 503 ") == 2 and b"connection: keep-alive\r\n" in got, got
+    assert not rig.client.eof_written and not rig.client.closed
 
 
 async def test_100_continue_is_passed_to_an_http11_client(rig: Rig) -> None:
@@ -772,24 +817,24 @@ async def test_garbage_from_upstream_gets_502_protocol(rig: Rig) -> None:
     assert rig.stats.active_upstream == 0 and rig.endpoint.in_flight == 0
 
 
-async def test_upstream_failure_while_the_body_still_comes_drops_the_rest_and_goes_on(
+async def test_upstream_failure_while_the_body_still_comes_closes_after_the_answer(
     rig: Rig,
 ) -> None:
+    # Answered before the request was read whole: whether the rest comes is the client's
+    # to say (a client that sent Expect: 100-continue may never send it), so the answer
+    # says close and the rest is dropped. (Before, sidelink read the rest as the body and
+    # went on: a client that never sent it had its next request taken for the body.)
     second, second_server = rig.pooled_upstream()
     rig.request(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nab")
     assert rig.active.upstream is second  # the newest idle connection goes first
     rig.respond(b"garbage\r\n\r\n", up=second)
-    assert_answer(rig.client.take(), 502, "protocol", "invalid response: ", keep_alive=True)
-    ex = rig.active  # until the body is read whole
-    assert ex.phase == DONE and not ex.complete
-    rig.request(b"cdef")
+    assert_answer(rig.client.take(), 502, "protocol", "invalid response: ")
+    assert rig.down.active is None and rig.client.eof_written
+    rig.request(b"cdef", b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
     assert second_server.take() == (b"POST /p HTTP/1.1\r\nContent-Length: 6\r\n" + HOST + b"\r\nab")
-    assert rig.down.active is None
-    rig.request(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert rig.server.take() == b"GET /next HTTP/1.1\r\n" + HOST + b"\r\n"
-    rig.respond(OK_HI)
-    assert rig.client.take() == OK_HI
-    assert rig.stats.requests == {(b"POST", 502): 1, (b"GET", 200): 1}
+    assert rig.server.take() == b"" and rig.client.take() == b""
+    assert rig.down.eof_received() is False  # the client hangs up: the transport closes
+    assert rig.stats.requests == {(b"POST", 502): 1}
 
 
 HUNDRED_KB_RESPONSE_HEAD = (

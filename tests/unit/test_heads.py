@@ -14,6 +14,7 @@ from proxy.errors import (
     MethodNotAllowed,
     NoEndpoints,
     NotImplementedCoding,
+    ProtocolError,
     ProxyError,
     UpstreamTimeout,
     VersionNotSupported,
@@ -447,21 +448,28 @@ OWN = heads.own_hosts("svc", "svc.ns.svc.cluster.local")
 
 
 @pytest.mark.parametrize(
-    ("target", "origin"),
+    ("target", "origin", "authority"),
     [
-        (b"http://svc/a/b?c=d", b"/a/b?c=d"),
-        (b"http://svc", b"/"),
-        (b"http://svc?x=1", b"/?x=1"),
-        (b"http://SVC.:8080/p", b"/p"),
-        (b"http://svc.svc/p", b"/p"),
-        (b"http://localhost:8080/", b"/"),
-        (b"http://127.0.0.1/health", b"/health"),
-        (b"http://svc.ns.svc.cluster.local/x#frag", b"/x"),
-        (b"HTTP://Svc.Ns.Svc.Cluster.Local./x?", b"/x"),
+        (b"http://svc/a/b?c=d", b"/a/b?c=d", b"svc"),
+        (b"http://svc", b"/", b"svc"),
+        (b"http://svc?x=1", b"/?x=1", b"svc"),
+        (b"http://SVC.:8080/p", b"/p", b"SVC.:8080"),
+        (b"http://svc.svc/p", b"/p", b"svc.svc"),
+        (b"http://localhost:8080/", b"/", b"localhost:8080"),
+        (b"http://127.0.0.1/health", b"/health", b"127.0.0.1"),
+        (b"http://svc.ns.svc.cluster.local/x#frag", b"/x", b"svc.ns.svc.cluster.local"),
+        (b"HTTP://Svc.Ns.Svc.Cluster.Local./x?", b"/x", b"Svc.Ns.Svc.Cluster.Local."),
+        (b"http://user@svc:81/", b"/", b"svc:81"),
     ],
 )
-def test_origin_form_for_own_names(target: bytes, origin: bytes) -> None:
-    assert heads.origin_form(target, OWN) == origin
+def test_origin_form_for_own_names(target: bytes, origin: bytes, authority: bytes) -> None:
+    # The authority replaces the client's Host upstream (RFC 9112 3.2.2), userinfo left out.
+    assert heads.origin_form(target, OWN) == (origin, authority)
+
+
+def test_origin_form_of_an_ipv6_literal_keeps_its_brackets() -> None:
+    own = heads.own_hosts("::1", None) | {"::1"}
+    assert heads.origin_form(b"http://[::1]:8080/x", own) == (b"/x", b"[::1]:8080")
 
 
 @pytest.mark.parametrize(
@@ -536,14 +544,25 @@ def test_response_lines_reason_phrase(status: int, line: bytes) -> None:
         ([b"Content-Length", b"0"], FRAMING_LENGTH),
         ([b"content-length", b"10"], FRAMING_LENGTH),
         ([b"Transfer-Encoding", b"chunked"], FRAMING_CHUNKED),
-        ([b"transfer-encoding", b"gzip, CHUNKED"], FRAMING_CHUNKED),
-        ([b"Transfer-Encoding", b"gzip"], FRAMING_CLOSE),
+        ([b"transfer-encoding", b"Chunked"], FRAMING_CHUNKED),
     ],
 )
 def test_response_lines_framing(headers: list[bytes], framing: int) -> None:
     lines, got = heads.response_lines(200, headers)
     assert got == framing
     assert all(b"transfer-encoding" not in ln.lower() for ln in lines)
+    h2_fields, h2_framing = heads.h2_response(200, headers)
+    assert h2_framing == framing
+    assert all(name != b"transfer-encoding" for name, _ in h2_fields)
+
+
+@pytest.mark.parametrize("value", [b"gzip, chunked", b"gzip", b"chunked, br", b"identity"])
+def test_a_response_coding_other_than_chunked_is_a_protocol_error(value: bytes) -> None:
+    # Before, the coding was dropped with the header and the client got gzip bytes as a
+    # plain body (for HTTP/2 clients too).
+    for make in (heads.response_lines, heads.h2_response):
+        with pytest.raises(ProtocolError, match="transfer coding"):
+            make(200, [b"Transfer-Encoding", value])
 
 
 def test_response_lines_101_keeps_upgrade_and_connection() -> None:
@@ -624,10 +643,18 @@ def test_trailer_block_keeps_only_end_to_end_trailers() -> None:
         b"chunked",
         b"Keep-Alive",
         b"x",
+        b"Content-Length",
+        b"5",
+        b"Host",
+        b"evil",
         b"X-Checksum",
         b"abc",
     ]
     assert heads.trailer_block(trailers) == b"0\r\ngrpc-status: 0\r\nX-Checksum: abc\r\n\r\n"
+    assert [name for name in trailers[::2] if heads.trailer_field(name)] == [
+        b"grpc-status",
+        b"X-Checksum",
+    ]
 
 
 def test_trailer_block_empty() -> None:
