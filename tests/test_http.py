@@ -437,7 +437,8 @@ async def test_chunked_request_trailers_reach_the_upstream() -> None:
         raw_client(server) as (reader, writer),
     ):
         writer.write(get("/", "Transfer-Encoding: chunked", method="POST"))
-        writer.write(b"3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n")
+        # (Trailers about framing, routing or the connection stop here: RFC 9110 6.5.1.)
+        writer.write(b"3\r\nabc\r\n0\r\nX-Sum: 9\r\nConnection: close\r\nHost: evil\r\n\r\n")
         r = await read_response(reader)
     assert r.status == 200
     [raw] = seen
@@ -835,9 +836,9 @@ async def test_host_header_auto_preserve_and_literal(dns: DnsServer) -> None:
         )
         async with running_server(text) as server:
 
-            async def host_seen(name: str, *headers: str) -> str | None:
+            async def host_seen(name: str, *headers: str, target: str = "/") -> str | None:
                 async with raw_client(server, name) as (reader, writer):
-                    writer.write(get("/", *headers))
+                    writer.write(get(target, *headers))
                     r = await read_response(reader)
                 seen = {k.lower(): v for k, v in json.loads(r.body)["headers"]}
                 return seen.get("host")
@@ -845,6 +846,9 @@ async def test_host_header_auto_preserve_and_literal(dns: DnsServer) -> None:
             assert await host_seen("auto") == f"127.0.0.2:{up.port}"
             assert await host_seen("named") == f"app1:{up.port}"
             assert await host_seen("preserve") == "app1"
+            # An absolute-form target's authority, not the client's Host (RFC 9112 3.2.2).
+            absolute = f"http://{POD1}:{up.port}/x"
+            assert await host_seen("preserve", target=absolute) == f"{POD1}:{up.port}"
             assert await host_seen("literal") == "api.example.internal"
 
 
