@@ -43,6 +43,8 @@ EARLY_REFRESH_INTERVAL = 1.0
 RETRY_BACKOFF_FIRST = 0.25
 RETRY_BACKOFF_MAX = 5.0
 MAX_SRV_TARGETS = 64
+# Rounds over the nameservers before a lookup gives up (resolv.conf's attempts:2).
+ATTEMPTS = 2
 # How far a failed name's CNAME chain is followed to tell a loop (as resolvers bound it).
 MAX_CNAME_HOPS = 8
 HOSTS_PATH = "/etc/hosts"
@@ -107,8 +109,12 @@ class Resolver:
         self.ndots = ndots
         self._dns = dns.asyncresolver.Resolver(configure=False)
         self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
+        # As resolv.conf's timeout: each server's time to answer one try, the servers asked
+        # in turn, ATTEMPTS rounds (a dead first server is passed over, a lost datagram is
+        # sent again). Before, the whole lookup had one timeout, all of it spent on the
+        # first server.
         self._dns.timeout = config.timeout
-        self._dns.lifetime = config.timeout
+        self._dns.lifetime = config.timeout * max(1, len(servers)) * ATTEMPTS
         self._dns.cache = None
         self.namespace = _own_namespace(environ, self.search)
         self._watches: dict[tuple[str, int | str], Watch] = {}
@@ -198,10 +204,12 @@ class Resolver:
         tried: list[str] = []
         nxdomain = 0
         for name in names:
-            tried.append(name)
+            # (The names queried, as tried: a port name's SRV names, which dig would be given.)
+            query = f"_{port}._tcp.{name}" if isinstance(port, str) else name
+            tried.append(query)
             try:
                 if isinstance(port, str):
-                    found = await self._srv(f"_{port}._tcp.{name}")
+                    found = await self._srv(query)
                 else:
                     found = await self._addresses(name, port)
             except dns.resolver.NXDOMAIN:
@@ -259,26 +267,33 @@ class Resolver:
         if not answer.rrset:
             return None
         ttl = float(answer.chaining_result.minimum_ttl)
-        # Kubernetes gives every record the same priority; the lowest one present wins.
-        best = min(rd.priority for rd in answer.rrset)
-        targets = sorted({(rd.target, rd.port) for rd in answer.rrset if rd.priority == best})
         glue: dict[dns.name.Name, list[str]] = {}
         for rrset in answer.response.additional:
             if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 glue.setdefault(rrset.name, []).extend(rd.address for rd in rrset)
                 ttl = min(ttl, rrset.ttl)
-        endpoints: set[Address] = set()
-        for target, port in targets[:MAX_SRV_TARGETS]:
-            addresses = glue.get(target)
-            if addresses is None:
-                found = await self._addresses(target.to_text(), port)
-                if found is None:
+        # The lowest priority with an address wins (RFC 2782; Kubernetes gives every record
+        # the same one). A target on port 0 is no endpoint.
+        for priority in sorted({rd.priority for rd in answer.rrset}):
+            targets = sorted(
+                {(rd.target, rd.port) for rd in answer.rrset if rd.priority == priority and rd.port}
+            )
+            endpoints: set[Address] = set()
+            for target, port in targets[:MAX_SRV_TARGETS]:
+                addresses = glue.get(target)
+                if addresses is not None:
+                    endpoints.update((a, port) for a in addresses)
                     continue
-                endpoints.update(found[0])
-                ttl = min(ttl, found[1])
-            else:
-                endpoints.update((a, port) for a in addresses)
-        return (tuple(sorted(endpoints)), ttl) if endpoints else None
+                try:
+                    found = await self._addresses(target.to_text(), port)
+                except dns.resolver.NXDOMAIN:
+                    continue  # (a target gone: the others, or the next priority, serve)
+                if found is not None:
+                    endpoints.update(found[0])
+                    ttl = min(ttl, found[1])
+            if endpoints:
+                return tuple(sorted(endpoints)), ttl
+        return None
 
 
 class Watch:

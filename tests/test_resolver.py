@@ -262,13 +262,13 @@ async def test_stale_answer_serves_while_dns_is_down_then_expires(
     await until(lambda: w.endpoints == good, 2.0, "the first answer")
     history: list[tuple[float, tuple[Address, ...]]] = []
     w.subscribe(lambda endpoints: history.append((time.monotonic(), endpoints)))
+    assert w.ttl_remaining is not None
+    expires = time.monotonic() + w.ttl_remaining  # of the last good answer, for good
 
     await dns.stop()
     await until(lambda: w.last_error is not None, 3.0, "a failed refresh")
     assert "timed out" in (w.last_error or "")
     assert lookups(resolver, "app")["timeout"] >= 1
-    assert w.ttl_remaining is not None
-    expires = time.monotonic() + w.ttl_remaining  # of the last good answer, for good
 
     # Past the TTL the last good answer still serves.
     await until(lambda: w.ttl_remaining == 0.0, 2.0, "the TTL to run out")
@@ -304,6 +304,30 @@ async def test_servfail_refused_and_drop_results(dns: DnsServer) -> None:
     assert lookups(resolver, "app") == {"ok": 0, "nxdomain": 0, "error": 2, "timeout": 1}
     dns.set_failure(None, None)
     assert (await resolver.lookup("app", 80)).endpoints == (("10.0.0.1", 80),)
+
+
+async def test_a_silent_first_nameserver_is_passed_over() -> None:
+    # resolv.conf's semantics: the timeout is each server's, and the next one is asked.
+    # (Before, the whole lookup had one timeout, spent on the first server: a node whose
+    # first resolver was down never resolved anything.)
+    async with DnsServer() as dead, DnsServer() as alive:
+        dead.set_failure(None, "drop")
+        alive.set_a("app.ns1.svc.cluster.local.", ["10.0.0.1"])
+        config = ResolverConfig(
+            nameservers=(("127.0.0.1", dead.port), ("127.0.0.1", alive.port)),
+            search=SEARCH,
+            ndots=5,
+            timeout=0.3,
+        )
+        resolver = Resolver(config, Metrics(), environ={}, hosts_path="/nonexistent/hosts")
+        assert (await resolver.lookup("app", 80)).endpoints == (("10.0.0.1", 80),)
+        assert dead.queries and alive.queries
+        alive.set_failure(None, "drop")
+        with pytest.raises(DnsError) as caught:
+            await resolver.lookup("app", 80)
+        assert caught.value.result == "timeout"
+        # Each server was asked again in a second round (a lost datagram is survived).
+        assert len(alive.queries) >= 3
 
 
 async def test_a_cname_loop_is_named_as_such(dns: DnsServer) -> None:
@@ -471,7 +495,11 @@ async def test_port_name_looks_up_srv_with_search_expansion(dns: DnsServer) -> N
     resolver = make_resolver(dns)
 
     resolution = await resolver.lookup("web", "http")
-    assert resolution.names_tried == ("web.ns1.svc.cluster.local.", "web.svc.cluster.local.")
+    # (The names as queried: an operator checks them with dig.)
+    assert resolution.names_tried == (
+        "_http._tcp.web.ns1.svc.cluster.local.",
+        "_http._tcp.web.svc.cluster.local.",
+    )
     assert resolution.answered_name == "web.svc.cluster.local."
     assert resolution.endpoints == (("10.0.1.1", 8080), ("10.0.1.2", 8081))
     assert resolution.headless
@@ -492,6 +520,22 @@ async def test_srv_target_missing_from_additional_is_looked_up(dns: DnsServer) -
     assert resolution.endpoints == (("10.0.2.1", 9000),)
     assert resolution.ttl == 4.0
     assert dns.count("alias.example.", "A") == 1
+
+
+async def test_srv_falls_back_to_the_next_priority_and_skips_port_0(dns: DnsServer) -> None:
+    # RFC 2782: the lowest priority whose targets have an address. (Before, a priority-0
+    # target with no address made the whole answer NXDOMAIN, and a port-0 target was an
+    # endpoint that could never be connected to.)
+    dns.set_srv(
+        "_grpc._tcp.api.ns1.svc.cluster.local.",
+        [(0, 50, 9000, "gone.example."), (0, 50, 0, "zero.example."), (10, 50, 9001, "b.example.")],
+    )
+    dns.set_a("zero.example.", ["10.0.2.9"])
+    dns.set_a("b.example.", ["10.0.2.2"])
+    resolver = make_resolver(dns)
+    resolution = await resolver.lookup("api", "grpc")
+    assert resolution.endpoints == (("10.0.2.2", 9001),)
+    assert dns.count("zero.example.", "A") == 0
 
 
 async def test_srv_port_name_watch_refreshes_the_answered_srv_name(
