@@ -89,10 +89,19 @@ class Resolver:
         environ: Mapping[str, str] = os.environ,
         hosts_path: str | None = None,
     ) -> None:
-        self.config = config
         self.metrics = metrics or Metrics()
         self.environ = environ
         self.hosts = HostsFile(HOSTS_PATH if hosts_path is None else hosts_path)
+        self._dns = dns.asyncresolver.Resolver(configure=False)
+        self._dns.cache = None
+        self._watches: dict[tuple[str, int | str], Watch] = {}
+        self.configure(config)
+
+    def configure(self, config: ResolverConfig) -> None:
+        """Take ``config``: at the start, and when a reload changes it. The watches go on
+        (their routes keep their connections), each looking its name up again at once: the
+        search list may now expand it otherwise."""
+        self.config = config
         system = _system_resolver()
         if config.nameservers:
             servers = list(config.nameservers)
@@ -107,7 +116,6 @@ class Resolver:
         if ndots is None:
             ndots = system.ndots if system is not None and system.ndots is not None else 1
         self.ndots = ndots
-        self._dns = dns.asyncresolver.Resolver(configure=False)
         self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
         # As resolv.conf's timeout: each server's time to answer one try, the servers asked
         # in turn, ATTEMPTS rounds (a dead first server is passed over, a lost datagram is
@@ -115,9 +123,9 @@ class Resolver:
         # first server.
         self._dns.timeout = config.timeout
         self._dns.lifetime = config.timeout * max(1, len(servers)) * ATTEMPTS
-        self._dns.cache = None
-        self.namespace = _own_namespace(environ, self.search)
-        self._watches: dict[tuple[str, int | str], Watch] = {}
+        self.namespace = _own_namespace(self.environ, self.search)
+        for watch in self._watches.values():
+            watch.renew()
 
     def __repr__(self) -> str:
         servers = ", ".join(join_host_port(h, p) for h, p in self.nameservers)
@@ -355,6 +363,13 @@ class Watch:
         if self._task is not None:
             self._wake.set()
 
+    def renew(self) -> None:
+        """The resolver's settings changed: look the name up again now, from the search
+        list on (the answer in hand serves meanwhile)."""
+        self.answered_name = None
+        self._last_attempt = -EARLY_REFRESH_INTERVAL
+        self.nudge()
+
     def start(self) -> None:
         if is_ip(self.service) and isinstance(self.port, int):
             self.source = "static"
@@ -373,7 +388,6 @@ class Watch:
 
     async def _run(self) -> None:
         backoff = RETRY_BACKOFF_FIRST
-        stale_ttl = self.resolver.config.stale_ttl
         while True:
             self._last_attempt = time.monotonic()
             try:
@@ -387,6 +401,7 @@ class Watch:
                 delay = backoff
                 backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
                 if self.source in ("dns", "hosts") and self.endpoints:
+                    stale_ttl = self.resolver.config.stale_ttl  # (a reload may change it)
                     stale_left = self._expires + stale_ttl - time.monotonic()
                     if stale_left <= 0:
                         log.warning("dropping stale endpoints of %s", self.service)

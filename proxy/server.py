@@ -158,15 +158,13 @@ class Server:
             reuse.listener = None
             acceptor.point(route)
         else:
-            route, acceptor = await self._listen(rc, self.resolver, self.config)
+            route, acceptor = await self._listen(rc, self.config)
         self.routes[rc.name] = route
         self.acceptors[rc.name] = acceptor
 
-    async def _listen(
-        self, rc: RouteConfig, resolver: Resolver, config: Config
-    ) -> tuple[Route, Acceptor]:
+    async def _listen(self, rc: RouteConfig, config: Config) -> tuple[Route, Acceptor]:
         """A new route with its own listener; OSError (naming the route) when it cannot bind."""
-        route = Route(rc, resolver, self.metrics, config.logging.access_log)
+        route = Route(rc, self.resolver, self.metrics, config.logging.access_log)
         acceptor = Acceptor(route)
         try:
             await route.listen(acceptor)
@@ -283,10 +281,6 @@ class Server:
     async def _apply(self, config: Config) -> None:
         """Switch to `config`; OSError when a listener cannot bind, having changed nothing."""
         old = self.config
-        resolver = self.resolver
-        if config.resolver != old.resolver:
-            # A new resolver means new watches for every route.
-            resolver = Resolver(config.resolver, self.metrics, self.environ)
         # Bind the addresses new to us before touching anything that serves, so a port
         # taken by another process fails the reload whole instead of half-applying it.
         # (An address we hold already is handed over below.)
@@ -295,7 +289,7 @@ class Server:
         try:
             for new in config.routes:
                 if _address(new) not in held:
-                    fresh[new.name] = await self._listen(new, resolver, config)
+                    fresh[new.name] = await self._listen(new, config)
         except OSError:
             for route, _ in fresh.values():
                 route.close()
@@ -304,12 +298,15 @@ class Server:
             log.warning("admin.listen changes take effect on restart")
         if config.logging != old.logging:
             configure_logging(config.logging.level, config.logging.format)
-        self.resolver = resolver
+        if config.resolver != old.resolver:
+            # In place: every route keeps its connections (a resolver of its own would make
+            # every route a changed one, and close their idle keep-alive connections).
+            self.resolver.configure(config.resolver)
         self.config = dataclasses.replace(config, admin=old.admin)
         wanted = {rc.name: rc for rc in config.routes}
         for name, route in list(self.routes.items()):
             rc = wanted.get(name)
-            if rc is not None and rc == route.config and route.resolver is self.resolver:
+            if rc is not None and rc == route.config:
                 # Kept as it is, connections and all; logging.access_log is not part of
                 # the route's config, so the kept route takes the new value here.
                 route.access_log = config.logging.access_log

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from aiohttp import web
 from support.data import CHUNK, chunks, digest
-from support.inproc import resolver_yaml, route_address, running_server
+from support.inproc import resolver_yaml, route_address, running_server, serving
 from support.metrics import metric
 from support.pods import HANG_UPS, AppHandler, AppPods, StreamHandler, StreamPods, pod_of
 from support.procs import peak_rss, require_tool, rss
@@ -40,6 +40,7 @@ from support.wire import (
     read_response,
 )
 
+from proxy.config import ConfigSource, Overrides
 from proxy.dnsserver import DnsServer
 from proxy.server import Server
 
@@ -850,6 +851,41 @@ async def test_host_header_auto_preserve_and_literal(dns: DnsServer) -> None:
             absolute = f"http://{POD1}:{up.port}/x"
             assert await host_seen("preserve", target=absolute) == f"{POD1}:{up.port}"
             assert await host_seen("literal") == "api.example.internal"
+
+
+async def test_a_reload_of_the_resolver_alone_keeps_every_route_and_its_connections(
+    dns: DnsServer, tmp_path: Path
+) -> None:
+    # The resolver changes in place: routes are unchanged and keep their idle keep-alive
+    # connections (before, a new resolver made every route a changed one, and they were
+    # closed under clients that could be sending their next request). The new settings
+    # apply: here a second DNS server, which answers otherwise.
+    dns.set_a(APP1, [POD1], ttl=60)
+    async with AppPods(echo_app(), POD1, "127.0.0.3") as up, DnsServer() as other:
+        other.set_a(APP1, ["127.0.0.3"], ttl=60)
+        path = tmp_path / "sidelink.yaml"
+        routes = yaml.safe_dump({"routes": [route(up.port, service="app1")]})
+        path.write_text(routes + resolver_yaml(dns.port))
+        source = ConfigSource(str(path), overrides=Overrides(admin="127.0.0.1:0"))
+        async with (
+            serving(Server(source.load(), source, environ={})) as server,
+            raw_client(server) as (reader, writer),
+        ):
+            kept = server.routes["app1"]
+            writer.write(get("/a"))
+            assert (await read_response(reader)).status == 200
+            path.write_text(routes + resolver_yaml(other.port, stale_ttl="1m"))
+            assert await server.reload()
+            assert server.routes["app1"] is kept
+            await until(
+                lambda: [ep.host for ep in kept.endpoints.endpoints] == ["127.0.0.3"],
+                what="the new nameserver's answer",
+            )
+            writer.write(get("/b"))  # the idle keep-alive connection still serves
+            r = await read_response(reader)
+            assert (r.status, json.loads(r.body)["path"]) == (200, "/b")
+            assert kept.stats.opened_downstream == 1
+            assert up.hits == {POD1: 1, "127.0.0.3": 1}
 
 
 # --- metrics ------------------------------------------------------------------------------------
