@@ -337,9 +337,10 @@ async def test_a_request_its_client_gave_up_on_is_counted_as_a_reset_and_logged(
         ):
             requests = await give_up_on_both(server, pods, client, caplog)
     by_path = {line["path"]: line for line in json_lines(caplog)}
+    # (No status was sent: null, the field's type kept; error says what happened.)
     assert {p: (v["status"], v["error"]) for p, v in by_path.items()} == {
-        "/hold/h2": ("reset", "downstream_reset"),
-        "/hold/h1": ("reset", "downstream_closed"),
+        "/hold/h2": (None, "downstream_reset"),
+        "/hold/h1": (None, "downstream_closed"),
     }
     assert requests == {(b"GET", RESET_CODE): 2}
 
@@ -384,3 +385,36 @@ async def test_an_http2_body_short_of_its_content_length_is_a_400(
     [line] = json_lines(caplog)
     assert (line["method"], line["status"], line["error"]) == ("POST", 400, "bad_request")
     assert requests == {(b"POST", 400): 1}
+
+
+async def test_an_answer_the_upstream_cut_short_keeps_its_status_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The metric counts it as code="reset"; the log line keeps the status that was sent,
+    and says reset in error. (Before, its status was the string "reset", in a field that
+    is a number on every other line: a typed log store refuses such a line.)"""
+    caplog.set_level(logging.INFO, logger="sidelink.access")
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(cut, POD, 0)
+    port = upstream.sockets[0].getsockname()[1]
+    text = (
+        "logging: {access_log: true}\n"
+        f"routes:\n  - {{name: web, listen: 0, service: {POD}, port: {port}, protocol: http}}\n"
+    )
+    async with upstream, running_server(text) as server:
+        host, listen = route_address(server, "web")
+        reader, writer = await asyncio.open_connection(host, listen)
+        writer.write(b"GET /cut HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 OK\r\n")  # then the close
+        writer.close()
+        await until(lambda: json_lines(caplog), what="the access line")
+        requests = server.routes["web"].stats.requests
+    [line] = json_lines(caplog)
+    assert (line["path"], line["status"], line["error"]) == ("/cut", 200, "reset")
+    assert requests == {(b"GET", RESET_CODE): 1}

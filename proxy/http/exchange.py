@@ -166,6 +166,7 @@ class Exchange:
         "bytes_out",
         "chunked",
         "complete",
+        "cut_short",
         "down",
         "endpoint",
         "eofs",
@@ -209,6 +210,7 @@ class Exchange:
         self.attached = 0.0  # perf_counter when it went on its upstream connection
         self.sent_at = 0.0  # loop time the request was all sent (AWAITING from then)
         self.status = 0  # the status sent downstream (0: none yet)
+        self.cut_short = False  # the client never got the answer whole: code="reset"
         self.error: ProxyError | None = None  # what went wrong, for the access log
         self.tried: Sequence[Endpoint] = NO_ENDPOINTS
         self.retries = 0
@@ -321,7 +323,7 @@ class Exchange:
         """The client's connection ended before it had the answer whole (``cut``: sidelink
         ended it; a tunnel's end is no such thing): counted as a reset."""
         if self.phase < TUNNEL:  # (not yet answered whole, nor a tunnel)
-            self.status = RESET_CODE
+            self.cut_short = True
             self.error = ConnectionCut() if cut else ClientGone()
         self.abandon()
 
@@ -472,7 +474,7 @@ class Exchange:
             # Part of the response is out: the client can only learn of it by a close,
             # and it never got the response whole.
             self.error = error
-            self.status = RESET_CODE
+            self.cut_short = True
             self.end()
             down.close()
             return
@@ -485,9 +487,9 @@ class Exchange:
         if self.phase == DONE:
             return
         self.phase = DONE
-        if self.status:
+        if self.status or self.cut_short:
             down = self.down
-            down.stats.count_request(self.method, self.status)
+            down.stats.count_request(self.method, RESET_CODE if self.cut_short else self.status)
             if down.route.access_log:
                 self._log()
 
@@ -520,6 +522,8 @@ class Answered(Protocol):
     @property
     def status(self) -> int: ...
     @property
+    def cut_short(self) -> bool: ...
+    @property
     def started(self) -> float: ...
     @property
     def bytes_in(self) -> int: ...
@@ -535,7 +539,6 @@ class Answered(Protocol):
 
 def log_answer(route: str, peer: str, answer: Answered) -> None:
     """One request's access-log line."""
-    status = answer.status
     error = answer.error
     endpoint = answer.endpoint
     fields = {
@@ -544,7 +547,9 @@ def log_answer(route: str, peer: str, answer: Answered) -> None:
         # (null when it was never read: a request refused before its method or target)
         "method": answer.method.decode(errors="replace") or None,
         "path": answer.path.decode(errors="replace") or None,
-        "status": "reset" if status == RESET_CODE else status,
+        # (The status sent, or null: one cut short says so in error, as the metric's
+        # code="reset" does.)
+        "status": answer.status or None,
         "duration_seconds": round(perf_counter() - answer.started, 6),
         "bytes_received": answer.bytes_in,
         "bytes_sent": answer.bytes_out,

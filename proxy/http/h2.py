@@ -451,6 +451,7 @@ class Stream(Rider):
         "bytes_in",
         "bytes_out",
         "complete",
+        "cut_short",
         "down",
         "down_open",
         "down_owed",
@@ -511,6 +512,7 @@ class Stream(Rider):
         self.last_active = down.last_active
         self.sent_at = 0.0
         self.status = 0  # the status sent downstream (0: none yet)
+        self.cut_short = False  # the client never got the answer whole: code="reset"
         self.sized = False  # ...with a content-length (a gRPC answer: then cut by a reset)
         self.error: ProxyError | None = None
         self.bytes_in = 0
@@ -852,7 +854,7 @@ class Stream(Rider):
         """The answer began and cannot be finished: a gRPC call ends with the error in
         its trailers (unless its answer declared a length), any other stream is reset."""
         down = self.down
-        self.status = RESET_CODE
+        self.cut_short = True
         if self.down_open and not down.closed:
             # (Trailers after fewer bytes than a content-length said would make the answer
             # malformed, RFC 9113 8.1.1: the client would drop them. A reset, then.)
@@ -901,7 +903,7 @@ class Stream(Rider):
             self.status = error.status
             down.stats.request_duration.observe(perf_counter() - self.started)
         else:
-            self.status = RESET_CODE  # (the client never got its answer whole)
+            self.cut_short = True
         self.end()
 
     def end(self) -> None:
@@ -909,9 +911,10 @@ class Stream(Rider):
         if self.phase == DONE:
             return
         self.phase = DONE
-        if self.status:
+        if self.status or self.cut_short:
             down = self.down
-            down.stats.count_request(self.request.method, self.status)
+            code = RESET_CODE if self.cut_short else self.status
+            down.stats.count_request(self.request.method, code)
             route = down.route
             if route.access_log:
                 log_answer(route.config.name, down.peer(), self)
