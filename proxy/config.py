@@ -884,6 +884,11 @@ class _Reader:
             self.problem(node, "routes", "must be a list")
             return
         for i, item in enumerate(node.value):
+            if _is_null(item):  # (a stray "-": a route lost, not an optional section)
+                self.problem(
+                    item, f"routes[{i}]", "is empty: a route is a mapping (listen, service)"
+                )
+                continue
             route = self.route(item, f"routes[{i}]", defaults)
             if route is not None:
                 yield route

@@ -68,7 +68,17 @@ DNS_RESULTS: Final = ("ok", "nxdomain", "error", "timeout")
 # Methods counted under their own label (requests are counted by the method as sent).
 METHOD_LABELS: Final = {
     m: m.decode()
-    for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE")
+    for m in (
+        b"GET",
+        b"HEAD",
+        b"POST",
+        b"PUT",
+        b"DELETE",
+        b"PATCH",
+        b"OPTIONS",
+        b"TRACE",
+        b"CONNECT",
+    )
 }
 
 

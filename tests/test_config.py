@@ -333,6 +333,10 @@ def test_a_duplicate_key_keeps_the_first_value_and_reports_once() -> None:
             "sidelink.yaml:4: routes[0].pool: must be a mapping",
         ),
         ("routes:\n  - [1, 2]\n", "sidelink.yaml:2: routes[0]: must be a mapping"),
+        (
+            "routes:\n  -\n  - {listen: 1, service: a}\n",
+            "sidelink.yaml:2: routes[0]: is empty: a route is a mapping (listen, service)",
+        ),
         ("- admin\n", "sidelink.yaml:1: (top level): must be a mapping"),
         # a mapping where a list belongs, and other scalars of the wrong kind
         ("routes: {listen: 1}\n", "sidelink.yaml:1: routes: must be a list"),

@@ -1250,7 +1250,7 @@ async def test_every_answer_is_counted_and_timed_once_refusals_included() -> Non
 
     refusals = [
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "GET", "400"),
-        (b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org\r\n\r\n", "OTHER", "405"),
+        (b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org\r\n\r\n", "CONNECT", "405"),
         (b"\x01\x02\x03 / HTTP/1.1\r\n\r\n", "OTHER", "400"),
         (b"POST / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 70 * KIB + b"\r\n\r\n", "POST", "431"),
         (b"PUT /slow HTTP/1.1\r\nHost: a\r\n", "PUT", "408"),  # the head never ends
@@ -1285,7 +1285,7 @@ async def test_every_answer_is_counted_and_timed_once_refusals_included() -> Non
         for method, code in (
             ("GET", "400"),
             ("OTHER", "400"),
-            ("OTHER", "405"),
+            ("CONNECT", "405"),  # (a method SPEC names: not OTHER, which is for no method)
             ("POST", "431"),
             ("PUT", "408"),
         ):

@@ -295,7 +295,9 @@ async def http1_traffic(server: Server, mix: Mix) -> None:
             for raw, method, code in steps:
                 response = await client.one(raw, method)
                 assert response.status == code, (raw[:60], response)
-                label = method if method in ("GET", "HEAD", "POST", "DELETE") else "OTHER"
+                label = (
+                    method if method in ("GET", "HEAD", "POST", "DELETE", "CONNECT") else "OTHER"
+                )
                 mix.answered(route, label, code)
         mix.downstream[route] += client.connections
         mix.bytes_read[route] += client.bytes_read
@@ -324,7 +326,7 @@ async def http1_traffic(server: Server, mix: Mix) -> None:
             (b"GET /ok HTTP/1.1\r\n\r\n", "GET", 400),  # HTTP/1.1 without Host
             (wire.get("/ok", "X-Big: " + "y" * 70 * KIB, method="POST"), "POST", 431),
             (b"\x01\x02\x03 / HTTP/1.1\r\n\r\n", "OTHER", 400),
-            (b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org\r\n\r\n", "OTHER", 405),
+            (b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org\r\n\r\n", "CONNECT", 405),
         ],
         keep=False,
     )
