@@ -273,6 +273,8 @@ class Route:
         return {
             "name": self.config.name,
             "listen": self.config.listen,
+            # (Where it is bound: the port the kernel chose for a listen port of 0.)
+            "bound": join_host_port(*self.bound) if self.bound else None,
             "protocol": self.config.protocol,
             "service": self.config.service,
             "port": self.config.port,

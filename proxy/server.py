@@ -312,6 +312,9 @@ class Server:
                 route.access_log = config.logging.access_log
                 continue
             del self.routes[name]
+            if rc is None:
+                busy = len(route.connections)
+                log.info("removed: %s (%d connection(s) left to finish)", _describe(route), busy)
             if rc is not None and _same_socket(rc, route.config):
                 await self._add_route(rc, reuse=route)
             else:

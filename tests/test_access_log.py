@@ -418,3 +418,22 @@ async def test_an_answer_the_upstream_cut_short_keeps_its_status_in_the_log(
     [line] = json_lines(caplog)
     assert (line["path"], line["status"], line["error"]) == ("/cut", 200, "reset")
     assert requests == {(b"GET", RESET_CODE): 1}
+
+
+async def test_a_reload_that_removes_a_route_says_so(
+    pod: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (An added or moved route was logged, "listening: ..."; a removed one said nothing.)
+    caplog.set_level(logging.INFO, logger="sidelink.server")
+    path = tmp_path / "sidelink.yaml"
+    path.write_text(config(pod, access_log=False))
+    source = ConfigSource(str(path), overrides=Overrides(admin="127.0.0.1:0"))
+    async with serving(Server(source.load(), source, environ={})) as server:
+        host, port = route_address(server, "raw")
+        path.write_text(config(pod, access_log=False).split("  - {name: raw")[0])
+        assert await server.reload()
+        assert list(server.routes) == ["web"]
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed:")]
+    assert removed == [
+        f"removed: {host}:{port} -> {POD}:{pod} tcp (route raw) (0 connection(s) left to finish)"
+    ]

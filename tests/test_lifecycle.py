@@ -235,7 +235,7 @@ def test_readyz_waits_for_dns_and_routes_lists_every_field(
         route = routes_by_name(proc)["orders"]
         assert route.keys() >= ROUTE_FIELDS
         assert route["name"] == "orders"
-        assert route["listen"] == f"127.0.0.1:{listen}"
+        assert route["listen"] == route["bound"] == f"127.0.0.1:{listen}"
         assert route["protocol"] == "tcp"
         assert route["service"] == "app1"
         assert route["answered_name"] == APP1 + "."
