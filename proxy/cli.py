@@ -62,8 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
+        if getattr(args, "log_format", None) == "json":
+            # (run --log-format json: a log pipeline gets the lines that explain the exit
+            # as JSON too, each problem its own object.)
+            configure_logging("info", "json")
+            for problem in e.problems:
+                log.error("%s", problem)
+        else:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK

@@ -6,6 +6,7 @@ Starting the command costs most of a second, so every invocation is declared up 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -433,6 +434,27 @@ def test_run_with_a_bad_config_exits_2_listing_problems(results: Results) -> Non
     assert (result.returncode, result.stdout) == (2, "")
     # --admin moved the admin port, so the route on 9901 no longer clashes with it.
     assert lines(result.stderr) == [p for p in BAD_PROBLEMS if "admin.listen" not in p]
+
+
+RUN_BAD_CONFIG_JSON = case(
+    "run-bad-config-json",
+    "run",
+    "-c",
+    "{dir}/bad.yaml",
+    "--admin",
+    "127.0.0.1:{free}",
+    "--log-format",
+    "json",
+)
+
+
+def test_run_with_a_bad_config_and_json_logs_says_each_problem_as_json(results: Results) -> None:
+    # (A log pipeline that reads JSON got the lines that explain the exit as plain text.)
+    result = results[RUN_BAD_CONFIG_JSON]
+    assert (result.returncode, result.stdout) == (2, "")
+    entries = [json.loads(line) for line in lines(result.stderr)]
+    assert [e["message"] for e in entries] == [p for p in BAD_PROBLEMS if "admin.listen" not in p]
+    assert {(e["level"], e["logger"]) for e in entries} == {("error", "sidelink")}
 
 
 # --- inject -----------------------------------------------------------------------------

@@ -873,8 +873,8 @@ async def test_a_reload_of_the_resolver_alone_keeps_every_route_and_its_connecti
         ):
             kept = server.routes["app1"]
             # (listen: 0, as written; bound: the port the kernel gave.)
-            shown = kept.to_dict()
-            assert (shown["listen"], shown["bound"]) == ("127.0.0.1:0", "%s:%d" % kept.bound)
+            shown, bound = kept.to_dict(), route_address(server)
+            assert (shown["listen"], shown["bound"]) == ("127.0.0.1:0", f"{bound[0]}:{bound[1]}")
             writer.write(get("/a"))
             assert (await read_response(reader)).status == 200
             path.write_text(routes + resolver_yaml(other.port, stale_ttl="1m"))
