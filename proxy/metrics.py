@@ -179,8 +179,14 @@ class ServiceStats:
     def __init__(self, name: str) -> None:
         self.name = name
         self.lookups = dict.fromkeys(DNS_RESULTS, 0)
-        self.endpoints = 0
+        # Endpoints by the port looked up: a service watched for two ports (a number's A
+        # records, a name's SRV records) is two answers, and the gauge the larger.
+        self.by_port: dict[int | str, int] = {}
         self.changes = 0
+
+    @property
+    def endpoints(self) -> int:
+        return max(self.by_port.values(), default=0)
 
 
 class Metrics:

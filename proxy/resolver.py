@@ -385,6 +385,8 @@ class Watch:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._stats is not None:
+            self._stats.by_port.pop(self.port, None)
 
     async def _run(self) -> None:
         backoff = RETRY_BACKOFF_FIRST
@@ -450,7 +452,7 @@ class Watch:
             self._resolved.set()
         stats = self._stats
         if stats is not None:
-            stats.endpoints = len(endpoints)
+            stats.by_port[self.port] = len(endpoints)
         if endpoints == self.endpoints:
             return
         if self.endpoints and stats is not None:

@@ -538,6 +538,27 @@ async def test_srv_falls_back_to_the_next_priority_and_skips_port_0(dns: DnsServ
     assert dns.count("zero.example.", "A") == 0
 
 
+async def test_one_service_watched_for_two_ports_is_one_gauge_the_larger(
+    dns: DnsServer, watch: OpenWatch
+) -> None:
+    # (Before, sidelink_dns_endpoints was whichever of the two lookups had ended last.)
+    dns.set_a("web.ns1.svc.cluster.local.", ["10.0.1.1", "10.0.1.2"], ttl=1)
+    targets = [(0, 50, 8080, f"p{i}.example.") for i in range(3)]
+    dns.set_srv("_http._tcp.web.ns1.svc.cluster.local.", targets, ttl=1)
+    for i in range(3):
+        dns.set_a(f"p{i}.example.", [f"10.0.2.{i}"], ttl=1)
+    resolver = make_resolver(dns)
+    stats = resolver.metrics.service("web")
+    by_number = watch(resolver, "web", 80)
+    by_name = watch(resolver, "web", "http")
+    await until(lambda: len(by_number.endpoints) == 2 and len(by_name.endpoints) == 3)
+    for _ in range(3):  # refreshes of both, in either order
+        await asyncio.sleep(0.8)
+        assert stats.endpoints == 3
+    resolver.release(by_name)
+    assert stats.endpoints == 2
+
+
 async def test_srv_port_name_watch_refreshes_the_answered_srv_name(
     dns: DnsServer, watch: OpenWatch
 ) -> None:
