@@ -290,6 +290,30 @@ async def test_rapid_reset_is_cut(tmp_path: Path) -> None:
         assert reached < rounds
 
 
+async def test_cancels_are_not_rapid_resets(tmp_path: Path) -> None:
+    """A client that cancels calls once their answer began (a watch, a download it stops),
+    and more than half of all its calls before their answer (deadlines that ran out), but
+    no more than Envoy's budget (250), keeps its connection and its long call in flight."""
+    async with (
+        sidelink_under_attack(tmp_path) as target,
+        H2Client.open(target.address) as client,
+    ):
+        long_call = client.start("GET", "/slow/3")
+        for _ in range(3):
+            sids = [client.start("GET", f"/big/{MIB}") for _ in range(50)]
+            for sid in sids:
+                await client.headers(sid)
+                client.reset(sid)
+        for _ in range(4):  # 50 calls at a time, each given up on before its answer
+            sids = [client.start("GET", "/slow/1") for _ in range(50)]
+            await asyncio.sleep(0.05)
+            for sid in sids:
+                client.reset(sid)
+        assert (await client.request("GET", "/after-cancels")).status == 200
+        assert (await client.response(long_call)).status == 200
+        assert client.goaway is None
+
+
 @pytest.mark.parametrize("kind", ["full", "empty"])
 async def test_continuation_flood_is_cut(tmp_path: Path, kind: str) -> None:
     """CVE-2024-27316: HEADERS without END_HEADERS, then CONTINUATION frames without end

@@ -15,7 +15,7 @@ The engine (ngh2) frames, checks and limits the protocol: HPACK, SETTINGS, PING,
 windows, the header list limit, and the flood limits (CONTINUATION, SETTINGS, PING,
 reset rates). What it refuses as a flood ends the connection with GOAWAY
 ENHANCE_YOUR_CALM, as does a client that resets most of its streams before their
-answer (rapid reset, CVE-2023-44487).
+answer within a second of opening them (rapid reset, CVE-2023-44487).
 """
 
 from __future__ import annotations
@@ -105,9 +105,12 @@ MAX_WINDOW: Final = 2**31 - 1
 # Between the shutdown notice (GOAWAY with the largest stream id) and the final GOAWAY
 # naming the last stream sidelink takes: streams the client sent meanwhile still count.
 GOAWAY_GRACE: Final = 1.0
-# Rapid reset: a client that has reset more than this many streams before their answer,
-# and more than half of all it opened, is cut.
-PREMATURE_RESETS: Final = 100
+# Rapid reset: a reset is premature when it comes before any answer, within this long of
+# the stream's opening (a call cancelled later, or once its answer began, is the client's
+# business); a client with more than PREMATURE_RESETS of them, and more than half of all
+# the streams it opened, is cut. Envoy's defaults: 1 s, and half of at least 500 streams.
+PREMATURE_LIFETIME: Final = 1.0
+PREMATURE_RESETS: Final = 250
 # After cutting a client, how long its GOAWAY has to reach it before the close.
 LINGER_TIMEOUT: Final = 1.0
 # The most of one read the engine takes in at once: between slices sidelink checks
@@ -1119,7 +1122,7 @@ class H2Downstream(H2Connection):
                 stream = streams.get(cast(StreamReset, event).stream_id)
                 if stream is not None:
                     stream.peer_reset = True
-                    if stream.phase != DONE:
+                    if not stream.status and perf_counter() - stream.started < PREMATURE_LIFETIME:
                         self.premature += 1
                         if self.premature > PREMATURE_RESETS and self.premature * 2 > self.opened:
                             self.calm("too many streams reset before their answer")
