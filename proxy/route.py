@@ -76,6 +76,10 @@ class Route:
         self.watch = resolver.watch(config.service, config.port)
         self.watch.subscribe(self.endpoints.update)
         self.connections: set[Connection] = set()
+        # The process is shutting down: HTTP/1 answers say Connection: close (and their
+        # connections close after them), so that no client is caught sending a request on
+        # a keep-alive connection as the drain closes it. (HTTP/2 is told by GOAWAY.)
+        self.draining = False
         self.listener: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None
         self._ticker: asyncio.Task[None] | None = None

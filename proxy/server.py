@@ -201,6 +201,8 @@ class Server:
             self.config.shutdown.drain_timeout,
         )
         self.draining = True
+        for route in self._all_routes():
+            route.draining = True
         self._shutdown_requested.set()
 
     async def serve_until_shutdown(self) -> None:

@@ -571,6 +571,28 @@ async def test_http10_client_keep_alive_only_when_asked() -> None:
         assert server.routes["app1"].stats.opened_downstream == 2
 
 
+async def test_answers_during_the_drain_say_connection_close() -> None:
+    """Once SIGTERM has come, each answer on a keep-alive connection closes it, and says
+    so: a client is never caught sending its next request as the drain closes the idle
+    connection without a word (HTTP/2's GOAWAY, for HTTP/1)."""
+    async with AppPods(echo_app()) as up:
+        text = config(route(up.port)) + "shutdown:\n  drain_delay: 30s\n"
+        async with running_server(text) as server, raw_client(server) as (reader, writer):
+            writer.write(get("/before"))
+            r = await read_response(reader)
+            assert r.status == 200 and r.header("connection") is None
+            server.shutdown()  # the drain's delay: still serving
+            writer.write(get("/during"))
+            r = await read_response(reader)
+            assert (r.status, r.header("connection")) == (200, "close")
+            assert await closed_by_peer(reader)
+            async with raw_client(server) as (new_reader, new_writer):  # a new one too
+                new_writer.write(get("/new"))
+                r = await read_response(new_reader)
+                assert (r.status, r.header("connection")) == (200, "close")
+                assert await closed_by_peer(new_reader)
+
+
 # --- Expect, Upgrade, pipelining --------------------------------------------------------------
 
 

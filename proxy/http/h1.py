@@ -147,7 +147,7 @@ class H1Downstream(Downstream):
 
         (Requests pipelined before a client's half-close are still answered.)
         """
-        return self.close_after_response and not self.queue
+        return (self.close_after_response or self.route.draining) and not self.queue
 
     def peer(self) -> str:
         return peer_name(self.transport)
