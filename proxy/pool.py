@@ -17,7 +17,7 @@ streams, closed once its last one ends), as is one the server sent GOAWAY on.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -25,6 +25,10 @@ from proxy.addr import join_host_port
 from proxy.config import PoolConfig
 from proxy.flow import Forwarding
 from proxy.metrics import RouteStats
+
+# The streams an HTTP/2 server is taken to allow at once before it has said (RFC 9113's
+# recommended least, what nghttp2 and Go assume too).
+ASSUMED_STREAM_LIMIT: Final = 100
 
 # The two bases below are classes rather than typing Protocols: compiled code reads a
 # base class's attributes and calls its methods directly, a Protocol's through generic
@@ -170,7 +174,7 @@ class Multiplexed(asyncio.Protocol):
 
 
 class StreamPool:
-    __slots__ = ("address", "config", "conns", "max_lifetime", "name", "waiting")
+    __slots__ = ("address", "config", "conns", "max_lifetime", "name", "peer_limit", "waiting")
 
     def __init__(self, name: str, address: tuple[str, int], config: PoolConfig) -> None:
         self.name = name
@@ -180,6 +184,9 @@ class StreamPool:
         self.conns: list[Multiplexed] = []  # open and taking streams
         # Streams waiting for the connection being made (None: none is being made).
         self.waiting: list[Any] | None = None
+        # The server's MAX_CONCURRENT_STREAMS, as its last connection said (100, the usual,
+        # until one has): what a new connection takes before its own SETTINGS come.
+        self.peer_limit = ASSUMED_STREAM_LIMIT
 
     def __repr__(self) -> str:
         return f"<StreamPool {self.name} {join_host_port(*self.address)} conns={len(self.conns)}>"

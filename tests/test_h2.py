@@ -277,6 +277,22 @@ async def test_upstream_streams_per_connection_are_limited(
         await until(lambda: streams_active(server, "upstream") == 0, 5, "upstream streams closed")
 
 
+async def test_a_pod_with_a_low_stream_limit_fails_no_burst_on_a_fresh_pool() -> None:
+    """A burst on a new connection, before the pod's SETTINGS came, overshoots its limit
+    of 2 and is refused; those go again on connections that start at the limit the pod
+    said (as the pool remembers it), so each request gets its answer."""
+    async with (
+        H2Pods(POD1, max_concurrent_streams=2, settings_delay=0.05) as pods,
+        proxied(pods.port) as server,
+        H2Client.open(route_address(server)) as client,
+    ):
+        sids = [client.start("GET", f"/slow/0.2/{i}") for i in range(20)]
+        statuses = [(await client.response(sid)).status for sid in sids]
+        assert statuses == [200] * 20, statuses
+        assert pods.max_open() <= 2
+        print(f"refused past the pod's limit: {dict(pods.over_limit)}; {dict(pods.accepted)}")
+
+
 # --- trailers and resets ----------------------------------------------------------------------
 
 
@@ -374,6 +390,24 @@ async def test_upstream_reset_before_any_answer_fails_the_post() -> None:
             assert r.status == 502, r
             assert r.header("sidelink-error"), r.headers
         assert len(pods.seen(f"/reset/now/{INTERNAL_ERROR}")) == 1
+        assert (await client.request("GET", "/after")).status == 200
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+async def test_a_malformed_answer_is_the_upstreams_protocol_error(part: str) -> None:
+    """A pod that breaks HTTP/2's rules (a second :status; fewer bytes than its
+    content-length) is counted and told as `protocol`: the engine reset that stream, not
+    the pod. Before its answer began the client gets a 502 saying so."""
+    async with one_pod() as (_pods, server, client):
+        if part == "head":
+            r = await client.request("GET", "/malformed/head")
+            assert (r.status, r.header("sidelink-error")) == (502, "protocol"), r
+        else:  # (the head it had queued goes with the reset that ends the stream)
+            with pytest.raises(StreamReset):
+                await client.request("GET", "/malformed/body")
+        errors = metric(server, "sidelink_upstream_errors_total", route="app1", reason="protocol")
+        assert errors == 1
+        assert metric(server, "sidelink_upstream_errors_total", route="app1", reason="reset") == 0
         assert (await client.request("GET", "/after")).status == 200
 
 

@@ -87,7 +87,7 @@ from proxy.http.heads import (
     NO_METHOD,
 )
 from proxy.metrics import RESET_CODE
-from proxy.pool import Multiplexed, StreamPool
+from proxy.pool import ASSUMED_STREAM_LIMIT, Multiplexed, StreamPool
 from proxy.route import Route, peer_name
 
 log = logging.getLogger("sidelink.http2")
@@ -123,6 +123,10 @@ INTERNAL_ERROR: Final = 0x2
 REFUSED_STREAM: Final = 0x7
 CANCEL: Final = 0x8
 ENHANCE_YOUR_CALM: Final = 0xB
+# Not a code of the protocol's: the engine itself reset an upstream stream, for what the
+# server sent on it was malformed (a second :status, an uppercase name, fewer bytes than
+# its content-length): the server's fault, reason "protocol", not a reset by the server.
+MALFORMED: Final = -1
 
 SERVER_CONFIG: Final = Configuration(
     auto_window_update=False,
@@ -168,6 +172,11 @@ class Carrier(Multiplexed):
     # What the peer sent that ended the connection (garbage, or not HTTP/2 at all), if so.
     broken: UpstreamError | None
     pool: StreamPool | None
+
+    def pooled(self, pool: StreamPool) -> None:
+        """Made (dialled): it joins its endpoint's pool."""
+        self.pool = pool
+        pool.add(self)
 
     def open(self, stream: Rider, end: bool) -> int:
         """Start ``stream`` here (its request head): its id on this connection."""
@@ -411,6 +420,10 @@ class Rider:
                 replay.append(data)
             else:
                 self.replay = None
+
+
+def malformed_answer() -> ProtocolError:
+    return ProtocolError("upstream sent a malformed answer (HTTP/2 rules, RFC 9113 8)")
 
 
 def send_all(conn: Carrier, usid: int, chunks: Sequence[bytes], end: bool) -> None:
@@ -793,6 +806,10 @@ class Stream(Rider):
             # After a GOAWAY that is the server closing the connection (nginx does after
             # keepalive_requests streams): a retry, not an upstream error.
             self._retry(routine=up is not None and up.parting)
+        elif code == MALFORMED and self.status:
+            self.fail(malformed_answer(), INTERNAL_ERROR)
+        elif code == MALFORMED:
+            self.upstream_failed(malformed_answer())
         elif self.status == 0:
             self.upstream_failed(UpstreamReset(f"upstream reset the stream (error {code})"))
         else:
@@ -970,7 +987,7 @@ def carrier_for(
         if conn is not None:
             return cast(Carrier, conn)  # (a StreamPool holds carriers only)
         joining = pool.waiting
-        if joining is not None and len(joining) < per_conn:
+        if joining is not None and len(joining) < min(per_conn, pool.peer_limit):
             joining.append(rider)
             return None
     waiting: list[Rider] = [rider]
@@ -1005,8 +1022,8 @@ async def _dial(
         pool.waiting = None
     retried = len(exclude) - before
     route.endpoints.release(got)  # (the connect's hold: each stream holds its own)
-    conn.pool = route.streams(got)
-    conn.pool.add(conn)
+    joined = route.streams(got)  # (got's: maybe not ep's, after a failed connect)
+    conn.pooled(joined)
     broken = conn.broken
     if conn.room() <= 0:
         # Closed at once, or GOAWAY before any stream: one failure of the endpoint,
@@ -1021,7 +1038,7 @@ async def _dial(
             stream.dialed(got, conn)
     conn.stream_ended()  # (none came after all: it idles in the pool)
     if got.state == DRAINING:
-        conn.pool.retire(conn)  # (it left DNS meanwhile: it takes only those that waited)
+        joined.retire(conn)  # (it left DNS meanwhile: it takes only those that waited)
 
 
 class H2Downstream(H2Connection):
@@ -1281,17 +1298,30 @@ class H2Upstream(H2Connection):
         self.fds = route.fds
         self.pool: StreamPool | None = None
         self.limit = route.settings.http2.max_streams_per_connection
-        self.peer_limit = 100  # the server's MAX_CONCURRENT_STREAMS (100 until it says)
+        # The server's MAX_CONCURRENT_STREAMS: until its SETTINGS come, what the pool
+        # learnt from the connections before (see _dial).
+        self.peer_limit = ASSUMED_STREAM_LIMIT
+        self.limit_said = False
         self.created = self.idle_since = self.last_active
         self.retired = False
         self.next_usid = 1  # the id of the next stream it opens
         self.sent_below = 1  # streams with lower ids have had their HEADERS written
+        self.reset_by_server = 0  # the last stream the server reset
 
     def __repr__(self) -> str:
         pool = self.pool
         return f"<H2Upstream {pool.name if pool else '-'} streams={len(self.streams)}>"
 
     # --- what the pool and streams call ----------------------------------------------
+
+    def pooled(self, pool: StreamPool) -> None:
+        # The server's limit, as this connection or the last one heard it: a burst on a
+        # new connection, before its SETTINGS, overshoots no limit the server said before.
+        if self.limit_said:
+            pool.peer_limit = self.peer_limit
+        else:
+            self.peer_limit = pool.peer_limit
+        super().pooled(pool)
 
     def room(self) -> int:
         if self.retired or self.closed:
@@ -1395,11 +1425,19 @@ class H2Upstream(H2Connection):
                     stream.response(head.headers, head.end_stream)
             elif kind is CLOSED:
                 closed = cast(StreamClosed, event)
-                stream = streams.pop(closed.stream_id, None)
+                sid = closed.stream_id
+                stream = streams.pop(sid, None)
                 if stream is not None:
                     self.stats.streams_upstream -= 1
-                    stream.up_closed(closed.error_code)
+                    code = closed.error_code
+                    if code == PROTOCOL_ERROR and sid != self.reset_by_server:
+                        code = MALFORMED
+                    stream.up_closed(code)
                     self.stream_ended()
+            elif kind is RESET:
+                # (Its StreamClosed follows in the same events; one the engine closes with
+                # PROTOCOL_ERROR and no reset from the server was found malformed here.)
+                self.reset_by_server = cast(StreamReset, event).stream_id
             elif kind is TRAILERS:
                 trailers = cast(TrailersReceived, event)
                 stream = streams.get(trailers.stream_id)
@@ -1414,6 +1452,9 @@ class H2Upstream(H2Connection):
                 limit = cast(SettingsReceived, event).settings.get(Setting.MAX_CONCURRENT_STREAMS)
                 if limit is not None:
                     self.peer_limit = limit
+                    self.limit_said = True
+                    if self.pool is not None:
+                        self.pool.peer_limit = limit
             elif kind is GOAWAY:
                 # No new streams here; those above its last stream id close as refused.
                 self.parting = True
@@ -1932,7 +1973,10 @@ class H2Bridge(Rider):
             return
         if code == REFUSED_STREAM and self.status == 0 and self._again(up):
             return
-        self.upstream_failed(UpstreamReset(f"upstream reset the stream (error {code})"))
+        if code == MALFORMED:
+            self.upstream_failed(malformed_answer())
+        else:
+            self.upstream_failed(UpstreamReset(f"upstream reset the stream (error {code})"))
 
     def _again(self, refused_on: Carrier | None) -> bool:
         """The server refused the stream, so processed nothing of it: it goes again on a

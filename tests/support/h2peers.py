@@ -342,6 +342,7 @@ class PodConnection(asyncio.Protocol):
         self.pod = ""
         self.transport: asyncio.Transport | None = None
         self.protocol = ""  # decided by the first bytes
+        self.silent = False  # its SETTINGS are not written yet (H2Pods.settings_delay)
         self.first = bytearray()
         self.h2: h2.connection.H2Connection | None = None
         self.frames = FrameBuffer(preface=True)
@@ -441,20 +442,30 @@ class PodConnection(asyncio.Protocol):
         conn.initiate_connection()
         conn.data_to_send()  # replaced by our own SETTINGS
         self.h2 = conn
-        assert self.transport is not None
-        self.transport.write(
-            settings_frame(
-                {
-                    SETTINGS_MAX_CONCURRENT_STREAMS: self.pods.max_concurrent_streams,
-                    SETTINGS_MAX_HEADER_LIST_SIZE: PEER_MAX_HEADER_LIST,
-                }
-            )
+        settings = settings_frame(
+            {
+                SETTINGS_MAX_CONCURRENT_STREAMS: self.pods.max_concurrent_streams,
+                SETTINGS_MAX_HEADER_LIST_SIZE: PEER_MAX_HEADER_LIST,
+            }
         )
         # The connection's window never holds anything up: stalls are per stream.
         conn.increment_flow_control_window(MAX_WINDOW - DEFAULT_WINDOW)
+        if self.pods.settings_delay:
+            self.silent = True
+            asyncio.get_running_loop().call_later(self.pods.settings_delay, self._speak, settings)
+        else:
+            self._speak(settings)
+
+    def _speak(self, settings: bytes) -> None:
+        """The pod's preface (SETTINGS), then whatever it held back until then."""
+        self.silent = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(settings)
         self.flush()
 
     def flush(self) -> None:
+        if self.silent:
+            return
         if self.h2 is not None and self.transport is not None and not self.transport.is_closing():
             data = self.h2.data_to_send()
             if data:
@@ -630,6 +641,22 @@ class PodConnection(asyncio.Protocol):
             stream.seen.answered = True
             self.flush()
 
+    async def send_malformed(self, sid: int, part: str) -> None:
+        """A second :status in the head, or a body shorter than its content-length."""
+        assert self.h2 is not None
+        config = self.h2.config
+        config.validate_outbound_headers = config.normalize_outbound_headers = False
+        try:
+            if part == "head":
+                self.h2.send_headers(sid, [(":status", "200"), (":status", "204")])
+            else:
+                self.h2.send_headers(sid, [(":status", "200"), ("content-length", "10")])
+                self.h2.send_data(sid, b"short", end_stream=True)
+        finally:
+            config.validate_outbound_headers = config.normalize_outbound_headers = True
+        self.streams[sid].seen.answered = True
+        self.flush()
+
     async def send_trailers(self, sid: int, trailers: Fields) -> None:
         assert self.h2 is not None
         self.h2.send_headers(sid, trailers, end_stream=True)
@@ -726,12 +753,17 @@ class H2Pods(Pods):
     `goaway_after` ({pod: N}: each of its connections sends GOAWAY once it has seen N
     streams, naming the Nth as its last-stream-id: the streams above it are ignored),
     goaway(pod) now, stall(pod) (stop reading the pod's connections), and
-    `max_concurrent_streams` (advertised, and enforced with REFUSED_STREAM).
+    `max_concurrent_streams` (advertised, and enforced with REFUSED_STREAM), and
+    `settings_delay` (seconds between a client's preface and the pod's SETTINGS: until
+    they come, the client does not know the limit, as over a real network).
     """
 
-    def __init__(self, *hosts: str, max_concurrent_streams: int = 100) -> None:
+    def __init__(
+        self, *hosts: str, max_concurrent_streams: int = 100, settings_delay: float = 0.0
+    ) -> None:
         super().__init__(hosts or (POD,))
         self.max_concurrent_streams = max_concurrent_streams
+        self.settings_delay = settings_delay
         self.refuse: set[str] = set()
         self.goaway_after: dict[str, int] = {}
         self.stalled: set[str] = set()
@@ -836,6 +868,9 @@ class H2Pods(Pods):
             return
         if kind == "reset" and parts[1] == "now":
             conn.reset_stream(sid, int(parts[2]))
+            return
+        if kind == "malformed":  # an answer HTTP/2 forbids: /malformed/head, /malformed/body
+            await conn.send_malformed(sid, parts[1])
             return
         await stream.ended.wait()
         status = 200
