@@ -324,6 +324,7 @@ class Watch:
         self._stats = None if is_ip(service) else resolver.metrics.service(service)
         self._listeners: list[Callable[[tuple[Address, ...]], None]] = []
         self._resolved = asyncio.Event()
+        self._looked_up = asyncio.Event()  # a lookup has ended, with addresses or not
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -353,9 +354,11 @@ class Watch:
             self._listeners.remove(listener)
 
     async def wait_resolved(self, timeout: float) -> bool:
-        if not self._resolved.is_set():
+        """Whether the name has addresses; at first, once its first lookup has ended
+        (waiting ``timeout`` at most). A name whose lookups fail is not waited for."""
+        if not self._resolved.is_set() and not self._looked_up.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._resolved.wait(), timeout)
+                await asyncio.wait_for(self._looked_up.wait(), timeout)
         return self._resolved.is_set()
 
     def nudge(self) -> None:
@@ -426,6 +429,7 @@ class Watch:
                 self._expires = time.monotonic() + resolution.ttl
                 self._set(resolution.endpoints)
                 delay = resolution.ttl * REFRESH_AT
+            self._looked_up.set()
             await self._sleep(delay)
 
     async def _sleep(self, delay: float) -> None:

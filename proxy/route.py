@@ -205,8 +205,10 @@ class Route:
         """
         settings = self.settings
         stats = self.stats
-        if not self.watch.resolved and not await self.watch.wait_resolved(settings.connect_timeout):
-            raise NoEndpoints(f"{self.config.service} has not resolved")
+        watch = self.watch
+        if not watch.resolved and not await watch.wait_resolved(settings.connect_timeout):
+            why = watch.last_error or "no answer yet"
+            raise NoEndpoints(f"{self.config.service} has not resolved ({why})")
         tried = exclude if exclude is not None else []
         loop = asyncio.get_running_loop()
         error: UpstreamError | None = None
